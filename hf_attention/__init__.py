@@ -1,0 +1,34 @@
+"""hf_attention: the Transformer of "Attention Is All You Need" as a native Hugging Face seq2seq model.
+
+Importing the package registers the model with `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM`, and marks the
+classes so that `save_pretrained` / `push_to_hub` write the code beside the weights (loadable with
+`trust_remote_code=True` where hf_attention is not installed).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from .configuration_hf_attention import PRESETS, HfAttentionConfig
+from .modeling_hf_attention import (
+    HfAttentionForConditionalGeneration,
+    HfAttentionModel,
+    HfAttentionPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(HfAttentionConfig.model_type, HfAttentionConfig, exist_ok=True)
+AutoModel.register(HfAttentionConfig, HfAttentionModel, exist_ok=True)
+AutoModelForSeq2SeqLM.register(HfAttentionConfig, HfAttentionForConditionalGeneration, exist_ok=True)
+
+HfAttentionConfig.register_for_auto_class("AutoConfig")
+HfAttentionModel.register_for_auto_class("AutoModel")
+HfAttentionForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+
+__all__ = [
+    "PRESETS",
+    "HfAttentionConfig",
+    "HfAttentionForConditionalGeneration",
+    "HfAttentionModel",
+    "HfAttentionPreTrainedModel",
+    "__version__",
+]

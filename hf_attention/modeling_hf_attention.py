@@ -1,0 +1,796 @@
+"""The encoder-decoder Transformer of Vaswani et al. (2017), "Attention Is All You Need", as a Hugging Face model.
+
+Section map (paper -> code, in file order):
+    §3.2.1 scaled dot-product attention   -> `eager_attention_forward` (other back-ends via `ALL_ATTENTION_FUNCTIONS`)
+    §3.2.2 multi-head attention           -> `MultiHeadAttention`
+    §3.3   position-wise feed-forward     -> `PositionwiseFeedForward`
+    §3.4   embeddings scaled by √d_model  -> `ScaledWordEmbedding`
+    §3.5   positional encoding            -> `SinusoidalPositionalEncoding`, `LearnedPositionalEmbedding`
+    §3.1   encoder and decoder layers     -> `EncoderLayer`, `DecoderLayer`; stacks `HfAttentionEncoder`/`Decoder`
+    §3.4   pre-softmax linear projection  -> `HfAttentionForConditionalGeneration.lm_head`
+
+Shape legend: B batch, S source length, T target length, K key length, D d_model, H heads, Dh = D/H,
+F ffn dim, V vocab.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_hf_attention import HfAttentionConfig
+
+logger = logging.get_logger(__name__)
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from labels (teacher forcing): prepend the start token, drop the last token, -100 -> pad."""
+    if pad_token_id is None:
+        raise ValueError("`config.pad_token_id` must be set to build decoder inputs from labels.")
+    shifted_input_ids = input_ids.new_zeros(input_ids.shape)
+    shifted_input_ids[:, 1:] = input_ids[:, :-1].clone()
+    shifted_input_ids[:, 0] = decoder_start_token_id
+    shifted_input_ids.masked_fill_(shifted_input_ids == -100, pad_token_id)
+    return shifted_input_ids
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention, eq. 1: softmax(Q Kᵀ / √d_k) V.
+
+    Args:
+        query: (B, H, T, Dh).
+        key, value: (B, H, K, Dh).
+        attention_mask: additive mask broadcastable to (B, H, T, K): 0 where attended, dtype-min where masked.
+
+    Returns:
+        The attention output (B, T, H, Dh), heads not yet merged, and the weights (B, H, T, K).
+    """
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, K)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)  # (B, H, T, Dh)
+    attn_output = attn_output.transpose(1, 2).contiguous()  # (B, T, H, Dh)
+    return attn_output, attn_weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, §3.2.2: h heads attend in parallel on projections of size d_k = d_model / h.
+
+    Serves as encoder self-attention, masked decoder self-attention and encoder-decoder (cross) attention (§3.2.3).
+    With a cache, decoder self-attention appends this step's keys/values; cross-attention projects the encoder
+    output once per generation and reuses it on every later step.
+    """
+
+    def __init__(
+        self,
+        config: HfAttentionConfig,
+        num_heads: int,
+        is_decoder: bool = False,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.d_model
+        self.num_heads = num_heads
+        self.head_dim = config.d_model // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_decoder = is_decoder
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend from `hidden_states` to itself, or to `key_value_states` for cross-attention.
+
+        Args:
+            hidden_states: queries' source, (B, T, D).
+            key_value_states: encoder output (B, S, D) for cross-attention; None for self-attention.
+            cache: the decoder's key/value cache (an `EncoderDecoderCache` while generating).
+            attention_mask: mask from `transformers.masking_utils`, in the form the attention back-end expects.
+
+        Returns:
+            The attention output (B, T, D) and the weights (B, H, T, K), or None where the back-end gives none.
+        """
+        is_cross_attention = key_value_states is not None
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
+
+        layer_cache, cross_attention_is_cached = None, False
+        if cache is not None:
+            if isinstance(cache, EncoderDecoderCache):
+                cross_attention_is_cached = is_cross_attention and cache.is_updated.get(self.layer_idx, False)
+                layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+            else:
+                layer_cache = cache
+
+        if cross_attention_is_cached:
+            # The encoder output does not change while decoding: reuse its projections (§3.2.3).
+            key_states = layer_cache.layers[self.layer_idx].keys  # (B, H, S, Dh)
+            value_states = layer_cache.layers[self.layer_idx].values
+        else:
+            current_states = key_value_states if is_cross_attention else hidden_states
+            kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
+            key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
+            value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
+            if layer_cache is not None:
+                key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
+                if is_cross_attention:
+                    cache.is_updated[self.layer_idx] = True
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # Concat(head_1..head_h): (B, T, D)
+        attn_output = self.out_proj(attn_output)  # W^O
+        return attn_output, attn_weights
+
+
+class PositionwiseFeedForward:
+    """Position-wise feed-forward network, §3.3: FFN(x) = max(0, x W1 + b1) W2 + b2.
+
+    A mixin rather than a submodule, so that `fc1` / `fc2` sit directly on each layer and the checkpoint keys stay
+    those of BART and Marian (`layers.{i}.fc1.weight`), which conversion and users rely on.
+    """
+
+    def init_feed_forward(self, config: HfAttentionConfig, ffn_dim: int) -> None:
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+        self.fc1 = nn.Linear(config.d_model, ffn_dim)  # W1, b1
+        self.fc2 = nn.Linear(ffn_dim, config.d_model)  # W2, b2
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))  # (B, T, F)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)  # (B, T, D)
+
+
+class ScaledWordEmbedding(nn.Embedding):
+    """Token embeddings, §3.4: "we multiply those weights by √d_model" (scale 1 when `scale_embedding=False`).
+
+    The scale is applied here, not stored in the weight, so the tied pre-softmax projection uses the unscaled matrix
+    as in the paper.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Sinusoidal positional encoding, §3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...).
+
+    Computed on the fly (no weights, nothing to save or initialise), so any length works, as the paper intended:
+    "it may allow the model to extrapolate to sequence lengths longer than the ones encountered during training".
+    """
+
+    def __init__(self, embedding_dim: int):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Args: position_ids: (L,). Returns: the encodings (L, D) in float32."""
+        even_dims = torch.arange(0, self.embedding_dim, 2, device=position_ids.device, dtype=torch.float32)
+        inverse_frequency = torch.exp(even_dims * (-math.log(10000.0) / self.embedding_dim))  # 10000^(-2i/D)
+        angles = position_ids.float()[:, None] * inverse_frequency[None, :]  # (L, D/2)
+        encoding = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (L, D/2, 2): interleaved 2i / 2i+1
+        return encoding.flatten(1)[:, : self.embedding_dim]  # (L, D)
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """Learned positional embeddings, the alternative of §3.5 / Table 3 row (E); limited to `max_position_embeddings`."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(position_ids)
+
+
+class SublayerConnection:
+    """Residual connection and layer normalisation around each sub-layer, §3.1 and §5.4 (mixin for both layers).
+
+    Paper (post-LN): LayerNorm(x + Dropout(Sublayer(x))).
+    Differs from paper when `normalize_before`: x + Dropout(Sublayer(LayerNorm(x))) (pre-LN).
+    """
+
+    def add_and_norm(
+        self, hidden_states: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor], layer_norm: nn.LayerNorm
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if self.normalize_before:
+            hidden_states = layer_norm(hidden_states)
+        hidden_states = sublayer(hidden_states)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        if not self.normalize_before:
+            hidden_states = layer_norm(hidden_states)
+        return hidden_states
+
+
+class EncoderLayer(SublayerConnection, PositionwiseFeedForward, GradientCheckpointingLayer):
+    """Encoder layer, §3.1: multi-head self-attention, then the position-wise feed-forward network."""
+
+    def __init__(self, config: HfAttentionConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.dropout = config.dropout
+        self.normalize_before = config.normalize_before
+        self.self_attn = MultiHeadAttention(config, config.encoder_attention_heads, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.init_feed_forward(config, config.encoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """Args: hidden_states: (B, S, D). Returns: (B, S, D)."""
+        hidden_states = self.add_and_norm(
+            hidden_states,
+            lambda x: self.self_attn(x, attention_mask=attention_mask, **kwargs)[0],
+            self.self_attn_layer_norm,
+        )
+        return self.add_and_norm(hidden_states, self.feed_forward, self.final_layer_norm)
+
+
+class DecoderLayer(SublayerConnection, PositionwiseFeedForward, GradientCheckpointingLayer):
+    """Decoder layer, §3.1: masked self-attention, encoder-decoder attention, then the feed-forward network."""
+
+    def __init__(self, config: HfAttentionConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.dropout = config.dropout
+        self.normalize_before = config.normalize_before
+        heads = config.decoder_attention_heads
+        self.self_attn = MultiHeadAttention(config, heads, is_decoder=True, is_causal=True, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.encoder_attn = MultiHeadAttention(config, heads, is_decoder=True, layer_idx=layer_idx)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.init_feed_forward(config, config.decoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """Args: hidden_states: (B, T, D); encoder_hidden_states: (B, S, D). Returns: (B, T, D)."""
+        hidden_states = self.add_and_norm(
+            hidden_states,
+            lambda x: self.self_attn(x, cache=cache, attention_mask=attention_mask, **kwargs)[0],
+            self.self_attn_layer_norm,
+        )
+        if encoder_hidden_states is not None:
+            hidden_states = self.add_and_norm(
+                hidden_states,
+                lambda x: self.encoder_attn(
+                    x,
+                    key_value_states=encoder_hidden_states,
+                    attention_mask=encoder_attention_mask,
+                    cache=cache,
+                    **kwargs,
+                )[0],
+                self.encoder_attn_layer_norm,
+            )
+        return self.add_and_norm(hidden_states, self.feed_forward, self.final_layer_norm)
+
+
+class HfAttentionPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the class attributes transformers reads (attention back-ends, sharding, ...)."""
+
+    config: HfAttentionConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Xavier-uniform for every matrix, as the paper's reference code (tensor2tensor) and the Annotated Transformer."""
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.xavier_uniform_(module.weight)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        pad = self.config.pad_token_id
+        input_ids = torch.tensor([[3, 6, 10, 4, 2], [3, 8, 12, 2, pad]], device=self.device)
+        return {"input_ids": input_ids, "attention_mask": input_ids.ne(pad), "decoder_input_ids": input_ids}
+
+
+def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Fail with the argument's name instead of an index error deep inside an embedding lookup."""
+    if ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape (batch, length), got shape {tuple(ids.shape)}.")
+    if ids.is_floating_point():
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.numel() and not is_torchdynamo_compiling():
+        low, high = torch.aminmax(ids)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"`{name}` holds ids in [{int(low)}, {int(high)}], outside the vocabulary [0, {vocab_size})."
+            )
+
+
+def _check_padding_mask(name: str, mask: torch.Tensor | None, batch_size: int, length: int, of: str) -> None:
+    if mask is not None and mask.dim() == 2 and tuple(mask.shape) != (batch_size, length):
+        raise ValueError(
+            f"`{name}` must have shape (batch, length) = {(batch_size, length)} to match {of}, "
+            f"got {tuple(mask.shape)}."
+        )
+    if mask is not None and mask.dim() not in (2, 4):
+        raise ValueError(f"`{name}` must be 2-D (batch, length) or a 4-D mask, got shape {tuple(mask.shape)}.")
+
+
+def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
+    if embeds.dim() != 3 or embeds.shape[-1] != d_model:
+        raise ValueError(f"`{name}` must have shape (batch, length, d_model={d_model}), got {tuple(embeds.shape)}.")
+
+
+class TransformerStack(HfAttentionPreTrainedModel):
+    """What the encoder and decoder stacks share: token and position embeddings, their dropout, the final norm."""
+
+    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config)
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        if embed_tokens is None:
+            embed_tokens = ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        self.embed_tokens = embed_tokens
+        if config.position_embedding_type == "learned":
+            self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        else:
+            self.embed_positions = SinusoidalPositionalEncoding(config.d_model)
+        # Differs from paper: pre-LN stacks need a final LayerNorm, as their layers' outputs are un-normalised.
+        self.layer_norm = nn.LayerNorm(config.d_model) if config.normalize_before else None
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def embed(self, inputs_embeds: torch.Tensor, past_length: int, name: str) -> torch.Tensor:
+        """Add position encodings to token embeddings and apply dropout, §3.5 and §5.4: (B, L, D) -> (B, L, D)."""
+        length = inputs_embeds.shape[1]
+        if self.config.position_embedding_type == "learned" and past_length + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"`{name}` reaches position {past_length + length}, beyond max_position_embeddings="
+                f"{self.config.max_position_embeddings} of the learned position embeddings."
+            )
+        position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
+        hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)  # (B, L, D)
+        return nn.functional.dropout(hidden_states, p=self.config.dropout, training=self.training)
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(hidden_states) if self.layer_norm is not None else hidden_states
+
+
+class HfAttentionEncoder(TransformerStack):
+    """The encoder, §3.1: a stack of N `EncoderLayer`s over the embedded source."""
+
+    _can_record_outputs = {"hidden_states": EncoderLayer, "attentions": MultiHeadAttention}
+
+    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config, embed_tokens)
+        self.layers = nn.ModuleList([EncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutput:
+        """Encode the source.
+
+        Args:
+            input_ids: source token ids (B, S); or `inputs_embeds` (B, S, D), already scaled.
+            attention_mask: (B, S), 1 for tokens, 0 for padding.
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` (B, S, D).
+
+        Raises:
+            ValueError: both or neither of `input_ids` / `inputs_embeds`, wrong shapes, ids outside the vocabulary.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds` to the encoder.")
+        if inputs_embeds is None:
+            _check_token_ids("input_ids", input_ids, self.embed_tokens.num_embeddings)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, D)
+        _check_embeddings("inputs_embeds", inputs_embeds, self.config.d_model)
+        batch_size, source_length = inputs_embeds.shape[:2]
+        _check_padding_mask("attention_mask", attention_mask, batch_size, source_length, "input_ids")
+
+        hidden_states = self.embed(inputs_embeds, past_length=0, name="input_ids")
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        )
+        for encoder_layer in self.layers:
+            hidden_states = encoder_layer(hidden_states, attention_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.final_norm(hidden_states))
+
+
+class HfAttentionDecoder(TransformerStack):
+    """The decoder, §3.1: a stack of N `DecoderLayer`s, masked so position i sees only positions before it."""
+
+    _can_record_outputs = {
+        "hidden_states": DecoderLayer,
+        "attentions": OutputRecorder(MultiHeadAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(MultiHeadAttention, index=1, layer_name="encoder_attn"),
+    }
+
+    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config, embed_tokens)
+        self.layers = nn.ModuleList([DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """Decode target positions given the encoder output.
+
+        Args:
+            input_ids: target token ids (B, T), only the new ones when `cache` holds earlier steps.
+            attention_mask: (B, past + T) target padding mask.
+            encoder_hidden_states: (B, S, D) encoder output.
+            encoder_attention_mask: (B, S) source padding mask.
+            cache: keys/values of earlier steps; created here when `use_cache` and none is given.
+
+        Returns:
+            `BaseModelOutputWithPastAndCrossAttentions` with `last_hidden_state` (B, T, D) and `cache`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds` to the decoder.")
+        if inputs_embeds is None:
+            _check_token_ids("decoder_input_ids", input_ids, self.embed_tokens.num_embeddings)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        _check_embeddings("decoder_inputs_embeds", inputs_embeds, self.config.d_model)
+
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        batch_size, target_length = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        _check_padding_mask(
+            "decoder_attention_mask", attention_mask, batch_size, past_length + target_length, "cached + new targets"
+        )
+        if encoder_hidden_states is not None:
+            _check_padding_mask(
+                "attention_mask", encoder_attention_mask, batch_size, encoder_hidden_states.shape[1], "the source"
+            )
+
+        hidden_states = self.embed(inputs_embeds, past_length=past_length, name="decoder_input_ids")
+        self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        causal_mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=self_attention_cache
+        )
+        encoder_attention_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=encoder_attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+        )
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                causal_mask,
+                encoder_hidden_states,  # positional, for gradient checkpointing
+                encoder_attention_mask=encoder_attention_mask,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.final_norm(hidden_states), cache=cache)
+
+
+class HfAttentionModel(HfAttentionPreTrainedModel):
+    """The bare encoder-decoder Transformer (Figure 1 without the final linear + softmax).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_attention import HfAttentionConfig, HfAttentionModel
+    >>> model = HfAttentionModel(HfAttentionConfig.from_preset("tiny", vocab_size=100))
+    >>> out = model(input_ids=torch.tensor([[5, 6, 7, 2]]), decoder_input_ids=torch.tensor([[1, 5]]))
+    >>> tuple(out.last_hidden_state.shape)
+    (1, 2, 64)
+    ```
+    """
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        if config.share_encoder_decoder_embeddings:
+            embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+            self.shared = ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+            self._tied_weights_keys = {
+                "encoder.embed_tokens.weight": "shared.weight",
+                "decoder.embed_tokens.weight": "shared.weight",
+            }
+        else:
+            self.shared = None
+        self.encoder = HfAttentionEncoder(config, self.shared)
+        self.decoder = HfAttentionDecoder(config, self.shared)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        if self.config.share_encoder_decoder_embeddings:
+            self.shared = value
+            self.decoder.embed_tokens = value
+        self.encoder.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple[torch.Tensor] | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqModelOutput:
+        """Encode the source (unless `encoder_outputs` is given) and decode the target.
+
+        Args:
+            input_ids: source ids (B, S). attention_mask: (B, S).
+            decoder_input_ids: target ids (B, T), shifted right. decoder_attention_mask: (B, past + T).
+            encoder_outputs: a previous encoder pass, reused while generating.
+            cache: key/value cache of earlier decoding steps.
+
+        Returns:
+            `Seq2SeqModelOutput` with the decoder's `last_hidden_state` (B, T, D).
+        """
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, GenerationMixin):
+    """The full Transformer of Figure 1: encoder-decoder, then the linear projection and softmax over the vocabulary.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+    >>> model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=100)).eval()
+    >>> source = torch.tensor([[5, 6, 7, 2]])
+    >>> loss = model(input_ids=source, labels=torch.tensor([[8, 9, 2]])).loss
+    >>> generated = model.generate(source, num_beams=2, max_new_tokens=5)
+    >>> generated.shape[0]
+    1
+    ```
+    """
+
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
+        self.model = HfAttentionModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Differs from paper where configured: the paper shares one matrix between both embeddings and this
+        # projection (§3.4); `share_encoder_decoder_embeddings` and `tie_word_embeddings` turn each share off.
+        if config.share_encoder_decoder_embeddings:
+            self._tied_weights_keys = {
+                "lm_head.weight": "model.shared.weight",
+                "model.encoder.embed_tokens.weight": "model.shared.weight",
+                "model.decoder.embed_tokens.weight": "model.shared.weight",
+            }
+        else:
+            self._tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+        self.post_init()
+        # Labels are already aligned with the logits (decoder inputs are the shifted labels): no causal-LM shift.
+        self.loss_type = "ForMaskedLM"
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple[torch.Tensor] | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqLMOutput:
+        """Next-token logits over the target vocabulary, and the cross-entropy loss when `labels` are given.
+
+        Args:
+            labels: target ids (B, T); -100 marks positions left out of the loss. Without `decoder_input_ids`
+                they are shifted right to build them (teacher forcing).
+            kwargs: `num_items_in_batch` (passed by `Trainer`) turns the loss into a sum divided by that count,
+                so gradient accumulation and multi-process training average over all target tokens.
+            (other arguments as `HfAttentionModel.forward`)
+
+        Returns:
+            `Seq2SeqLMOutput` with `logits` (B, T, V) and `loss`.
+
+        Raises:
+            ValueError: labels of the wrong rank or shape, or holding ids outside the vocabulary (other than -100).
+        """
+        if labels is not None:
+            self._check_labels(labels, decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds)
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+    def _check_labels(self, labels: torch.Tensor, decoder_inputs: torch.Tensor | None) -> None:
+        if labels.dim() != 2:
+            raise ValueError(f"`labels` must have shape (batch, target_length), got shape {tuple(labels.shape)}.")
+        if decoder_inputs is not None and tuple(labels.shape) != tuple(decoder_inputs.shape[:2]):
+            raise ValueError(
+                f"`labels` shape {tuple(labels.shape)} must match the decoder inputs' (batch, target_length) "
+                f"{tuple(decoder_inputs.shape[:2])}."
+            )
+        if not is_torchdynamo_compiling():
+            valid = (labels == -100) | ((labels >= 0) & (labels < self.config.vocab_size))
+            if not bool(valid.all()):
+                raise ValueError(f"`labels` must hold -100 or ids in [0, {self.config.vocab_size}).")
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+
+__all__ = [
+    "HfAttentionPreTrainedModel",
+    "HfAttentionModel",
+    "HfAttentionForConditionalGeneration",
+    "HfAttentionEncoder",
+    "HfAttentionDecoder",
+]
