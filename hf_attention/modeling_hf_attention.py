@@ -33,6 +33,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -398,12 +399,10 @@ def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
 class TransformerStack(HfAttentionPreTrainedModel):
     """What the encoder and decoder stacks share: token and position embeddings, their dropout, the final norm."""
 
-    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
+    def __init__(self, config: HfAttentionConfig):
         super().__init__(config)
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        if embed_tokens is None:
-            embed_tokens = ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
-        self.embed_tokens = embed_tokens
+        self.embed_tokens = ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
         if config.position_embedding_type == "learned":
             self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
         else:
@@ -438,8 +437,8 @@ class HfAttentionEncoder(TransformerStack):
 
     _can_record_outputs = {"hidden_states": EncoderLayer, "attentions": MultiHeadAttention}
 
-    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
-        super().__init__(config, embed_tokens)
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
         self.layers = nn.ModuleList([EncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
         self.gradient_checkpointing = False
         self.post_init()
@@ -492,14 +491,15 @@ class HfAttentionDecoder(TransformerStack):
         "cross_attentions": OutputRecorder(MultiHeadAttention, index=1, layer_name="encoder_attn"),
     }
 
-    def __init__(self, config: HfAttentionConfig, embed_tokens: nn.Embedding | None = None):
-        super().__init__(config, embed_tokens)
+    def __init__(self, config: HfAttentionConfig):
+        super().__init__(config)
         self.layers = nn.ModuleList([DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
         self.gradient_checkpointing = False
         self.post_init()
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -590,11 +590,17 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
                 "encoder.embed_tokens.weight": "shared.weight",
                 "decoder.embed_tokens.weight": "shared.weight",
             }
-        else:
-            self.shared = None
-        self.encoder = HfAttentionEncoder(config, self.shared)
-        self.decoder = HfAttentionDecoder(config, self.shared)
+        self.encoder = HfAttentionEncoder(config)
+        self.decoder = HfAttentionDecoder(config)
         self.post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """Which weights `tie_weights` ties: transformers ties none when `tie_word_embeddings` is False, but the
+        source and target embeddings must still be one matrix when `share_encoder_decoder_embeddings` says so."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels)
+        if not all_submodels and self.config.share_encoder_decoder_embeddings and not tied:
+            tied = dict(self._tied_weights_keys)
+        return tied
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embed_tokens
@@ -605,7 +611,14 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
             self.decoder.embed_tokens = value
         self.encoder.embed_tokens = value
 
+    def get_encoder(self) -> "HfAttentionEncoder":
+        return self.encoder
+
+    def get_decoder(self) -> "HfAttentionDecoder":
+        return self.decoder
+
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -704,6 +717,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
         self.lm_head = new_embeddings
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
