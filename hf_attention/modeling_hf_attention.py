@@ -235,7 +235,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
-    """Learned positional embeddings, the alternative of §3.5 / Table 3 row (E); limited to `max_position_embeddings`."""
+    """Learned positional embeddings, the alternative of §3.5 (Table 3, row E); at most `max_position_embeddings`."""
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return super().forward(position_ids)
@@ -347,7 +347,7 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Xavier-uniform for every matrix, as the paper's reference code (tensor2tensor) and the Annotated Transformer."""
+        """Xavier-uniform for every matrix, as in the reference code (tensor2tensor) and the Annotated Transformer."""
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -419,7 +419,10 @@ class TransformerStack(HfAttentionPreTrainedModel):
     def embed(self, inputs_embeds: torch.Tensor, past_length: int, name: str) -> torch.Tensor:
         """Add position encodings to token embeddings and apply dropout, §3.5 and §5.4: (B, L, D) -> (B, L, D)."""
         length = inputs_embeds.shape[1]
-        if self.config.position_embedding_type == "learned" and past_length + length > self.config.max_position_embeddings:
+        if (
+            self.config.position_embedding_type == "learned"
+            and past_length + length > self.config.max_position_embeddings
+        ):
             raise ValueError(
                 f"`{name}` reaches position {past_length + length}, beyond max_position_embeddings="
                 f"{self.config.max_position_embeddings} of the learned position embeddings."

@@ -153,7 +153,8 @@ class HfAttentionCommonModelTest(modeling_common.ModelTesterMixin, unittest.Test
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    @unittest.skip("GenerationTesterMixin is not in the transformers sdist; tests/test_generation.py covers generate()")
+    @unittest.skip(
+        "GenerationTesterMixin is not in the transformers sdist; tests/test_generation.py covers generate()"
+    )
     def test_generation_tester_mixin_inheritance(self):
         pass
-
