@@ -614,12 +614,6 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
             self.decoder.embed_tokens = value
         self.encoder.embed_tokens = value
 
-    def get_encoder(self) -> "HfAttentionEncoder":
-        return self.encoder
-
-    def get_decoder(self) -> "HfAttentionDecoder":
-        return self.decoder
-
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
