@@ -42,6 +42,7 @@ class HfAttentionConfig(PreTrainedConfig):
     >>> model = HfAttentionForConditionalGeneration(config)
     >>> config.d_model, config.num_hidden_layers
     (64, 2)
+
     ```
     """
 

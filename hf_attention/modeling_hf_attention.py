@@ -581,6 +581,7 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
     >>> out = model(input_ids=torch.tensor([[5, 6, 7, 2]]), decoder_input_ids=torch.tensor([[1, 5]]))
     >>> tuple(out.last_hidden_state.shape)
     (1, 2, 64)
+
     ```
     """
 
@@ -686,6 +687,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
     >>> generated = model.generate(source, num_beams=2, max_new_tokens=5)
     >>> generated.shape[0]
     1
+
     ```
     """
 

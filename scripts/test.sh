@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Lint, then the test suite (CPU; slow and GPU tests deselected). Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/setup_env.sh"
+cd "$root"
+ruff check .
+ruff format --check .
+status=0
+python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+fi
+exit "$status"
