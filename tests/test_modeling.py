@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, source_bat
     for checkpointing in (False, True):
         model = make_model(tiny_config).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(**source_batch, labels=labels).loss.backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
     assert gradients[0].keys() == gradients[1].keys()
