@@ -97,7 +97,6 @@ class MultiHeadAttention(nn.Module):
         self,
         config: HfAttentionConfig,
         num_heads: int,
-        is_decoder: bool = False,
         is_causal: bool = False,
         layer_idx: int | None = None,
     ):
@@ -108,7 +107,6 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.d_model // num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.is_decoder = is_decoder
         self.is_causal = is_causal
         self.layer_idx = layer_idx
 
@@ -237,9 +235,6 @@ class SinusoidalPositionalEncoding(nn.Module):
 class LearnedPositionalEmbedding(nn.Embedding):
     """Learned positional embeddings, the alternative of §3.5 (Table 3, row E); at most `max_position_embeddings`."""
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(position_ids)
-
 
 class SublayerConnection:
     """Residual connection and layer normalisation around each sub-layer, §3.1 and §5.4 (mixin for both layers).
@@ -297,9 +292,9 @@ class DecoderLayer(SublayerConnection, PositionwiseFeedForward, GradientCheckpoi
         self.dropout = config.dropout
         self.normalize_before = config.normalize_before
         heads = config.decoder_attention_heads
-        self.self_attn = MultiHeadAttention(config, heads, is_decoder=True, is_causal=True, layer_idx=layer_idx)
+        self.self_attn = MultiHeadAttention(config, heads, is_causal=True, layer_idx=layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
-        self.encoder_attn = MultiHeadAttention(config, heads, is_decoder=True, layer_idx=layer_idx)
+        self.encoder_attn = MultiHeadAttention(config, heads, layer_idx=layer_idx)
         self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model)
         self.init_feed_forward(config, config.decoder_ffn_dim)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
