@@ -4,6 +4,9 @@ from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -15,7 +18,10 @@ class HfAttentionConfig(PreTrainedConfig):
     P_drop -> `dropout`. Every default is the paper's "base" model; `from_preset("big")` gives Table 3's big model.
 
     Args:
-        vocab_size: Size of the shared source/target subword vocabulary (the paper used ~37k BPE for En-De).
+        vocab_size: Size of the shared source/target subword vocabulary (the paper used ~37k BPE for En-De);
+            the source vocabulary when `decoder_vocab_size` differs.
+        decoder_vocab_size: Size of a separate target vocabulary, used only with
+            `share_encoder_decoder_embeddings=False` (Marian's two-vocabulary models); None means `vocab_size`.
         d_model: Width of every sub-layer output and embedding.
         encoder_layers / decoder_layers: N, the number of stacked layers.
         encoder_attention_heads / decoder_attention_heads: h, heads per multi-head attention.
@@ -26,11 +32,15 @@ class HfAttentionConfig(PreTrainedConfig):
         activation_dropout: Dropout after the feed-forward non-linearity (not in the paper, hence 0).
         max_position_embeddings: Longest sequence; a hard limit only for learned positions.
         position_embedding_type: `"sinusoidal"` (§3.5) or `"learned"` (the variant of Table 3, row E).
+        sinusoidal_layout: Where the sines and cosines of §3.5 sit in each position vector: `"interleaved"` (the
+            paper's formula: dimension 2i sine, 2i+1 cosine) or `"split"` (all sines, then all cosines, as in
+            tensor2tensor and Marian). Same frequencies; a permutation of the dimensions.
         normalize_before: Differs from paper when True: pre-LN layers, x + Sublayer(LayerNorm(x)), plus a
             final LayerNorm on each stack; trains more stably in deep or warm-up-free settings.
         scale_embedding: Multiply token embeddings by sqrt(d_model) (§3.4).
         share_encoder_decoder_embeddings: One embedding matrix for source and target tokens (§3.4).
         tie_word_embeddings: The pre-softmax projection shares the (target) embedding matrix (§3.4).
+        add_final_logits_bias: Add a fixed bias vector (a buffer, not trained) to the logits, as Marian and BART do.
         use_cache: Keep keys/values of earlier target positions while generating.
         pad_token_id / bos_token_id / eos_token_id / decoder_start_token_id: Special token ids.
 
@@ -55,6 +65,7 @@ class HfAttentionConfig(PreTrainedConfig):
     }
 
     vocab_size: int = 37000
+    decoder_vocab_size: int | None = None
     d_model: int = 512
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -68,10 +79,12 @@ class HfAttentionConfig(PreTrainedConfig):
     activation_dropout: float | int = 0.0
     max_position_embeddings: int = 1024
     position_embedding_type: Literal["sinusoidal", "learned"] = "sinusoidal"
+    sinusoidal_layout: Literal["interleaved", "split"] = "interleaved"
     normalize_before: bool = False
     scale_embedding: bool = True
     share_encoder_decoder_embeddings: bool = True
     tie_word_embeddings: bool = True
+    add_final_logits_bias: bool = False
     use_cache: bool = True
     is_encoder_decoder: bool = True
     pad_token_id: int | None = 0
@@ -80,6 +93,14 @@ class HfAttentionConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = 1
 
     def __post_init__(self, **kwargs):
+        # As in MarianConfig: always a number, since transformers reads it as the decoder's `vocab_size`.
+        if self.share_encoder_decoder_embeddings and self.decoder_vocab_size not in (None, self.vocab_size):
+            logger.warning(
+                f"`decoder_vocab_size` ({self.decoder_vocab_size}) is ignored: with "
+                f"`share_encoder_decoder_embeddings=True` the target vocabulary is `vocab_size` ({self.vocab_size})."
+            )
+        if self.share_encoder_decoder_embeddings or self.decoder_vocab_size is None:
+            self.decoder_vocab_size = self.vocab_size
         super().__post_init__(**kwargs)
         # `@strict` runs the `validate_*` methods too, but wraps their errors in its own exception type;
         # running the checks here first gives callers the plain ValueError that names the field.
@@ -101,6 +122,8 @@ class HfAttentionConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.target_vocab_size <= 0:
+            raise ValueError(f"`decoder_vocab_size` must be a positive integer, got {self.decoder_vocab_size}.")
         for heads_field in ("encoder_attention_heads", "decoder_attention_heads"):
             heads = getattr(self, heads_field)
             if self.d_model % heads != 0:
@@ -109,11 +132,27 @@ class HfAttentionConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+        # The pad id serves both sides; bos/eos/decoder start are target tokens.
+        vocab_limit = min(self.vocab_size, self.target_vocab_size)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             for token_id in value if isinstance(value, list) else [value]:
-                if token_id is not None and not 0 <= token_id < self.vocab_size:
-                    raise ValueError(f"`{name}` must lie in [0, vocab_size={self.vocab_size}), got {token_id}.")
+                if token_id is not None and not 0 <= token_id < vocab_limit:
+                    raise ValueError(
+                        f"`{name}` must lie in [0, {vocab_limit}) (the smaller of vocab_size and decoder_vocab_size), "
+                        f"got {token_id}."
+                    )
+
+    @property
+    def target_vocab_size(self) -> int:
+        """Rows of the decoder embedding and outputs of the pre-softmax projection.
+
+        With shared embeddings this is `vocab_size`, even if `vocab_size` was changed after `decoder_vocab_size`
+        was filled in.
+        """
+        if self.share_encoder_decoder_embeddings or self.decoder_vocab_size is None:
+            return self.vocab_size
+        return self.decoder_vocab_size
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "HfAttentionConfig":

@@ -217,19 +217,26 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     Computed on the fly (no weights, nothing to save or initialise), so any length works, as the paper intended:
     "it may allow the model to extrapolate to sequence lengths longer than the ones encountered during training".
+    With `layout="split"` the same values sit as [all sines, all cosines] (tensor2tensor's and Marian's order).
     """
 
-    def __init__(self, embedding_dim: int):
+    def __init__(self, embedding_dim: int, layout: str = "interleaved"):
         super().__init__()
         self.embedding_dim = embedding_dim
+        self.layout = layout
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Args: position_ids: (L,). Returns: the encodings (L, D) in float32."""
-        even_dims = torch.arange(0, self.embedding_dim, 2, device=position_ids.device, dtype=torch.float32)
-        inverse_frequency = torch.exp(even_dims * (-math.log(10000.0) / self.embedding_dim))  # 10000^(-2i/D)
-        angles = position_ids.float()[:, None] * inverse_frequency[None, :]  # (L, D/2)
-        encoding = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (L, D/2, 2): interleaved 2i / 2i+1
-        return encoding.flatten(1)[:, : self.embedding_dim]  # (L, D)
+        # Angles in float64 (MPS has none: CPU there), so the values match a float64-built table to the last bit.
+        device = position_ids.device if position_ids.device.type != "mps" else torch.device("cpu")
+        frequency_index = torch.arange(0, self.embedding_dim, 2, device=device, dtype=torch.float64)
+        inverse_frequency = 1.0 / 10000.0 ** (frequency_index / self.embedding_dim)  # 10000^(-2i/D): (ceil(D/2),)
+        angles = position_ids.to(device, torch.float64)[:, None] * inverse_frequency[None, :]  # (L, ceil(D/2))
+        if self.layout == "split":
+            encoding = torch.cat((angles.sin(), angles.cos()[:, : self.embedding_dim // 2]), dim=-1)  # (L, D)
+        else:
+            encoding = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)[:, : self.embedding_dim]  # (L, D)
+        return encoding.to(position_ids.device, torch.float32)
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
@@ -354,6 +361,31 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, HfAttentionForConditionalGeneration) and module.config.add_final_logits_bias:
+            init.zeros_(module.final_logits_bias)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resize the shared vocabulary: both embeddings, the pre-softmax projection and the final logits bias.
+
+        Raises:
+            ValueError: the model has separate source and target vocabularies, which one size cannot describe.
+        """
+        if not self.config.share_encoder_decoder_embeddings:
+            raise ValueError(
+                "`resize_token_embeddings` resizes one shared vocabulary, but this model has separate source and "
+                "target vocabularies (`share_encoder_decoder_embeddings=False`)."
+            )
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.decoder_vocab_size = self.config.vocab_size
+        final_logits_bias = getattr(self, "final_logits_bias", None)
+        if final_logits_bias is not None and final_logits_bias.shape[-1] != self.config.vocab_size:
+            new_bias = final_logits_bias.new_zeros(1, self.config.vocab_size)
+            kept = min(final_logits_bias.shape[-1], self.config.vocab_size)
+            new_bias[:, :kept] = final_logits_bias[:, :kept]
+            self.final_logits_bias = new_bias
+        return embeddings
 
     @property
     def dummy_inputs(self) -> dict[str, torch.Tensor]:
@@ -394,14 +426,14 @@ def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
 class TransformerStack(HfAttentionPreTrainedModel):
     """What the encoder and decoder stacks share: token and position embeddings, their dropout, the final norm."""
 
-    def __init__(self, config: HfAttentionConfig):
+    def __init__(self, config: HfAttentionConfig, vocab_size: int):
         super().__init__(config)
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.embed_tokens = ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        self.embed_tokens = ScaledWordEmbedding(vocab_size, config.d_model, config.pad_token_id, embed_scale)
         if config.position_embedding_type == "learned":
             self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
         else:
-            self.embed_positions = SinusoidalPositionalEncoding(config.d_model)
+            self.embed_positions = SinusoidalPositionalEncoding(config.d_model, config.sinusoidal_layout)
         # Differs from paper: pre-LN stacks need a final LayerNorm, as their layers' outputs are un-normalised.
         self.layer_norm = nn.LayerNorm(config.d_model) if config.normalize_before else None
 
@@ -436,7 +468,7 @@ class HfAttentionEncoder(TransformerStack):
     _can_record_outputs = {"hidden_states": EncoderLayer, "attentions": MultiHeadAttention}
 
     def __init__(self, config: HfAttentionConfig):
-        super().__init__(config)
+        super().__init__(config, config.vocab_size)
         self.layers = nn.ModuleList([EncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
         self.gradient_checkpointing = False
         self.post_init()
@@ -490,7 +522,7 @@ class HfAttentionDecoder(TransformerStack):
     }
 
     def __init__(self, config: HfAttentionConfig):
-        super().__init__(config)
+        super().__init__(config, config.target_vocab_size)
         self.layers = nn.ModuleList([DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
         self.gradient_checkpointing = False
         self.post_init()
@@ -689,7 +721,10 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
     def __init__(self, config: HfAttentionConfig):
         super().__init__(config)
         self.model = HfAttentionModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.target_vocab_size, bias=False)
+        if config.add_final_logits_bias:
+            # Differs from paper: Marian and BART add a fixed (untrained) bias to the logits.
+            self.register_buffer("final_logits_bias", torch.zeros(1, config.target_vocab_size))
         # Differs from paper where configured: the paper shares one matrix between both embeddings and this
         # projection (§3.4); `share_encoder_decoder_embeddings` and `tie_word_embeddings` turn each share off.
         if config.share_encoder_decoder_embeddings:
@@ -761,10 +796,12 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
+        if self.config.add_final_logits_bias:
+            logits = logits + self.final_logits_bias
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.target_vocab_size, **kwargs)
 
         return Seq2SeqLMOutput(
             loss=loss,
@@ -787,9 +824,10 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
                 f"{tuple(decoder_inputs.shape[:2])}."
             )
         if not is_torchdynamo_compiling():
-            valid = (labels == -100) | ((labels >= 0) & (labels < self.config.vocab_size))
+            vocab_size = self.config.target_vocab_size
+            valid = (labels == -100) | ((labels >= 0) & (labels < vocab_size))
             if not bool(valid.all()):
-                raise ValueError(f"`labels` must hold -100 or ids in [0, {self.config.vocab_size}).")
+                raise ValueError(f"`labels` must hold -100 or ids in [0, {vocab_size}).")
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

@@ -1,8 +1,8 @@
 """Generation speed, side by side in one run: hf_attention with and without the KV cache, and MarianMTModel.
 
-Both models get the same architecture (Table 3's base by default; post-LN, sinusoidal positions, shared and tied
-embeddings) and random weights; each generates exactly `--new_tokens` tokens per sentence (EOS suppressed), so the
-timings compare the same amount of work. Reports the median of `--repeats` runs and the ratios.
+MarianMTModel is our random-weight model (Table 3's base by default) converted with `hf_attention_to_marian`, so both
+compute the same function and generate the same tokens (checked); each generates exactly `--new_tokens` tokens per
+sentence, so the timings compare the same amount of work. Reports the median of `--repeats` runs and the ratios.
 
     python scripts/benchmark_generate.py --preset base --batch_size 8 --num_beams 4
 """
@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import HfArgumentParser, MarianConfig, MarianMTModel
+from transformers import HfArgumentParser
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+from hf_attention.marian_conversion import hf_attention_to_marian
 
 
 @dataclass
@@ -29,27 +30,6 @@ class BenchmarkArguments:
     attn_implementation: str = "sdpa"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     threads: int = 0
-
-
-def marian_twin(config: HfAttentionConfig) -> MarianConfig:
-    """The Marian config of the same architecture."""
-    return MarianConfig(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        encoder_layers=config.encoder_layers,
-        decoder_layers=config.decoder_layers,
-        encoder_attention_heads=config.encoder_attention_heads,
-        decoder_attention_heads=config.decoder_attention_heads,
-        encoder_ffn_dim=config.encoder_ffn_dim,
-        decoder_ffn_dim=config.decoder_ffn_dim,
-        activation_function=config.activation_function,
-        max_position_embeddings=config.max_position_embeddings,
-        scale_embedding=config.scale_embedding,
-        pad_token_id=config.pad_token_id,
-        eos_token_id=config.eos_token_id,
-        decoder_start_token_id=config.decoder_start_token_id,
-        forced_eos_token_id=None,
-    )
 
 
 def time_generate(model, input_ids, args: BenchmarkArguments, use_cache: bool) -> float:
@@ -81,11 +61,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = HfAttentionConfig.from_preset(args.preset, vocab_size=args.vocab_size, dropout=0.0)
     torch.manual_seed(0)
-    ours = HfAttentionForConditionalGeneration(config)
-    marian = MarianMTModel(marian_twin(config))
+    ours = HfAttentionForConditionalGeneration(config).eval()
+    marian = hf_attention_to_marian(ours)
+    ours.generation_config.forced_eos_token_id = marian.generation_config.forced_eos_token_id = None
     input_ids = torch.randint(3, args.vocab_size, (args.batch_size, args.source_length), device=args.device)
     results = {}
     with torch.no_grad():
+        generated = [
+            model.to(args.device).generate(input_ids, num_beams=args.num_beams, max_new_tokens=8)
+            for model in (ours, marian)
+        ]
+        if not torch.equal(*generated):
+            raise RuntimeError("hf_attention and its Marian conversion generated different tokens.")
         for name, model in (("hf_attention", ours), ("marian", marian)):
             model.set_attn_implementation(args.attn_implementation)
             model.to(args.device).eval()

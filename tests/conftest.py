@@ -7,6 +7,14 @@ from hf_attention import HfAttentionConfig
 
 PAD, BOS, EOS = 0, 1, 2
 
+# Marian's conventions (see hf_attention.marian_conversion): split sinusoid, logits bias, a separate target vocabulary.
+MARIAN_STYLE = {
+    "sinusoidal_layout": "split",
+    "add_final_logits_bias": True,
+    "share_encoder_decoder_embeddings": False,
+    "decoder_vocab_size": 120,
+}
+
 
 @pytest.fixture
 def tiny_config() -> HfAttentionConfig:

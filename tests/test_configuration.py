@@ -1,6 +1,7 @@
 """HfAttentionConfig: paper defaults, presets, validation, serialisation."""
 
 import pytest
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig
 
 from hf_attention import PRESETS, HfAttentionConfig
@@ -83,3 +84,40 @@ def test_auto_config_for_model_accepts_overrides():
     config = AutoConfig.for_model("hf_attention", vocab_size=8000, d_model=256, encoder_layers=3, decoder_layers=3)
     assert isinstance(config, HfAttentionConfig)
     assert (config.vocab_size, config.d_model, config.encoder_layers) == (8000, 256, 3)
+
+
+def test_decoder_vocab_size_defaults_to_vocab_size_and_is_kept_when_embeddings_are_separate():
+    assert HfAttentionConfig(vocab_size=50).decoder_vocab_size == 50
+    separate = HfAttentionConfig(vocab_size=50, decoder_vocab_size=40, share_encoder_decoder_embeddings=False)
+    assert separate.target_vocab_size == 40
+    assert separate.get_text_config(decoder=True).vocab_size == 40
+    reloaded = HfAttentionConfig.from_dict(separate.to_dict())
+    assert reloaded.target_vocab_size == 40
+
+
+def test_shared_embeddings_use_vocab_size_for_the_target_side():
+    config = HfAttentionConfig(vocab_size=50, decoder_vocab_size=40)
+    assert config.decoder_vocab_size == config.target_vocab_size == 50
+    config.vocab_size = 60  # e.g. set after adding tokens
+    assert config.target_vocab_size == 60
+    assert HfAttentionConfig.from_dict(config.to_dict()).target_vocab_size == 60
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"decoder_vocab_size": 0, "share_encoder_decoder_embeddings": False}, "`decoder_vocab_size` must be"),
+        (
+            {"decoder_vocab_size": 2, "share_encoder_decoder_embeddings": False},
+            r"`eos_token_id` must lie in \[0, 2\)",
+        ),
+    ],
+)
+def test_bad_target_vocabulary_is_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HfAttentionConfig(vocab_size=50, **overrides)
+
+
+def test_unknown_sinusoidal_layout_is_rejected():
+    with pytest.raises(StrictDataclassFieldValidationError, match="sinusoidal_layout"):
+        HfAttentionConfig(sinusoidal_layout="halves")

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 
-from .conftest import padded_batch
+from .conftest import MARIAN_STYLE, padded_batch
 
 
 def test_auto_classes_build_our_models(tiny_config):
@@ -23,11 +23,19 @@ def test_auto_classes_build_our_models(tiny_config):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"share_encoder_decoder_embeddings": False}, {"tie_word_embeddings": False}, {"normalize_before": True}],
+    [
+        {},
+        {"share_encoder_decoder_embeddings": False},
+        {"tie_word_embeddings": False},
+        {"normalize_before": True},
+        MARIAN_STYLE,
+    ],
 )
 def test_save_and_reload_gives_identical_logits_and_no_missing_keys(tiny_config, tmp_path, overrides):
     config = HfAttentionConfig(**{**tiny_config.to_dict(), **overrides})
     model = HfAttentionForConditionalGeneration(config).eval()
+    if config.add_final_logits_bias:
+        model.final_logits_bias.normal_()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "pytorch_model.bin").exists()
     reloaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)

@@ -8,7 +8,7 @@ import torch
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 from hf_attention.modeling_hf_attention import MultiHeadAttention, SinusoidalPositionalEncoding, shift_tokens_right
 
-from .conftest import BOS, PAD, padded_batch
+from .conftest import BOS, MARIAN_STYLE, PAD, padded_batch
 
 VARIANTS = {
     "paper": {},
@@ -16,6 +16,7 @@ VARIANTS = {
     "learned_positions": {"position_embedding_type": "learned"},
     "separate_embeddings": {"share_encoder_decoder_embeddings": False},
     "untied_output": {"tie_word_embeddings": False},
+    "marian_style": MARIAN_STYLE,
 }
 
 
@@ -295,3 +296,52 @@ def test_sinusoidal_positions_extrapolate_beyond_max_position_embeddings(tiny_co
     with torch.no_grad():
         logits = model(input_ids=torch.full((1, 20), 5), decoder_input_ids=torch.full((1, 12), 6)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_split_sinusoid_layout_holds_the_same_values_sines_first():
+    positions = torch.arange(40)
+    for d_model in (10, 11):
+        interleaved = SinusoidalPositionalEncoding(d_model, "interleaved")(positions)
+        split = SinusoidalPositionalEncoding(d_model, "split")(positions)
+        sines_then_cosines = torch.cat((torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)))
+        torch.testing.assert_close(split, interleaved[:, sines_then_cosines], atol=0, rtol=0)
+
+
+def test_final_logits_bias_is_added_to_every_position(tiny_config, source_batch, target_batch):
+    model = make_model(tiny_config, add_final_logits_bias=True)
+    without_bias = logits_of(model, source_batch, target_batch)
+    model.final_logits_bias.normal_()
+    with_bias = logits_of(model, source_batch, target_batch)
+    torch.testing.assert_close(with_bias, without_bias + model.final_logits_bias)
+    assert "final_logits_bias" in model.state_dict()
+    assert "final_logits_bias" not in make_model(tiny_config).state_dict()
+
+
+def test_separate_target_vocabulary_sizes_decoder_and_output(tiny_config, source_batch):
+    model = make_model(tiny_config, share_encoder_decoder_embeddings=False, decoder_vocab_size=40)
+    assert model.model.encoder.embed_tokens.num_embeddings == 99
+    assert model.model.decoder.embed_tokens.num_embeddings == 40 and model.lm_head.out_features == 40
+    labels = torch.tensor([[5, 39, 2], [7, 2, -100], [38, 6, 2]])
+    output = model(**source_batch, labels=labels)
+    assert output.logits.shape == (3, 3, 40) and torch.isfinite(output.loss)
+    with pytest.raises(ValueError, match=r"`labels` must hold -100 or ids in \[0, 40\)"):
+        model(**source_batch, labels=torch.tensor([[5, 45, 2]] * 3))
+    with pytest.raises(ValueError, match="`decoder_input_ids` holds ids in"):
+        model(**source_batch, decoder_input_ids=torch.tensor([[1, 45]] * 3))
+
+
+def test_resizing_the_shared_vocabulary_resizes_outputs_and_logits_bias(tiny_config, source_batch):
+    model = make_model(tiny_config, add_final_logits_bias=True)
+    model.final_logits_bias.fill_(0.5)
+    model.resize_token_embeddings(110, mean_resizing=False)
+    assert model.config.vocab_size == model.config.decoder_vocab_size == 110
+    assert model.lm_head.weight is model.model.shared.weight and model.lm_head.out_features == 110
+    assert model.final_logits_bias.shape == (1, 110)
+    assert model.final_logits_bias[0, :99].eq(0.5).all() and model.final_logits_bias[0, 99:].eq(0).all()
+    assert model(**source_batch, decoder_input_ids=torch.tensor([[1, 105]] * 3)).logits.shape == (3, 2, 110)
+
+
+def test_resizing_separate_vocabularies_is_refused(tiny_config):
+    model = make_model(tiny_config, share_encoder_decoder_embeddings=False)
+    with pytest.raises(ValueError, match="share_encoder_decoder_embeddings=False"):
+        model.resize_token_embeddings(120)
