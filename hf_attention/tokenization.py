@@ -1,4 +1,4 @@
-"""A joint source/target subword (BPE) tokenizer trained with `tokenizers`, wrapped as `PreTrainedTokenizerFast`."""
+"""A joint source/target subword tokenizer (BPE or Unigram) trained with `tokenizers`, as `PreTrainedTokenizerFast`."""
 
 from collections.abc import Iterable
 
@@ -8,19 +8,33 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train one BPE vocabulary over both languages (§5.1: "a shared source-target vocabulary").
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, model: str = "bpe"
+) -> PreTrainedTokenizerFast:
+    """Train one subword vocabulary over both languages (§5.1: "a shared source-target vocabulary").
+
+    Args:
+        texts: source and target sentences.
+        vocab_size: at most this many subwords (the paper: ~37000 BPE for En-De); specials included.
+        model: `"bpe"` (the paper's byte-pair encoding) or `"unigram"` (SentencePiece's default, as in Marian).
 
     Ids 0-3 are <pad>, <s>, </s>, <unk>, matching `HfAttentionConfig`'s defaults. Every encoded sequence ends with
     </s>, as Marian's tokenizers do, so generation learns where to stop.
     """
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    specials = list(SPECIAL_TOKENS.values())
+    if model == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials)
+    elif model == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=SPECIAL_TOKENS["unk_token"]
+        )
+    else:
+        raise ValueError(f"Unknown tokenizer model {model!r}; choose 'bpe' or 'unigram'.")
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values())
-    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     eos = SPECIAL_TOKENS["eos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(

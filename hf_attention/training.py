@@ -1,8 +1,16 @@
-"""The paper's training recipe (§5.3, §5.4) as `Seq2SeqTrainingArguments`, for `Seq2SeqTrainer`."""
+"""The paper's training recipe (§5.3, §5.4) as `Seq2SeqTrainingArguments` defaults, and a `Seq2SeqTrainer` whose
+checkpoints appear only once complete."""
 
+import os
+import shutil
+from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import Seq2SeqTrainingArguments
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING_DIR = ".checkpoint-staging"
 
 
 def paper_learning_rate(d_model: int, warmup_steps: int) -> float:
@@ -14,21 +22,94 @@ def paper_learning_rate(d_model: int, warmup_steps: int) -> float:
     return d_model**-0.5 * warmup_steps**-0.5
 
 
+@dataclass
+class PaperTrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` whose defaults are the paper's recipe; every value stays overridable.
+
+    Adam(β1=0.9, β2=0.98, ε=1e-9) with no weight decay, eq. 3's schedule (`inverse_sqrt` with warm-up; the peak
+    learning rate is d_model^-0.5 · warmup^-0.5 unless `learning_rate` is given), label smoothing 0.1, beam search
+    when evaluating.
+    """
+
+    output_dir: str | None = field(default="runs/demo", metadata={"help": "Where the model, card and curves go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace what output_dir already holds."})
+    learning_rate: float = field(
+        default=0.0, metadata={"help": "Peak learning rate; 0 means eq. 3's d_model^-0.5 * warmup_steps^-0.5."}
+    )
+    learning_rate_scale: float = field(default=1.0, metadata={"help": "Multiplies eq. 3's peak learning rate."})
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-9
+    lr_scheduler_type: str = "inverse_sqrt"
+    warmup_steps: float = field(default=4000, metadata={"help": "Warm-up steps of eq. 3 (the paper: 4000)."})
+    label_smoothing_factor: float = 0.1
+    predict_with_generate: bool = True
+    generation_num_beams: int | None = 4
+    generation_max_length: int | None = 128
+    report_to: None | str | list[str] = "none"
+    dataloader_pin_memory: bool = False
+
+    def __post_init__(self):
+        # transformers treats a multi-process launch (accelerate launch, torchrun) on a machine without an
+        # accelerator as N unrelated single-process runs unless `use_cpu` is set: make it distributed CPU (gloo).
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+    def resolve_learning_rate(self, d_model: int) -> None:
+        """Fill in eq. 3's peak learning rate for this model width (once `d_model` is known)."""
+        if self.learning_rate <= 0:
+            peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps)))
+            self.learning_rate = peak * self.learning_rate_scale
+
+
 def paper_training_arguments(output_dir: str, d_model: int, warmup_steps: int = 4000, **overrides: Any):
-    """Adam(β1=0.9, β2=0.98, ε=1e-9), the eq. 3 schedule, label smoothing 0.1, no weight decay; all overridable."""
-    arguments = {
-        "output_dir": output_dir,
-        "optim": "adamw_torch",
-        "adam_beta1": 0.9,
-        "adam_beta2": 0.98,
-        "adam_epsilon": 1e-9,
-        "weight_decay": 0.0,
-        "learning_rate": paper_learning_rate(d_model, warmup_steps),
-        "lr_scheduler_type": "inverse_sqrt",
-        "warmup_steps": warmup_steps,
-        "label_smoothing_factor": 0.1,
-        "predict_with_generate": True,
-        "report_to": "none",
-        **overrides,
-    }
-    return Seq2SeqTrainingArguments(**arguments)
+    """`PaperTrainingArguments` with eq. 3's learning rate for `d_model` filled in."""
+    arguments = PaperTrainingArguments(output_dir=output_dir, warmup_steps=warmup_steps, **overrides)
+    arguments.resolve_learning_rate(d_model)
+    return arguments
+
+
+class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` that writes each checkpoint into a staging folder and renames it into place when complete.
+
+    transformers writes `checkpoint-N` in place (weights, then optimizer, RNG states, trainer state), so a process
+    killed mid-save leaves a folder that `resume_from_checkpoint` would pick up and fail on. Here `checkpoint-N`
+    appears only by an atomic rename, after every process has written its part.
+    """
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate after the rename
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            if not os.listdir(staging_root):
+                os.rmdir(staging_root)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()

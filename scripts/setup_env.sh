@@ -10,7 +10,7 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$venv/bin/python" -m pip install --quiet -e "$root[test,plots]"
+  "$venv/bin/python" -m pip install --quiet -e "$root[test]"
   rm -f "$venv"/.installed-* && touch "$stamp"
 fi
 # shellcheck disable=SC1091

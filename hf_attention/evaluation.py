@@ -1,0 +1,138 @@
+"""BLEU and chrF with sacreBLEU through `evaluate` (local metric modules, no network), and scoring a saved model.
+
+`evaluate.load("sacrebleu")` downloads the metric's code from the Hub at run time; the same metrics ship in
+`hf_attention/metrics/` and load by path, so scoring works offline and gives sacreBLEU's own numbers and signature.
+"""
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    EvalPrediction,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .data import ParallelDataError, read_parallel_corpus
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    """`"sacrebleu"` or `"chrf"`, from the module shipped in the package."""
+    path = METRICS_DIR / f"{name}.py"
+    if not path.is_file():
+        choices = sorted(module.stem for module in METRICS_DIR.glob("*.py"))
+        raise ValueError(f"No local metric {name!r}; choose one of {choices}.")
+    return evaluate.load(str(path))
+
+
+def score_translations(predictions: list[str], references: list[str]) -> dict[str, float | str]:
+    """Corpus BLEU and chrF of detokenized translations against one reference each, with sacreBLEU signatures."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} translations for {len(references)} references.")
+    bleu = load_metric("sacrebleu").compute(predictions=predictions, references=[[r] for r in references])
+    chrf = load_metric("chrf").compute(predictions=predictions, references=[[r] for r in references])
+    return {
+        "bleu": bleu["score"],
+        "chrf": chrf["score"],
+        "bleu_signature": bleu["signature"],
+        "chrf_signature": chrf["signature"],
+    }
+
+
+def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalPrediction], dict[str, float]]:
+    """`compute_metrics` for `Seq2SeqTrainer` with `predict_with_generate`: BLEU and chrF of the decoded outputs."""
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        generated, labels = prediction.predictions, prediction.label_ids
+        generated = np.where(generated < 0, tokenizer.pad_token_id, generated)  # Trainer pads with -100
+        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+        predictions = [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        references = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        scores = score_translations(predictions, references)
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"]}
+
+    return compute_metrics
+
+
+def translate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sources: list[str],
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+) -> list[str]:
+    """Beam-search translations of `sources`, in order, batched."""
+    model.eval()
+    translations = []
+    for start in range(0, len(sources), batch_size):
+        batch = tokenizer(sources[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        with torch.no_grad():
+            generated = model.generate(**batch.to(model.device), num_beams=num_beams, max_new_tokens=max_new_tokens)
+        translations += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return translations
+
+
+@dataclass
+class EvaluationArguments:
+    model_dir: str = field(metadata={"help": "A saved model folder (with its tokenizer) or a Hub repo id."})
+    test_file: str = field(
+        metadata={"help": "Parallel test data: a .tsv or .jsonl file, or a prefix P with files P.SRC and P.TGT."}
+    )
+    source_lang: str = field(default="en", metadata={"help": "Source language code."})
+    target_lang: str = field(default="de", metadata={"help": "Target language code."})
+    output_file: str = field(default="", metadata={"help": "Where the JSON report goes (default: stdout only)."})
+    num_beams: int = field(default=4, metadata={"help": "Beam size."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest translation, in tokens."})
+    batch_size: int = field(default=32, metadata={"help": "Sentences per generate() call."})
+    max_samples: int = field(default=0, metadata={"help": "Score only the first N pairs (0: all)."})
+
+
+def evaluate_saved_model(args: EvaluationArguments) -> dict:
+    """Translate the test set with a saved model and score it; the report holds the scores and signatures."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
+    if args.max_samples:
+        test = test.select(range(min(args.max_samples, len(test))))
+    sources = [pair[args.source_lang] for pair in test["translation"]]
+    references = [pair[args.target_lang] for pair in test["translation"]]
+    translations = translate(model, tokenizer, sources, args.num_beams, args.max_new_tokens, args.batch_size)
+    return {
+        "model": args.model_dir,
+        "test_file": args.test_file,
+        "pair": f"{args.source_lang}-{args.target_lang}",
+        "sentences": len(sources),
+        "num_beams": args.num_beams,
+        **score_translations(translations, references),
+        "examples": [
+            {"source": s, "translation": t, "reference": r}
+            for s, t, r in list(zip(sources, translations, references, strict=True))[:5]
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    output_file = Path(args.output_file) if args.output_file else None
+    try:
+        report = evaluate_saved_model(args)
+    except (OSError, ParallelDataError) as error:
+        sys.exit(f"error: {error}")
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if output_file:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        output_file.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"BLEU {report['bleu']:.2f} ({report['bleu_signature']}), chrF {report['chrf']:.2f}", file=sys.stderr)
