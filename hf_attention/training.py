@@ -49,9 +49,9 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     dataloader_pin_memory: bool = False
 
     def __post_init__(self):
-        # transformers treats a multi-process launch (accelerate launch, torchrun) on a machine without an
-        # accelerator as N unrelated single-process runs unless `use_cpu` is set: make it distributed CPU (gloo).
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # On a machine without an accelerator, say so: transformers otherwise treats a multi-process launch
+        # (accelerate launch, torchrun) as N unrelated single-process runs, and refuses bf16 autocast on CPU.
+        if not torch.accelerator.is_available():
             self.use_cpu = True
         super().__post_init__()
 

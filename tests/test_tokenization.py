@@ -1,5 +1,6 @@
 """The joint BPE tokenizer: special ids match the config, round trip through save and AutoTokenizer."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from hf_attention import HfAttentionConfig
@@ -25,3 +26,19 @@ def test_save_reload_and_decode_round_trip(tmp_path):
     ids = tokenizer(sentence)["input_ids"]
     assert ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == sentence
+
+
+@pytest.mark.parametrize("model", ["bpe", "unigram"])
+def test_both_subword_models_respect_the_vocabulary_size_and_round_trip(model, tmp_path):
+    texts = [p["translation"][lang] for p in toy_translation_corpus(300) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=120, model=model)
+    assert len(tokenizer) <= 120 and tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    sentence = "sie malen drei tausend bäume"
+    assert reloaded.decode(reloaded(sentence)["input_ids"], skip_special_tokens=True) == sentence
+
+
+def test_unknown_subword_model_is_named():
+    with pytest.raises(ValueError, match="Unknown tokenizer model 'wordpiece'"):
+        train_tokenizer(["a b"], model="wordpiece")

@@ -1,0 +1,71 @@
+"""BLEU/chrF through the local evaluate modules (offline), compute_metrics for Seq2SeqTrainer, scripts/evaluate.py."""
+
+import json
+
+import numpy as np
+import pytest
+import sacrebleu
+from transformers import EvalPrediction
+
+from hf_attention.data import toy_translation_corpus
+from hf_attention.evaluation import build_compute_metrics, load_metric, main, score_translations
+from hf_attention.tokenization import train_tokenizer
+
+PREDICTIONS = ["the cat sat on the mat", "a dog runs in the park", "hello"]
+REFERENCES = ["the cat sat on a mat", "a dog is running in the park", "hello there"]
+
+
+def test_local_metrics_load_offline_and_equal_sacrebleu(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bleu = load_metric("sacrebleu").compute(predictions=PREDICTIONS, references=[[r] for r in REFERENCES])
+    chrf = load_metric("chrf").compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert bleu["score"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score)
+    assert chrf["score"] == pytest.approx(sacrebleu.corpus_chrf(PREDICTIONS, [REFERENCES]).score)
+    assert bleu["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert chrf["signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+
+
+def test_scores_and_signatures_together():
+    scores = score_translations(PREDICTIONS, REFERENCES)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score)
+    assert score_translations(REFERENCES, REFERENCES)["bleu"] == pytest.approx(100)
+    assert "version:" in scores["bleu_signature"] and "nc:6" in scores["chrf_signature"]
+    with pytest.raises(ValueError, match="2 translations for 3 references"):
+        score_translations(PREDICTIONS[:2], REFERENCES)
+    with pytest.raises(ValueError, match="No local metric 'rouge'"):
+        load_metric("rouge")
+
+
+def test_compute_metrics_decodes_generations_and_minus_100_padded_labels():
+    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=150)
+    targets = ["wir kaufen vier hunde", "ich sehe zwei katzen"]
+    encoded = tokenizer(targets, padding=True)["input_ids"]
+    labels = np.where(np.array(tokenizer(targets, padding=True)["attention_mask"]) == 1, encoded, -100)
+    generated = np.array(encoded)
+    generated[1, :] = tokenizer.pad_token_id  # an empty translation
+    generated[1, 0] = -100
+    metrics = build_compute_metrics(tokenizer)(EvalPrediction(predictions=generated, label_ids=labels))
+    expected = sacrebleu.corpus_bleu([targets[0], ""], [targets])
+    assert metrics["bleu"] == pytest.approx(expected.score) and 0 < metrics["chrf"] < 100
+
+
+def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
+    from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+
+    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=150)
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), d_model=32, encoder_ffn_dim=64)
+    HfAttentionForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = toy_translation_corpus(6, seed=5)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report_file = tmp_path / "report" / "scores.json"
+    main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "test.jsonl"),
+          "--output_file", str(report_file), "--num_beams", "2", "--max_new_tokens", "8"])  # fmt: skip
+    report = json.loads(report_file.read_text())
+    assert report["sentences"] == 6 and report["pair"] == "en-de" and report["num_beams"] == 2
+    assert 0 <= report["bleu"] <= 100 and report["bleu_signature"].startswith("nrefs:1")
+    assert report["examples"][0]["reference"] == rows[0]["translation"]["de"]
+    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+        main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "missing.jsonl")])

@@ -1,0 +1,179 @@
+"""The training job end to end on the toy corpus: artefacts, BLEU, model card, fine-tuning, output-folder guard,
+multi-process training, resume after SIGKILL, checkpoints that appear only when complete."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention.train import main, parse_arguments, run
+from hf_attention.training import STAGING_DIR, CheckpointSafeSeq2SeqTrainer
+
+ROOT = Path(__file__).parent.parent
+# A small, fast run: 4000 toy pairs, tiny model, short generations.
+QUICK = [
+    "--toy_train_size", "4000", "--toy_eval_size", "20", "--vocab_size", "300",
+    "--per_device_train_batch_size", "32", "--warmup_steps", "150", "--learning_rate_scale", "2",
+    "--generation_max_length", "32", "--logging_steps", "10", "--seed", "0",
+]  # fmt: skip
+
+
+def card_metadata(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+
+
+def test_training_learns_and_writes_model_tokenizer_card_curves_and_results(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    main([*QUICK, "--output_dir", str(output_dir), "--max_steps", "500", "--eval_strategy", "steps",
+          "--eval_steps", "250", "--save_steps", "250"])  # fmt: skip
+    printed = capsys.readouterr().out
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["bleu_after"] > results["bleu_before"] + 20, results
+    assert f"test BLEU {results['bleu_before']:.1f} -> {results['bleu_after']:.1f}" in printed
+    assert results["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
+    assert isinstance(model, HfAttentionForConditionalGeneration)
+    assert AutoTokenizer.from_pretrained(output_dir).pad_token_id == model.config.pad_token_id
+    assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-250", "checkpoint-500"]
+
+    metadata = card_metadata(output_dir)
+    assert metadata["language"] == ["en", "de"] and metadata["license"] == "apache-2.0"
+    assert metadata["pipeline_tag"] == "translation" and "base_model" not in metadata
+    scores = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"bleu": round(results["bleu_after"], 2), "chrf": round(results["chrf_after"], 2)}
+    card = (output_dir / "README.md").read_text()
+    assert results["bleu_signature"] in card and "| adam_beta2 | 0.98 |" in card and "| adam_epsilon | 1e-09 |" in card
+
+    # Fine-tuning the saved model: its tokenizer is reused and the card names the base model.
+    finetuned = tmp_path / "finetuned"
+    main([*QUICK, "--output_dir", str(finetuned), "--model_name_or_path", str(output_dir), "--max_steps", "20",
+          "--save_strategy", "no"])  # fmt: skip
+    assert card_metadata(finetuned)["base_model"] == str(output_dir)
+    assert (finetuned / "tokenizer.json").read_bytes() == (output_dir / "tokenizer.json").read_bytes()
+
+
+def test_paper_recipe_is_the_default_and_every_number_is_overridable(tmp_path):
+    _, _, training_args = parse_arguments(["--output_dir", str(tmp_path)])
+    assert (training_args.adam_beta1, training_args.adam_beta2, training_args.adam_epsilon) == (0.9, 0.98, 1e-9)
+    assert training_args.lr_scheduler_type == "inverse_sqrt" and training_args.warmup_steps == 4000
+    assert training_args.label_smoothing_factor == 0.1 and training_args.weight_decay == 0.0
+    training_args.resolve_learning_rate(d_model=512)
+    assert training_args.learning_rate == pytest.approx(512**-0.5 * 4000**-0.5)
+    overrides = ["--adam_beta2", "0.99", "--learning_rate", "3e-4"]
+    _, _, overridden = parse_arguments(["--output_dir", str(tmp_path), *overrides])
+    overridden.resolve_learning_rate(d_model=512)
+    assert overridden.adam_beta2 == 0.99 and overridden.learning_rate == 3e-4
+
+
+def test_a_folder_holding_a_model_is_never_overwritten_without_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a saved model; pass --overwrite_output_dir"):
+        main([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "1"])
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_bad_corpus_files_stop_the_run_with_the_file_named(tmp_path):
+    (tmp_path / "train.en").write_text("one\ntwo\n")
+    (tmp_path / "train.de").write_text("eins\n")
+    arguments = ["--output_dir", str(tmp_path / "out"), "--train_file", str(tmp_path / "train")]
+    with pytest.raises(SystemExit, match=r"train\.en has 2 lines but .*train\.de has 1"):
+        main([*arguments, "--validation_file", str(tmp_path / "train"), "--test_file", str(tmp_path / "train")])
+    (tmp_path / "train.de").write_text("eins\nzwei\n")
+    with pytest.raises(SystemExit, match="--validation_file must be given too"):
+        main(arguments)
+
+
+@pytest.mark.parametrize("options", [["--gradient_checkpointing"], ["--bf16"]], ids=["checkpointing", "bf16"])
+def test_memory_and_precision_options_train(tmp_path, options):
+    summary = run(*parse_arguments([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "5", "--save_strategy",
+                                    "no", "--toy_eval_size", "4", *options]))  # fmt: skip
+    assert summary.steps == 5 and summary.bleu_after >= 0
+
+
+def test_a_failure_during_a_save_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(CheckpointSafeSeq2SeqTrainer, "_save_rng_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "10", "--save_steps", "5"])
+    checkpoints = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == [STAGING_DIR]  # the partial save stays out of sight
+    assert (checkpoints / STAGING_DIR / "checkpoint-5" / "model.safetensors").exists()
+
+
+def launch(arguments: list[str], log: Path) -> subprocess.Popen:
+    """Start a run in a subprocess, its output going to `log` (a pipe could fill up and stall it)."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as output:
+        return subprocess.Popen(arguments, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=300) == 0, log.read_text()[-5000:]
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
+    arguments = [*QUICK, "--max_steps", "150", "--save_steps", "20", "--toy_eval_size", "4"]
+    # Every run in a subprocess with the same thread count, so that floating-point sums run in the same order.
+    log = tmp_path / "log.txt"
+    finish(launch([sys.executable, "scripts/train.py", *arguments, "--output_dir", str(tmp_path / "whole")], log), log)
+
+    killed_dir = tmp_path / "killed"
+    process = launch([sys.executable, "scripts/train.py", *arguments, "--output_dir", str(killed_dir)], log)
+    first_checkpoint = killed_dir / "checkpoints" / "checkpoint-20"
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, log.read_text()[-5000:]
+    assert not (killed_dir / "model.safetensors").exists()
+
+    with pytest.raises(SystemExit, match="already holds files"):  # a killed run is not silently restarted
+        main([*arguments, "--output_dir", str(killed_dir)])
+    resume = ["--output_dir", str(killed_dir), "--resume_from_checkpoint", "latest"]
+    finish(launch([sys.executable, "scripts/train.py", *arguments, *resume], log), log)
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(killed_dir / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="the accelerate launcher is not installed")  # fmt: skip
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    # SGD, not Adam: Adam's normalised first steps turn float-rounding noise in near-zero gradients into full-size
+    # steps, which hides the comparison; SGD compares the gradients themselves.
+    arguments = [*QUICK, "--max_steps", "6", "--save_strategy", "no", "--toy_eval_size", "4", "--optim", "sgd",
+                 "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
+                 "--config_overrides", "dropout=0"]  # fmt: skip
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    # On a machine without GPUs `--multi_gpu` is how accelerate starts several (gloo, CPU) processes.
+    log = tmp_path / "log.txt"
+    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]  # fmt: skip
+    runner = ["tests/distributed_train.py"]
+    two = [str(tmp_path / "two"), *arguments, "--per_device_train_batch_size", "16", "--output_dir", f"{tmp_path}/2"]
+    one = [str(tmp_path / "one"), *arguments, "--per_device_train_batch_size", "32", "--output_dir", f"{tmp_path}/1"]
+    finish(launch([*two_processes, *runner, *two], log), log)
+    finish(launch([sys.executable, *runner, *one], log), log)
+
+    rank0, rank1 = load_file(tmp_path / "two" / "rank0.safetensors"), load_file(tmp_path / "two" / "rank1.safetensors")
+    reference = load_file(tmp_path / "one" / "rank0.safetensors")
+    for name, tensor in reference.items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
