@@ -73,13 +73,19 @@ def translate(
     max_new_tokens: int = 128,
     batch_size: int = 32,
 ) -> list[str]:
-    """Beam-search translations of `sources`, in order, batched."""
+    """Beam-search translations of `sources`, in order, batched.
+
+    Each batch stops at `max_new_tokens` or at twice its longest source plus 10 tokens, whichever is smaller (like
+    Marian's and fairseq's length limits), so an untrained model does not generate at full length for every sentence.
+    """
     model.eval()
     translations = []
     for start in range(0, len(sources), batch_size):
         batch = tokenizer(sources[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        length_limit = min(max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
         with torch.no_grad():
-            generated = model.generate(**batch.to(model.device), num_beams=num_beams, max_new_tokens=max_new_tokens)
+            # `max_length` (decoder start + new tokens), not `max_new_tokens`, so a saved `max_length` is overridden
+            generated = model.generate(**batch.to(model.device), num_beams=num_beams, max_length=length_limit + 1)
         translations += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return translations
 

@@ -193,7 +193,7 @@ def run(
     tokenizer = load_tokenizer(model_args, corpora["train"], data_args)
     model = load_model(model_args, tokenizer)
     training_args.resolve_learning_rate(model.config.d_model)
-    model.generation_config.max_new_tokens = training_args.generation_max_length
+    model.generation_config.max_length = training_args.generation_max_length
     model.generation_config.num_beams = training_args.generation_num_beams
 
     languages = (data_args.source_lang, data_args.target_lang)

@@ -69,3 +69,23 @@ def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
     assert report["examples"][0]["reference"] == rows[0]["translation"]["de"]
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "missing.jsonl")])
+
+
+def test_translations_stop_at_twice_the_source_length_plus_ten():
+    import torch
+
+    from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+    from hf_attention.evaluation import translate
+
+    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=150)
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = -10.0  # an untrained model that never stops by itself
+    source = "we buy two dogs"
+    source_length = len(tokenizer(source)["input_ids"])
+    (translation,) = translate(model, tokenizer, [source], num_beams=2, max_new_tokens=500)
+    assert len(tokenizer(translation, add_special_tokens=False)["input_ids"]) <= 2 * source_length + 10
+    (short,) = translate(model, tokenizer, [source], num_beams=1, max_new_tokens=3)
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3
