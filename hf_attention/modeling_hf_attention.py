@@ -14,7 +14,10 @@ F ffn dim, V vocab.
 """
 
 import math
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +43,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_hf_attention import HfAttentionConfig
 
 logger = logging.get_logger(__name__)
+
+# The pipelines that `HfAttentionForConditionalGeneration.save_pretrained` ships (see pipeline_hf_attention.py).
+PIPELINES_MODULE = "pipeline_hf_attention"
+PIPELINE_CLASSES = {
+    "text2text-generation": "Text2TextGenerationPipeline",
+    "translation": "TranslationPipeline",
+    "summarization": "SummarizationPipeline",
+}
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -741,6 +752,25 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' `save_pretrained`, plus the seq2seq pipelines when the model code is saved too.
+
+        transformers 5 removed the "translation", "text2text-generation" and "summarization" pipelines; ours
+        (`pipeline_hf_attention.py`) is copied beside the model code and declared in the config's `custom_pipelines`,
+        so the folder, or a Hub repo pushed from it, serves `pipeline("translation", model=...,
+        trust_remote_code=True)`.
+        """
+        pipelines_file = Path(__file__).with_name(f"{PIPELINES_MODULE}.py")
+        ships_code = self._auto_class is not None and pipelines_file.is_file()
+        if ships_code:
+            self.config.custom_pipelines = {
+                task: {"impl": f"{PIPELINES_MODULE}.{name}", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}
+                for task, name in PIPELINE_CLASSES.items()
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if ships_code and kwargs.get("is_main_process", True):
+            shutil.copyfile(pipelines_file, Path(save_directory) / pipelines_file.name)
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings

@@ -1,0 +1,106 @@
+"""The translation / text2text-generation / summarization pipelines: registered, declared in saved configs, and
+loadable with trust_remote_code where hf_attention is not installed."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, TranslationPipeline
+from hf_attention.data import toy_translation_corpus
+from hf_attention.tokenization import train_tokenizer
+
+SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A saved tiny model and tokenizer, as a user would publish them."""
+    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=150)
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model.eval(), tokenizer
+
+
+def expected_translations(model, tokenizer, sources, **generate_kwargs):
+    batch = tokenizer(sources, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        generated = model.generate(**batch, **generate_kwargs)
+    return tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+
+def test_saved_checkpoint_declares_the_pipelines_and_carries_their_code(checkpoint):
+    folder, _, _ = checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["custom_pipelines"]) == {"translation", "text2text-generation", "summarization"}
+    assert config["custom_pipelines"]["translation"]["impl"] == "pipeline_hf_attention.TranslationPipeline"
+    assert (folder / "pipeline_hf_attention.py").is_file()
+    assert PIPELINE_REGISTRY.check_task("translation")[1]["impl"] is TranslationPipeline
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_translation_pipeline_gives_generate_outputs_with_options_passed_through(checkpoint, batch_size):
+    folder, model, tokenizer = checkpoint
+    translator = pipeline("translation", model=str(folder), trust_remote_code=True, device="cpu")
+    outputs = translator(SOURCES, batch_size=batch_size, num_beams=3, max_new_tokens=7)
+    # Each input is encoded alone and padding leaves real tokens unchanged, so batching gives the same text.
+    expected = [expected_translations(model, tokenizer, [s], num_beams=3, max_new_tokens=7)[0] for s in SOURCES]
+    assert [output["translation_text"] for output in outputs] == expected
+    assert translator.model.device.type == "cpu"
+    several = translator(SOURCES[0], num_beams=3, num_return_sequences=2, max_new_tokens=5)
+    assert len(several) == 2 and all("translation_text" in item for item in several)
+    ids = translator(SOURCES[0], return_tensors=True, max_new_tokens=5)[0]["translation_token_ids"]
+    assert isinstance(ids, torch.Tensor)
+
+
+@pytest.mark.parametrize("task, key", [("text2text-generation", "generated_text"), ("summarization", "summary_text")])
+def test_other_seq2seq_tasks_name_their_outputs(checkpoint, task, key):
+    folder, model, tokenizer = checkpoint
+    pipe = pipeline(task, model=str(folder), trust_remote_code=True)
+    assert pipe(SOURCES[0], max_new_tokens=5) == [
+        {key: expected_translations(model, tokenizer, SOURCES[:1], max_new_tokens=5)[0]}
+    ]
+
+
+def test_bad_pipeline_input_is_named(checkpoint):
+    folder, _, _ = checkpoint
+    translator = pipeline("translation", model=str(folder), trust_remote_code=True)
+    with pytest.raises(TypeError, match="takes a string or a list of strings, got int"):
+        translator(42)
+    with pytest.raises(ValueError, match="need a multilingual tokenizer"):
+        translator(SOURCES[0], src_lang="en", tgt_lang="de")
+
+
+REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["hf_attention"] = None  # as on a machine without hf_attention
+    from transformers import pipeline
+    translator = pipeline("translation", model=sys.argv[1], trust_remote_code=True)
+    assert "hf_attention" not in type(translator.model).__module__.split(".")[0]
+    outputs = translator(json.loads(sys.argv[2]), batch_size=2, num_beams=2, max_new_tokens=6)
+    print(json.dumps([output["translation_text"] for output in outputs]))
+    """
+)
+
+
+def test_translation_pipeline_works_where_hf_attention_is_not_installed(checkpoint, tmp_path):
+    folder, model, tokenizer = checkpoint
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_PIPELINE_SCRIPT, str(folder), json.dumps(SOURCES)],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [expected_translations(model, tokenizer, [s], num_beams=2, max_new_tokens=6)[0] for s in SOURCES]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
