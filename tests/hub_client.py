@@ -1,0 +1,42 @@
+"""The two Hub users of tests/test_hub_roundtrip.py, each run as a fresh process (HF_ENDPOINT is read at import).
+
+python tests/hub_client.py push FOLDER REPO_ID [--private]   # with hf_attention: plain push_to_hub calls
+python tests/hub_client.py pull REPO_ID BATCH OUT [--revision R]  # hf_attention NOT importable
+"""
+
+import sys
+
+
+def push(folder: str, repo_id: str, private: bool) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import hf_attention  # noqa: F401 - registers the model, so push_to_hub writes the code too
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    commit = model.push_to_hub(repo_id, private=private)
+    AutoTokenizer.from_pretrained(folder).push_to_hub(repo_id, private=private)
+    print(commit.oid)
+
+
+def pull(repo_id: str, batch_file: str, out_file: str, revision: str | None) -> None:
+    sys.modules["hf_attention"] = None  # as on a machine where hf_attention is not installed
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(repo_id, trust_remote_code=True, revision=revision).eval()
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
+    assert not type(model).__module__.startswith("hf_attention")
+    batch = torch.load(batch_file)
+    with torch.no_grad():
+        logits = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    generated = model.generate(**batch, num_beams=2, max_new_tokens=6)
+    torch.save({"logits": logits, "generated": generated, "pad_token_id": tokenizer.pad_token_id}, out_file)
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    if command == "push":
+        push(arguments[0], arguments[1], private="--private" in arguments)
+    else:
+        revision = arguments[arguments.index("--revision") + 1] if "--revision" in arguments else None
+        pull(arguments[0], arguments[1], arguments[2], revision)

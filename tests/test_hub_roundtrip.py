@@ -1,0 +1,159 @@
+"""Publish and consume through huggingface_hub's real client against a loopback Hub (tests/hub_server.py).
+
+One user, with hf_attention, pushes with plain `push_to_hub` calls; another, in a fresh process where hf_attention is
+not importable, pulls with `trust_remote_code=True` and must get identical logits and generations.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+from hf_attention.data import toy_translation_corpus
+from hf_attention.tokenization import train_tokenizer
+
+from .conftest import padded_batch
+from .hub_server import LocalHub
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LocalHub() as local_hub:
+        yield local_hub
+
+
+def save_model(folder: Path, seed: int = 0) -> HfAttentionForConditionalGeneration:
+    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
+    tokenizer = train_tokenizer(texts, vocab_size=99)
+    torch.manual_seed(seed)
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), d_model=32, encoder_ffn_dim=64)
+    model = HfAttentionForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def client(hub: LocalHub, home: Path, *arguments: str, token: bool = True, offline: bool = False):
+    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    environment.pop("HF_TOKEN", None)
+    if token:
+        environment["HF_TOKEN"] = hub.token
+    if offline:
+        environment["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "hub_client.py"), *arguments],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def expected_outputs(model, batch) -> dict:
+    with torch.no_grad():
+        logits = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    return {"logits": logits, "generated": model.generate(**batch, num_beams=2, max_new_tokens=6)}
+
+
+def assert_same_outputs(pulled_file: Path, expected: dict) -> None:
+    pulled = torch.load(pulled_file)
+    torch.testing.assert_close(pulled["logits"], expected["logits"], rtol=0, atol=0)
+    assert torch.equal(pulled["generated"], expected["generated"])
+
+
+def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_path):
+    model = save_model(tmp_path / "trained")
+    pushed = client(hub, tmp_path / "alice", "push", str(tmp_path / "trained"), "alice/tiny-en-de")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    repo = hub.state.repos["alice/tiny-en-de"]
+    files = set(repo.commits[repo.branches["main"]])
+    assert {"config.json", "model.safetensors", "configuration_hf_attention.py", "modeling_hf_attention.py"} <= files
+    assert {"pipeline_hf_attention.py", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    push_routes = hub.called()
+
+    batch = padded_batch([7, 4], max_length=7, vocab_size=model.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    hub.state.requests.clear()
+    pulled = client(
+        hub, tmp_path / "bob", "pull", "alice/tiny-en-de", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")
+    )
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
+    assert {
+        ("POST", "/api/repos/create"),
+        ("POST", "/api/validate-yaml"),
+        ("POST", "/api/models/{repo}/preupload/{revision}"),
+        ("POST", "/api/models/{repo}/commit/{revision}"),
+    } <= push_routes
+    assert ("GET", "/{repo}/resolve/{revision}/{file}") in hub.called()
+
+    # Loading again with HF_HUB_OFFLINE=1 is served from bob's cache alone.
+    hub.state.requests.clear()
+    offline = client(hub, tmp_path / "bob", "pull", "alice/tiny-en-de", str(tmp_path / "batch.pt"),
+                     str(tmp_path / "offline.pt"), offline=True)  # fmt: skip
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert hub.state.requests == []
+    assert_same_outputs(tmp_path / "offline.pt", expected_outputs(model, batch))
+
+
+def test_revision_pins_a_commit(hub, tmp_path):
+    first = save_model(tmp_path / "v1", seed=1)
+    pushed = client(hub, tmp_path / "alice", "push", str(tmp_path / "v1"), "alice/versioned")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    first_commit = hub.state.repos["alice/versioned"].branches["main"]
+    save_model(tmp_path / "v2", seed=2)
+    assert client(hub, tmp_path / "alice", "push", str(tmp_path / "v2"), "alice/versioned").returncode == 0
+    assert hub.state.repos["alice/versioned"].branches["main"] != first_commit
+
+    batch = padded_batch([5, 3], max_length=5, vocab_size=first.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    pulled = client(hub, tmp_path / "bob", "pull", "alice/versioned", str(tmp_path / "batch.pt"),
+                    str(tmp_path / "v1.pt"), "--revision", first_commit)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert_same_outputs(tmp_path / "v1.pt", expected_outputs(first, batch))
+
+    missing = client(hub, tmp_path / "bob", "pull", "alice/versioned", str(tmp_path / "batch.pt"),
+                     str(tmp_path / "x.pt"), "--revision", "no-such-branch")  # fmt: skip
+    assert missing.returncode != 0 and "no-such-branch" in missing.stderr and "alice/versioned" in missing.stderr
+
+
+def test_private_repo_needs_the_token(hub, tmp_path):
+    model = save_model(tmp_path / "secret")
+    pushed = client(hub, tmp_path / "alice", "push", str(tmp_path / "secret"), "alice/private-model", "--private")
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert hub.state.repos["alice/private-model"].private
+    batch = padded_batch([4], max_length=4, vocab_size=model.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    anonymous = client(hub, tmp_path / "eve", "pull", "alice/private-model", str(tmp_path / "batch.pt"),
+                       str(tmp_path / "e.pt"), token=False)  # fmt: skip
+    assert anonymous.returncode != 0 and "alice/private-model" in anonymous.stderr
+    assert not (tmp_path / "e.pt").exists()
+    granted = client(hub, tmp_path / "bob", "pull", "alice/private-model", str(tmp_path / "batch.pt"),
+                     str(tmp_path / "b.pt"))  # fmt: skip
+    assert granted.returncode == 0, granted.stderr[-3000:]
+    assert_same_outputs(tmp_path / "b.pt", expected_outputs(model, batch))
+
+
+def test_missing_repo_is_named(hub, tmp_path):
+    torch.save(padded_batch([3], max_length=3), tmp_path / "batch.pt")
+    result = client(hub, tmp_path / "bob", "pull", "alice/does-not-exist", str(tmp_path / "batch.pt"),
+                    str(tmp_path / "o.pt"))  # fmt: skip
+    assert result.returncode != 0 and "alice/does-not-exist" in result.stderr
+
+
+def test_interrupted_download_is_retried_and_never_used_partially(hub, tmp_path):
+    model = save_model(tmp_path / "big")
+    assert client(hub, tmp_path / "alice", "push", str(tmp_path / "big"), "alice/flaky").returncode == 0
+    batch = padded_batch([4], max_length=4, vocab_size=model.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    hub.state.requests.clear()
+    hub.fail_next_download("model.safetensors", after_bytes=1000)  # the connection drops after 1000 bytes
+    pulled = client(hub, tmp_path / "bob", "pull", "alice/flaky", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt"))
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    downloads = [path for method, path in hub.state.requests if method == "GET" and path.endswith("model.safetensors")]
+    assert len(downloads) >= 2  # the cut transfer was detected and fetched again
+    assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
+    assert list((tmp_path / "bob").rglob("*.incomplete")) == []
