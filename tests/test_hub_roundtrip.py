@@ -157,3 +157,54 @@ def test_interrupted_download_is_retried_and_never_used_partially(hub, tmp_path)
     assert len(downloads) >= 2  # the cut transfer was detected and fetched again
     assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
     assert list((tmp_path / "bob").rglob("*.incomplete")) == []
+
+
+def trained_folder(folder: Path) -> HfAttentionForConditionalGeneration:
+    """What scripts/train.py leaves behind: model, tokenizer, card, curves, results, checkpoints, training_args.bin."""
+    model = save_model(folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n- de\n---\n# tiny en-de\n")
+    (folder / "results.json").write_text('{"bleu_after": 1.0}\n')
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
+    return model
+
+
+def test_publish_dry_run_lists_the_files_and_uploads_nothing(tmp_path, capsys):
+    from hf_attention.publishing import main
+
+    trained_folder(tmp_path / "run")
+    main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
+    listed = capsys.readouterr().out
+    assert "would upload" in listed
+    for name in ("model.safetensors", "modeling_hf_attention.py", "pipeline_hf_attention.py", "tokenizer.json",
+                 "README.md", "results.json"):  # fmt: skip
+        assert name in listed
+    assert "training_args.bin" not in listed and "checkpoint" not in listed
+    (tmp_path / "run" / "README.md").unlink()
+    with pytest.raises(SystemExit, match="has no README.md: it does not hold a model card"):
+        main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
+
+
+def test_publish_script_uploads_one_self_contained_commit(hub, tmp_path):
+    model = trained_folder(tmp_path / "run")
+    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "alice"),
+                   "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/push_to_hub.py", str(tmp_path / "run"), "alice/published"],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    repo = hub.state.repos["alice/published"]
+    assert len(repo.commits) == 2  # the repo's initial commit, then one upload
+    files = repo.commits[repo.branches["main"]]
+    assert files["README.md"] == (tmp_path / "run" / "README.md").read_bytes()
+    assert "training_args.bin" not in files and not any(path.startswith("checkpoints") for path in files)
+
+    batch = padded_batch([4, 2], max_length=4, vocab_size=model.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    pulled = client(
+        hub, tmp_path / "bob", "pull", "alice/published", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")
+    )
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))

@@ -1,0 +1,90 @@
+"""Publish a trained model folder to the Hub in one commit: weights, config, code, pipelines, tokenizer, card.
+
+The folder is re-saved through `save_pretrained` (so the model code, `auto_map` and `custom_pipelines` are always
+current) into a staging folder with the tokenizer, the model card and the run's curves and results; a dry run lists
+that staging folder instead of uploading it. Checkpoints and `training_args.bin` (a pickle) stay behind.
+"""
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+
+from . import __version__
+
+EXTRA_FILES = ("README.md", "training_curves.png", "results.json")
+
+
+@dataclass
+class PublishArguments:
+    folder: str = field(default="", metadata={"help": "A trained model folder (output_dir of scripts/train.py)."})
+    repo_id: str = field(default="", metadata={"help": "Hub repo, e.g. alice/transformer-en-de."})
+    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    revision: str = field(default="main", metadata={"help": "Branch to commit to."})
+    commit_message: str = field(default="", metadata={"help": "Commit message (default: names hf_attention)."})
+    dry_run: bool = field(default=False, metadata={"help": "List what would be uploaded; upload nothing."})
+
+
+def stage(folder: str | Path, staging: Path) -> list[tuple[str, int]]:
+    """Write what a publication uploads into `staging`; returns (path, bytes) for each file, sorted.
+
+    Raises:
+        FileNotFoundError: the folder lacks a model, a tokenizer or a model card.
+    """
+    folder = Path(folder)
+    for required, what in (("config.json", "a saved model"), ("README.md", "a model card")):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f"{folder} has no {required}: it does not hold {what}.")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json).")
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(staging)
+    for name in EXTRA_FILES:
+        if (folder / name).is_file():
+            (staging / name).write_bytes((folder / name).read_bytes())
+    return sorted(
+        (str(path.relative_to(staging)), path.stat().st_size) for path in staging.rglob("*") if path.is_file()
+    )
+
+
+def publish(args: PublishArguments) -> list[tuple[str, int]]:
+    """Stage the folder and, unless `dry_run`, create the repo (if needed) and upload it as one commit."""
+    with tempfile.TemporaryDirectory(prefix="hf_attention-publish-") as staging:
+        files = stage(args.folder, Path(staging))
+        if not args.dry_run:
+            api = HfApi()
+            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            api.upload_folder(
+                repo_id=args.repo_id,
+                folder_path=staging,
+                revision=args.revision,
+                commit_message=args.commit_message or f"Upload hf_attention model (hf_attention {__version__})",
+            )
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`push_to_hub.py FOLDER REPO_ID [--private] [--revision B] [--dry_run]`."""
+    parser = HfArgumentParser(PublishArguments, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "paths", nargs="*", metavar="FOLDER REPO_ID", help="The folder and the repo (or --folder/--repo_id)."
+    )
+    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    if extra.paths:
+        if len(extra.paths) != 2:
+            parser.error("give FOLDER and REPO_ID")
+        args.folder, args.repo_id = extra.paths
+    if not args.folder or not args.repo_id:
+        parser.error("give FOLDER and REPO_ID")
+    try:
+        files = publish(args)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to {args.repo_id} ({args.revision}):")
+    for path, size in files:
+        print(f"  {path:<40} {size:>12,d} bytes")
