@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError  # transformers' own checkpoint format, always installed with it
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -358,6 +359,30 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
+        """transformers' `from_pretrained`, with errors that name the checkpoint and its revision.
+
+        Raises:
+            OSError: a weights file that is truncated or corrupted (e.g. a damaged download in the cache).
+            ValueError: weights whose shapes do not match the checkpoint's config.json.
+        """
+        where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights (model.safetensors) of {where} cannot be read: {error}. The file is truncated or "
+                "corrupted; if it came from the Hub cache, download it again with force_download=True."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights of {where} do not match its config.json (the size report above lists the tensors): "
+                "the checkpoint's config and weights come from different models."
+            ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier-uniform for every matrix, as in the reference code (tensor2tensor) and the Annotated Transformer."""

@@ -208,3 +208,38 @@ def test_publish_script_uploads_one_self_contained_commit(hub, tmp_path):
     )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
+
+
+def test_corrupted_cache_and_mismatched_config_are_named_with_repo_and_revision(hub, tmp_path):
+    model = save_model(tmp_path / "good")
+    assert client(hub, tmp_path / "alice", "push", str(tmp_path / "good"), "alice/fragile").returncode == 0
+    batch = padded_batch([4], max_length=4, vocab_size=model.config.vocab_size)
+    torch.save(batch, tmp_path / "batch.pt")
+    assert client(hub, tmp_path / "bob", "pull", "alice/fragile", str(tmp_path / "batch.pt"),
+                  str(tmp_path / "o.pt")).returncode == 0  # fmt: skip
+    (blob,) = [path.resolve() for path in (tmp_path / "bob").rglob("snapshots/*/model.safetensors")]
+    blob.write_bytes(blob.read_bytes()[:500])  # damaged on disk after the download
+    damaged = client(hub, tmp_path / "bob", "pull", "alice/fragile", str(tmp_path / "batch.pt"),
+                     str(tmp_path / "x.pt"), offline=True)  # fmt: skip
+    assert damaged.returncode != 0
+    assert "The weights (model.safetensors) of alice/fragile (revision main) cannot be read" in damaged.stderr
+    assert "force_download=True" in damaged.stderr
+
+    mismatched = tmp_path / "mismatched"
+    save_model(mismatched)
+    config = (mismatched / "config.json").read_text().replace('"d_model": 32', '"d_model": 64')
+    (mismatched / "config.json").write_text(config)
+    assert client(hub, tmp_path / "alice", "push", str(tmp_path / "good"), "alice/mixed").returncode == 0
+    # Publish the mismatched files as they are, the way a careless upload would.
+    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token,
+                   "HF_HOME": str(tmp_path / "alice"), "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    upload = "import sys, huggingface_hub; huggingface_hub.upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2])"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", upload, "alice/mixed", str(mismatched)], env=environment, timeout=300
+        ).returncode
+        == 0
+    )
+    result = client(hub, tmp_path / "carol", "pull", "alice/mixed", str(tmp_path / "batch.pt"), str(tmp_path / "y.pt"))
+    assert result.returncode != 0
+    assert "The weights of alice/mixed (revision main) do not match its config.json" in result.stderr
