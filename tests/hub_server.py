@@ -47,6 +47,7 @@ class HubState:
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path): which endpoints the client called
+        self.all_requests: list[tuple[str, str]] = []  # the same, never cleared
         self.broken_downloads: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -117,6 +118,7 @@ class HubHandler(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         with self.state.lock:
             self.state.requests.append((self.command, path))
+            self.state.all_requests.append((self.command, path))
         routes = [
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", lambda: self._json(200, {"errors": [], "warnings": []})),
@@ -259,10 +261,10 @@ class LocalHub:
     def fail_next_download(self, path: str, after_bytes: int) -> None:
         self.state.broken_downloads[path] = after_bytes
 
-    def called(self) -> set[tuple[str, str]]:
-        """(method, route) pairs the client used, with repo ids and file names generalised."""
+    def called(self, since_start: bool = False) -> set[tuple[str, str]]:
+        """(method, route) pairs the client used (since the last clear, or since the start), generalised."""
         routes = set()
-        for method, path in self.state.requests:
+        for method, path in self.state.all_requests if since_start else self.state.requests:
             path = re.sub(r"^/api/models/[^/]+/[^/]+", "/api/models/{repo}", path)
             path = re.sub(r"^/[^/]+/[^/]+/resolve/[^/]+/.+", "/{repo}/resolve/{revision}/{file}", path)
             path = re.sub(r"/(preupload|commit|tree|revision)/[^/]+.*", r"/\1/{revision}", path)

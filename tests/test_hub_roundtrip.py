@@ -26,6 +26,8 @@ ROOT = Path(__file__).parent.parent
 def hub():
     with LocalHub() as local_hub:
         yield local_hub
+        routes = "\n".join(f"  {method} {route}" for method, route in sorted(local_hub.called(since_start=True)))
+        print(f"\nHub endpoints the client called:\n{routes}")
 
 
 def save_model(folder: Path, seed: int = 0) -> HfAttentionForConditionalGeneration:

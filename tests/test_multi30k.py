@@ -38,3 +38,4 @@ def test_a_short_multi30k_run_learns_and_its_card_carries_the_data_terms(tmp_pat
     assert results["bleu_after"] > results["bleu_before"] + 2, results
     card = (tmp_path / "README.md").read_text()
     assert "non-commercial research and teaching only" in card and "Multi30k" in card
+    assert "license: other" in card
