@@ -31,11 +31,12 @@ def test_a_short_multi30k_run_learns_and_its_card_carries_the_data_terms(tmp_pat
     main([
         "--train_file", str(MULTI30K / "train"), "--validation_file", str(MULTI30K / "val"),
         "--test_file", str(MULTI30K / "test_2016_flickr"), "--output_dir", str(tmp_path),
-        "--vocab_size", "4000", "--max_steps", "400", "--warmup_steps", "200", "--learning_rate_scale", "2",
+        "--vocab_size", "4000", "--max_steps", "500", "--warmup_steps", "300", "--learning_rate_scale", "1",
+        "--config_overrides", "d_model=128,encoder_ffn_dim=512,decoder_ffn_dim=512",
         "--per_device_train_batch_size", "64", "--max_eval_samples", "50", "--seed", "0",
     ])  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["bleu_after"] > results["bleu_before"] + 2, results
+    assert results["bleu_after"] > results["bleu_before"] + 3, results
     card = (tmp_path / "README.md").read_text()
     assert "non-commercial research and teaching only" in card and "Multi30k" in card
     assert "license: other" in card
