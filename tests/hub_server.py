@@ -178,24 +178,26 @@ class HubHandler(BaseHTTPRequestHandler):
         url = f"http://{self.headers['Host']}/{repo}/commit/{sha}"
         self._json(200, {"commitUrl": url, "commitOid": sha, "commitMessage": summary, "pullRequestUrl": None})
 
-    def _model_info(self, repo: str, rev: str = "main"):
+    def _snapshot(self, repo: str, rev: str) -> tuple[Repo, str] | tuple[None, None]:
+        """The repo and the commit `rev` names, or (None, None) once the error is sent."""
         target = self._repo(repo)
+        sha = target.resolve(rev) if target is not None else None
+        if target is not None and sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return (target, sha) if sha is not None else (None, None)
+
+    def _model_info(self, repo: str, rev: str = "main"):
+        target, sha = self._snapshot(repo, rev)
         if target is None:
             return
-        sha = target.resolve(rev)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         siblings = [{"rfilename": path} for path in sorted(target.commits[sha])]
         self._json(200, {"id": repo, "modelId": repo, "sha": sha, "private": target.private, "siblings": siblings,
                          "tags": [], "downloads": 0, "likes": 0})  # fmt: skip
 
     def _tree(self, repo: str, rev: str, sub: str = ""):
-        target = self._repo(repo)
+        target, sha = self._snapshot(repo, rev)
         if target is None:
             return
-        sha = target.resolve(rev)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         prefix = f"{sub.rstrip('/')}/" if sub else ""
         entries = [
             {"type": "file", "path": path, "size": len(content), "oid": _git_blob_id(content)}
@@ -214,12 +216,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"branches": branches, "tags": [], "converts": []})
 
     def _resolve(self, repo: str, rev: str, file: str):
-        target = self._repo(repo)
+        target, sha = self._snapshot(repo, rev)
         if target is None:
             return
-        sha = target.resolve(rev)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         content = target.commits[sha].get(file)
         if content is None:
             return self._error(404, "EntryNotFound", f"{file} does not exist at {rev}")

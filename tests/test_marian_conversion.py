@@ -47,20 +47,26 @@ MARIAN_CONFIGS = {
 }
 
 
+# Sizes and opus-mt special ids that both sides' small test models share.
+SMALL_MODEL = {
+    "vocab_size": 59,
+    "d_model": 16,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 32,
+    "decoder_ffn_dim": 32,
+    "pad_token_id": MARIAN_PAD,
+    "decoder_start_token_id": MARIAN_PAD,
+    "eos_token_id": MARIAN_EOS,
+}
+
+
 def random_marian(seed: int = 0, **overrides) -> MarianMTModel:
     fields = {
-        "vocab_size": 59,
-        "d_model": 16,
-        "encoder_layers": 2,
-        "decoder_layers": 2,
-        "encoder_attention_heads": 4,
-        "decoder_attention_heads": 2,
-        "encoder_ffn_dim": 32,
-        "decoder_ffn_dim": 32,
+        **SMALL_MODEL,
         "max_position_embeddings": 64,
-        "pad_token_id": MARIAN_PAD,
-        "decoder_start_token_id": MARIAN_PAD,
-        "eos_token_id": MARIAN_EOS,
         "forced_eos_token_id": MARIAN_EOS,
         **overrides,
     }
@@ -158,22 +164,7 @@ def test_shared_but_untied_marian_converts_to_the_separate_matrices_transformers
     ],
 )
 def test_paper_layout_model_converts_to_marian_by_permuting_the_model_dimension(overrides):
-    fields = {
-        "vocab_size": 59,
-        "d_model": 16,
-        "encoder_layers": 2,
-        "decoder_layers": 2,
-        "encoder_attention_heads": 4,
-        "decoder_attention_heads": 2,
-        "encoder_ffn_dim": 32,
-        "decoder_ffn_dim": 32,
-        "dropout": 0.0,
-        "pad_token_id": MARIAN_PAD,
-        "eos_token_id": MARIAN_EOS,
-        "bos_token_id": None,
-        "decoder_start_token_id": MARIAN_PAD,
-    }
-    config = HfAttentionConfig(**{**fields, **overrides})
+    config = HfAttentionConfig(**{**SMALL_MODEL, "dropout": 0.0, "bos_token_id": None, **overrides})
     torch.manual_seed(0)
     ours = HfAttentionForConditionalGeneration(config).eval()
     assert config.sinusoidal_layout == "interleaved"
