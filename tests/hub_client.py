@@ -33,9 +33,21 @@ def pull(repo_id: str, batch_file: str, out_file: str, revision: str | None) -> 
     torch.save({"logits": logits, "generated": generated, "pad_token_id": tokenizer.pad_token_id}, out_file)
 
 
+def translate(repo_id: str, sentence: str) -> None:
+    sys.modules["hf_attention"] = None
+    import json
+
+    from transformers import pipeline
+
+    translator = pipeline("translation", model=repo_id, trust_remote_code=True)
+    print(json.dumps(translator([sentence, sentence[::-1]], batch_size=2, num_beams=2, max_new_tokens=6)))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    if command == "push":
+    if command == "translate":
+        translate(*arguments)
+    elif command == "push":
         push(arguments[0], arguments[1], private="--private" in arguments)
     else:
         revision = arguments[arguments.index("--revision") + 1] if "--revision" in arguments else None

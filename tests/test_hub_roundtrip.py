@@ -4,6 +4,7 @@ One user, with hf_attention, pushes with plain `push_to_hub` calls; another, in 
 not importable, pulls with `trust_remote_code=True` and must get identical logits and generations.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
@@ -91,6 +93,17 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
         ("POST", "/api/models/{repo}/commit/{revision}"),
     } <= push_routes
     assert ("GET", "/{repo}/resolve/{revision}/{file}") in hub.called()
+
+    # The published repo serves the translation pipeline too.
+    sentence = "we buy two dogs"
+    translated = client(hub, tmp_path / "bob", "translate", "alice/tiny-en-de", sentence)
+    assert translated.returncode == 0, translated.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "trained")
+    expected = []
+    for text in (sentence, sentence[::-1]):
+        generated = model.generate(**tokenizer(text, return_tensors="pt"), num_beams=2, max_new_tokens=6)
+        expected.append({"translation_text": tokenizer.decode(generated[0], skip_special_tokens=True)})
+    assert json.loads(translated.stdout.strip().splitlines()[-1]) == expected
 
     # Loading again with HF_HUB_OFFLINE=1 is served from bob's cache alone.
     hub.state.requests.clear()
