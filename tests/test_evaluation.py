@@ -1,6 +1,9 @@
 """BLEU/chrF through the local evaluate modules (offline), compute_metrics for Seq2SeqTrainer, scripts/evaluate.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +28,22 @@ def test_local_metrics_load_offline_and_equal_sacrebleu(monkeypatch):
     assert chrf["signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
 
 
+def test_metric_modules_load_in_a_fresh_offline_cache(tmp_path):
+    """evaluate copies each module and its shared helper into its own cache, with no network."""
+    script = (
+        "import evaluate; from hf_attention.evaluation import METRICS_DIR; "
+        "chrf = evaluate.load(str(METRICS_DIR / 'chrf.py')); "
+        "print(chrf.compute(predictions=['a b'], references=[['a b']])['score'])"
+    )
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(100.0)
+    assert list((tmp_path / "home").rglob("sacrebleu_inputs.py"))
+
+
 def test_scores_and_signatures_together():
     scores = score_translations(PREDICTIONS, REFERENCES)
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score)
@@ -32,8 +51,10 @@ def test_scores_and_signatures_together():
     assert "version:" in scores["bleu_signature"] and "nc:6" in scores["chrf_signature"]
     with pytest.raises(ValueError, match="2 translations for 3 references"):
         score_translations(PREDICTIONS[:2], REFERENCES)
-    with pytest.raises(ValueError, match="No local metric 'rouge'"):
+    with pytest.raises(ValueError, match=r"No local metric 'rouge'; choose one of \['chrf', 'sacrebleu'\]"):
         load_metric("rouge")
+    with pytest.raises(ValueError, match="the same number of references for every prediction"):
+        load_metric("sacrebleu").compute(predictions=PREDICTIONS[:2], references=[["a", "b"], ["c"]])
 
 
 def test_compute_metrics_decodes_generations_and_minus_100_padded_labels():

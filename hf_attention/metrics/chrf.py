@@ -3,9 +3,10 @@
 Same inputs and outputs as the Hub's "chrf" metric, plus `signature`, sacreBLEU's signature for the score.
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from .sacrebleu_inputs import FEATURES, reference_streams
 
 _CITATION = """@inproceedings{popovic-2015-chrf,
     title = "chr{F}: character n-gram {F}-score for automatic {MT} evaluation",
@@ -33,20 +34,7 @@ class Chrf(evaluate.Metric):
             citation=_CITATION,
             homepage="https://github.com/mjpost/sacreBLEU#chrf--chrf",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Sequence(datasets.Value("string", id="sequence"), id="references"),
-                    }
-                ),
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Value("string", id="sequence"),
-                    }
-                ),
-            ],
+            features=FEATURES,
             reference_urls=["https://github.com/m-popovic/chrF"],
         )
 
@@ -61,11 +49,7 @@ class Chrf(evaluate.Metric):
         whitespace=False,
         eps_smoothing=False,
     ):
-        references = [[reference] if isinstance(reference, str) else reference for reference in references]
-        references_per_prediction = len(references[0]) if references else 1
-        if any(len(refs) != references_per_prediction for refs in references):
-            raise ValueError("chrF needs the same number of references for every prediction.")
-        transposed_references = [[refs[i] for refs in references] for i in range(references_per_prediction)]
+        transposed_references = reference_streams(references, "chrF")
         chrf = sacrebleu.CHRF(
             char_order=char_order,
             word_order=word_order,

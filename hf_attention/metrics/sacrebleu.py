@@ -4,9 +4,10 @@ Same inputs and outputs as the Hub's "sacrebleu" metric (which `evaluate.load("s
 plus `signature`, the sacreBLEU signature that makes a score reproducible (Post, 2018).
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from .sacrebleu_inputs import FEATURES, reference_streams
 
 _CITATION = """@inproceedings{post-2018-call,
     title = "A Call for Clarity in Reporting {BLEU} Scores",
@@ -38,20 +39,7 @@ class Sacrebleu(evaluate.Metric):
             citation=_CITATION,
             homepage="https://github.com/mjpost/sacreBLEU",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Sequence(datasets.Value("string", id="sequence"), id="references"),
-                    }
-                ),
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Value("string", id="sequence"),
-                    }
-                ),
-            ],
+            features=FEATURES,
             reference_urls=["https://github.com/mjpost/sacreBLEU"],
         )
 
@@ -66,11 +54,7 @@ class Sacrebleu(evaluate.Metric):
         tokenize=None,
         use_effective_order=False,
     ):
-        references = [[reference] if isinstance(reference, str) else reference for reference in references]
-        references_per_prediction = len(references[0]) if references else 1
-        if any(len(refs) != references_per_prediction for refs in references):
-            raise ValueError("sacrebleu needs the same number of references for every prediction.")
-        transposed_references = [[refs[i] for refs in references] for i in range(references_per_prediction)]
+        transposed_references = reference_streams(references, "sacrebleu")
         bleu = sacrebleu.BLEU(
             lowercase=lowercase,
             force=force,
