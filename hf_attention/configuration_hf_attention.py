@@ -4,6 +4,7 @@ from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -107,7 +108,11 @@ class HfAttentionConfig(PreTrainedConfig):
         self.validate_architecture()
 
     def validate_architecture(self):
-        """Cross-field rules: positive sizes, heads that divide d_model, probabilities, token ids in the vocabulary."""
+        """Cross-field rules: positive sizes, heads that divide d_model, probabilities, token ids in the vocabulary.
+
+        Runs on construction and again whenever a model is built from the config, so a field changed after
+        construction (`config.encoder_attention_heads = 5`) fails with its name rather than inside a reshape.
+        """
         for name in (
             "vocab_size",
             "d_model",
@@ -128,6 +133,10 @@ class HfAttentionConfig(PreTrainedConfig):
             heads = getattr(self, heads_field)
             if self.d_model % heads != 0:
                 raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `{heads_field}` ({heads}).")
+        if self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"`activation_function` must be one of {sorted(ACT2FN)}, got {self.activation_function!r}."
+            )
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -15,7 +15,6 @@ F ffn dim, V vocab.
 
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,16 +41,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_attention import HfAttentionConfig
+from .pipeline_hf_attention import PIPELINES
+from .saving_hf_attention import remove_interrupted_saves, replacing_folder
 
 logger = logging.get_logger(__name__)
-
-# The pipelines that `HfAttentionForConditionalGeneration.save_pretrained` ships (see pipeline_hf_attention.py).
-PIPELINES_MODULE = "pipeline_hf_attention"
-PIPELINE_CLASSES = {
-    "text2text-generation": "Text2TextGenerationPipeline",
-    "translation": "TranslationPipeline",
-    "summarization": "SummarizationPipeline",
-}
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -360,17 +353,35 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    def __init__(self, config: HfAttentionConfig, *inputs, **kwargs):
+        config.validate_architecture()  # fields may have been changed since the config was built
+        super().__init__(config, *inputs, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
-        """transformers' `from_pretrained`, with errors that name the checkpoint and its revision.
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, strict: bool = True, **kwargs
+    ):
+        """transformers' `from_pretrained`, strict about the weights, with errors that name the checkpoint.
+
+        Args:
+            strict: refuse weights that do not match the model that config.json describes (tensors missing,
+                unexpected or renamed, e.g. a config edited to another layer count). `strict=False` loads what
+                matches and initialises the rest, as transformers does for other models. Weights tied to a loaded
+                one (the pre-softmax projection of a base-model checkpoint) are never missing. Shape mismatches
+                follow transformers' `ignore_mismatched_sizes`.
 
         Raises:
             OSError: a weights file that is truncated or corrupted (e.g. a damaged download in the cache).
-            ValueError: weights whose shapes do not match the checkpoint's config.json.
+            ValueError: weights that do not match the checkpoint's config.json.
         """
         where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            remove_interrupted_saves(pretrained_model_name_or_path)
+        output_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         except SafetensorError as error:
             raise OSError(
                 f"The weights (model.safetensors) of {where} cannot be read: {error}. The file is truncated or "
@@ -383,6 +394,32 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
                 f"The weights of {where} do not match its config.json (the size report above lists the tensors): "
                 "the checkpoint's config and weights come from different models."
             ) from error
+        offending = {
+            kind: sorted(loading_info[f"{kind}_keys"])
+            for kind in ("missing", "unexpected")
+            if loading_info[f"{kind}_keys"]
+        }
+        if strict and offending:
+            found = "; ".join(f"{len(keys)} {kind}, e.g. {', '.join(keys[:3])}" for kind, keys in offending.items())
+            raise ValueError(
+                f"The weights of {where} do not match the model its config.json describes ({found}). Config and "
+                "weights come from different models; pass strict=False to load the matching tensors and "
+                "initialise the rest."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+        """transformers' `save_pretrained`, atomic: a kill during the save leaves the folder's previous model intact.
+
+        Every file goes into a staging folder beside `save_directory`, which then takes its place in one rename;
+        files of the folder that the save does not write (a tokenizer, a README) are kept.
+        """
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", Path(save_directory).absolute().name)
+        with replacing_folder(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier-uniform for every matrix, as in the reference code (tensor2tensor) and the Annotated Transformer."""
@@ -436,6 +473,7 @@ def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"`{name}` must have shape (batch, length), got shape {tuple(ids.shape)}.")
     if ids.is_floating_point():
         raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+    _check_not_empty(name, ids.shape)
     if ids.numel() and not is_torchdynamo_compiling():
         low, high = torch.aminmax(ids)
         if low < 0 or high >= vocab_size:
@@ -457,6 +495,14 @@ def _check_padding_mask(name: str, mask: torch.Tensor | None, batch_size: int, l
 def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
     if embeds.dim() != 3 or embeds.shape[-1] != d_model:
         raise ValueError(f"`{name}` must have shape (batch, length, d_model={d_model}), got {tuple(embeds.shape)}.")
+    _check_not_empty(name, embeds.shape)
+
+
+def _check_not_empty(name: str, shape: torch.Size) -> None:
+    if 0 in shape[:2]:
+        raise ValueError(
+            f"`{name}` is empty (shape {tuple(shape)}): pass at least one sequence of at least one token."
+        )
 
 
 class TransformerStack(HfAttentionPreTrainedModel):
@@ -604,6 +650,11 @@ class HfAttentionDecoder(TransformerStack):
             "decoder_attention_mask", attention_mask, batch_size, past_length + target_length, "cached + new targets"
         )
         if encoder_hidden_states is not None:
+            if encoder_hidden_states.shape[0] != batch_size:
+                raise ValueError(
+                    f"`encoder_outputs` hold {encoder_hidden_states.shape[0]} source sequences but the decoder "
+                    f"inputs hold {batch_size} targets; the batches must match."
+                )
             _check_padding_mask(
                 "attention_mask", encoder_attention_mask, batch_size, encoder_hidden_states.shape[1], "the source"
             )
@@ -736,6 +787,36 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
         )
 
 
+def label_smoothed_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the target tokens, label-smoothed with ε_ls = `label_smoothing` (§5.4), per target token.
+
+    Labels are aligned with the logits (the decoder inputs are the shifted labels), so there is no causal-LM shift.
+    The summed loss is divided by `num_items_in_batch` when `Trainer` passes it (every target token of the update,
+    across gradient accumulation and processes), else by the target tokens in `labels`. A batch without any target
+    token (all labels -100) gives 0 and zero gradients, where a plain mean gives 0 / 0 = NaN and poisons training.
+
+    Args:
+        logits: (B, T, V). labels: (B, T), -100 where no token is predicted.
+    """
+    loss = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(),  # (B·T, V)
+        labels.flatten().to(logits.device),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    if num_items_in_batch is None:
+        num_items_in_batch = labels.ne(-100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        return loss / num_items_in_batch.to(loss.device).clamp(min=1)
+    return loss / max(num_items_in_batch, 1)
+
+
 class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, GenerationMixin):
     """The full Transformer of Figure 1: encoder-decoder, then the linear projection and softmax over the vocabulary.
 
@@ -772,30 +853,28 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
         else:
             self._tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
         self.post_init()
-        # Labels are already aligned with the logits (decoder inputs are the shifted labels): no causal-LM shift.
-        self.loss_type = "ForMaskedLM"
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """transformers' `save_pretrained`, plus the seq2seq pipelines when the model code is saved too.
+        """The atomic `save_pretrained`, declaring the seq2seq pipelines when the model code is saved too.
 
         transformers 5 removed the "translation", "text2text-generation" and "summarization" pipelines; ours
-        (`pipeline_hf_attention.py`) is copied beside the model code and declared in the config's `custom_pipelines`,
-        so the folder, or a Hub repo pushed from it, serves `pipeline("translation", model=...,
-        trust_remote_code=True)`.
+        (`pipeline_hf_attention.py`, imported by this file, so saved beside it) are declared in the config's
+        `custom_pipelines`, so the folder, or a Hub repo pushed from it, serves `pipeline("translation",
+        model=..., trust_remote_code=True)`.
         """
-        pipelines_file = Path(__file__).with_name(f"{PIPELINES_MODULE}.py")
-        ships_code = self._auto_class is not None and pipelines_file.is_file()
-        if ships_code:
+        if self._auto_class is not None:
             self.config.custom_pipelines = {
-                task: {"impl": f"{PIPELINES_MODULE}.{name}", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}
-                for task, name in PIPELINE_CLASSES.items()
+                task: {
+                    "impl": f"pipeline_hf_attention.{cls.__name__}",
+                    "pt": ["AutoModelForSeq2SeqLM"],
+                    "type": "text",
+                }
+                for task, cls in PIPELINES.items()
             }
         super().save_pretrained(save_directory, *args, **kwargs)
-        if ships_code and kwargs.get("is_main_process", True):
-            shutil.copyfile(pipelines_file, Path(save_directory) / pipelines_file.name)
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
@@ -856,7 +935,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.target_vocab_size, **kwargs)
+            loss = label_smoothed_cross_entropy(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
 
         return Seq2SeqLMOutput(
             loss=loss,
@@ -873,6 +952,7 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
     def _check_labels(self, labels: torch.Tensor, decoder_inputs: torch.Tensor | None) -> None:
         if labels.dim() != 2:
             raise ValueError(f"`labels` must have shape (batch, target_length), got shape {tuple(labels.shape)}.")
+        _check_not_empty("labels", labels.shape)
         if decoder_inputs is not None and tuple(labels.shape) != tuple(decoder_inputs.shape[:2]):
             raise ValueError(
                 f"`labels` shape {tuple(labels.shape)} must match the decoder inputs' (batch, target_length) "

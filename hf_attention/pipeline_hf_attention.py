@@ -1,7 +1,7 @@
 """The "text2text-generation", "translation" and "summarization" pipelines, which transformers 5 removed.
 
-Self-contained (it imports only transformers and torch): `save_pretrained` / `push_to_hub` copy this file beside the
-model's code and declare the tasks in the config's `custom_pipelines`, so that
+Self-contained (it imports only transformers and torch). modeling_hf_attention.py imports it, so `save_pretrained` /
+`push_to_hub` save this file beside the model's code, and they declare the tasks in the config's `custom_pipelines`:
 `pipeline("translation", model=folder_or_repo_id, trust_remote_code=True)` works where hf_attention is not installed.
 Importing hf_attention also registers the classes with transformers' `PIPELINE_REGISTRY`.
 """
@@ -10,6 +10,14 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, Pipeline
+
+# Options that must be positive integers; transformers would fail on them deep inside (ZeroDivisionError, range()).
+POSITIVE_OPTIONS = ("num_beams", "num_return_sequences", "max_new_tokens", "max_length", "num_beam_groups")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 class Text2TextGenerationPipeline(Pipeline):
@@ -43,6 +51,8 @@ class Text2TextGenerationPipeline(Pipeline):
             postprocess_params["return_tensors"] = not return_text
         if clean_up_tokenization_spaces is not None:
             postprocess_params["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        for name in POSITIVE_OPTIONS:
+            _check_positive(name, generate_kwargs.get(name))
         return preprocess_params, generate_kwargs, postprocess_params
 
     def preprocess(self, inputs: str, truncation: bool = False) -> dict[str, torch.Tensor]:
@@ -73,6 +83,7 @@ class Text2TextGenerationPipeline(Pipeline):
 
     def __call__(self, inputs: str | list[str], **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Generate for one text or a list; a list with one output each gives one flat list, as in transformers 4."""
+        _check_positive("batch_size", kwargs.get("batch_size", self._batch_size))
         result = super().__call__(inputs, **kwargs)
         if isinstance(inputs, list) and all(isinstance(item, list) and len(item) == 1 for item in result):
             return [item[0] for item in result]

@@ -81,6 +81,14 @@ def test_bad_pipeline_input_is_named(checkpoint):
         translator(SOURCES[0], src_lang="en", tgt_lang="de")
 
 
+@pytest.mark.parametrize("option", ["num_beams", "max_new_tokens", "num_return_sequences", "batch_size"])
+def test_pipeline_options_that_must_be_positive_are_named(checkpoint, option):
+    folder, model, tokenizer = checkpoint
+    translator = TranslationPipeline(model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=f"`{option}` must be a positive integer, got 0"):
+        translator(SOURCES, **{option: 0})
+
+
 REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
     """
     import json, sys
