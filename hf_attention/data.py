@@ -9,6 +9,7 @@ an empty side are dropped, counted and logged.
 import gzip
 import json
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,17 @@ class ParallelDataError(ValueError):
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text without the newline), decoding UTF-8 line by line to name the line that is not."""
     opener = gzip.open if path.suffix == ".gz" else open
+    number = 0
     with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                message = f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})."
-                raise ParallelDataError(message) from None
+        try:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as error:
+                    message = f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})."
+                    raise ParallelDataError(message) from None
+        except (OSError, EOFError, zlib.error) as error:  # a damaged or truncated .gz
+            raise ParallelDataError(f"{path}:{number + 1}: cannot be decompressed ({error}).") from None
 
 
 def _existing(path: Path) -> Path:
@@ -67,13 +72,17 @@ def _pairs_from_jsonl(path: Path, source_lang: str, target_lang: str) -> Iterato
             continue
         try:
             translation = json.loads(line)["translation"]
-            yield str(path), number, translation[source_lang], translation[target_lang]
+            sides = translation[source_lang], translation[target_lang]
         except json.JSONDecodeError as error:
             raise ParallelDataError(f"{path}:{number}: not JSON ({error.msg}).") from None
         except (KeyError, TypeError):
             raise ParallelDataError(
                 f'{path}:{number}: expected {{"translation": {{"{source_lang}": ..., "{target_lang}": ...}}}}.'
             ) from None
+        for lang, side in zip((source_lang, target_lang), sides, strict=True):
+            if not isinstance(side, str):
+                raise ParallelDataError(f'{path}:{number}: the "{lang}" side must be text, got {json.dumps(side)}.')
+        yield str(path), number, *sides
 
 
 def read_parallel_corpus(path: str | Path, source_lang: str, target_lang: str) -> Dataset:

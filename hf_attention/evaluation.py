@@ -22,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .data import ParallelDataError, read_parallel_corpus
+from .data import read_parallel_corpus
+from .tokenization import check_tokenizer_source
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -78,6 +79,9 @@ def translate(
     Each batch stops at `max_new_tokens` or at twice its longest source plus 10 tokens, whichever is smaller (like
     Marian's and fairseq's length limits), so an untrained model does not generate at full length for every sentence.
     """
+    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive integer.")
     model.eval()
     translations = []
     for start in range(0, len(sources), batch_size):
@@ -107,6 +111,9 @@ class EvaluationArguments:
 
 def evaluate_saved_model(args: EvaluationArguments) -> dict:
     """Translate the test set with a saved model and score it; the report holds the scores and signatures."""
+    if args.max_samples < 0:
+        raise ValueError(f"--max_samples {args.max_samples}: must be 0 (all) or more.")
+    check_tokenizer_source("--model_dir", args.model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     output_file = Path(args.output_file) if args.output_file else None
     try:
         report = evaluate_saved_model(args)
-    except (OSError, ParallelDataError) as error:
+    except (OSError, ValueError) as error:  # ParallelDataError is a ValueError
         sys.exit(f"error: {error}")
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if output_file:

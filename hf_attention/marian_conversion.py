@@ -16,18 +16,19 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, snapshot_download
+from safetensors import SafetensorError
 from transformers import HfArgumentParser, MarianConfig, MarianMTModel
 from transformers.utils import logging
 
 from . import __version__
 from .configuration_hf_attention import HfAttentionConfig
 from .modeling_hf_attention import HfAttentionForConditionalGeneration, SinusoidalPositionalEncoding
+from .saving_hf_attention import replacing_folder
 
 logger = logging.get_logger(__name__)
 
@@ -246,7 +247,8 @@ def convert_checkpoint(
 
     The direction follows from `model_type` in the source's config.json. The destination gets the converted
     weights (safetensors), config, generation config, the source's tokenizer and other files unchanged, and a model
-    card that says where the model came from. It is written to a temporary folder first and moved into place.
+    card that says where the model came from. It is written to a staging folder and swapped into place, so a failed
+    or killed conversion leaves the destination as it was.
 
     Returns:
         The destination's model type: `"hf_attention"` or `"marian"`.
@@ -269,7 +271,13 @@ def convert_checkpoint(
 
     permuted = False
     if model_type == "marian":
-        converted = marian_to_hf_attention(MarianMTModel.from_pretrained(source_dir), ignore_layerdrop)
+        try:
+            marian = MarianMTModel.from_pretrained(source_dir)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {source} cannot be read ({error}): the file is truncated or corrupted."
+            ) from error
+        converted = marian_to_hf_attention(marian, ignore_layerdrop)
     elif model_type == HfAttentionConfig.model_type:
         original = HfAttentionForConditionalGeneration.from_pretrained(source_dir)
         permuted = original.config.sinusoidal_layout == "interleaved"
@@ -280,19 +288,12 @@ def convert_checkpoint(
         )
     target_type = converted.config.model_type
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
+    with replacing_folder(destination, carry_over=False) as staging:
         converted.save_pretrained(staging)
         for path in sorted(source_dir.iterdir()):
             if _carried_over(path, written=staging):
                 shutil.copy2(path, staging / path.name)
         _write_model_card(source, source_dir, staging, model_type, target_type, permuted)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Converted {model_type} checkpoint {source} to {target_type} in {destination}.")
     return target_type
 

@@ -1,11 +1,30 @@
 """A joint source/target subword tokenizer (BPE or Unigram) trained with `tokenizers`, as `PreTrainedTokenizerFast`."""
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_tokenizer_source(flag: str, name: str) -> None:
+    """Fail with the flag named when `name` is a missing local folder or a folder without a tokenizer.
+
+    transformers would answer "Repo id must be in the form ..." or "You need to have sentencepiece installed".
+    Names that are not local paths (Hub ids) are left to `from_pretrained`.
+    """
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ValueError(f"{flag} {name}: no such folder.")
+    if path.is_dir() and not any((path / file).is_file() for file in TOKENIZER_FILES):
+        raise ValueError(
+            f"{flag} {name}: the folder holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "beside the model, or name a tokenizer folder."
+        )
 
 
 def train_tokenizer(

@@ -6,13 +6,15 @@ model, tokenizer, loss/BLEU curves, a results JSON and a model card into `--outp
 process or many (`accelerate launch`, `torchrun`).
 """
 
+import dataclasses
+import difflib
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -24,13 +26,15 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .configuration_hf_attention import HfAttentionConfig
+from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .data import ParallelDataError, read_parallel_corpus, tokenize_pairs, toy_translation_dataset
 from .evaluation import build_compute_metrics, score_translations, translate
 from .model_card import write_model_card
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
 from .plots import plot_training_curves
-from .tokenization import train_tokenizer
+from .run_folder import OutputFolderError, plan_run_folder
+from .saving_hf_attention import replacing_folder
+from .tokenization import check_tokenizer_source, train_tokenizer
 from .training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -103,19 +107,36 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def prepare_output_dir(training_args: PaperTrainingArguments) -> None:
-    """Refuse to write over a non-empty folder unless told to; never clear it when resuming from it."""
-    output_dir = Path(training_args.output_dir)
-    if training_args.resume_from_checkpoint or not output_dir.exists() or not any(output_dir.iterdir()):
-        return
-    if not training_args.overwrite_output_dir:
-        held = "a saved model" if (output_dir / "config.json").exists() else "files"
-        raise FileExistsError(
-            f"{output_dir} already holds {held}; pass --overwrite_output_dir to replace it, or "
-            "--resume_from_checkpoint to continue its run."
-        )
-    if training_args.process_index == 0:
-        shutil.rmtree(output_dir)
+class TrainingArgumentError(ValueError):
+    """A flag whose value the run cannot honour; the message names the flag, the value and what is allowed."""
+
+
+# Config fields the job sets from the tokenizer; `--config_overrides` may not set them.
+TOKENIZER_FIELDS = ("vocab_size", "decoder_vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
+                    "decoder_start_token_id")  # fmt: skip
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Check every flag the job itself interprets, before anything is read or written."""
+    choices = {
+        "--preset": (model_args.preset, sorted(PRESETS)),
+        "--tokenizer_model": (model_args.tokenizer_model, ["bpe", "unigram"]),
+        "--too_long": (data_args.too_long, ["drop", "truncate"]),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
+    minimums = {
+        "--vocab_size": (model_args.vocab_size, 5, "4 special tokens and at least 1 subword"),
+        "--max_length": (data_args.max_length, 2, "one token and </s>"),
+        "--toy_train_size": (data_args.toy_train_size, 1, "at least one pair"),
+        "--toy_eval_size": (data_args.toy_eval_size, 1, "at least one pair"),
+        "--max_eval_samples": (data_args.max_eval_samples, 0, "0 means all"),
+    }
+    for flag, (value, minimum, why) in minimums.items():
+        if value < minimum:
+            raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
+    parse_config_overrides(model_args.config_overrides)
 
 
 def load_corpora(data_args: DataArguments, seed: int) -> dict:
@@ -138,40 +159,69 @@ def load_corpora(data_args: DataArguments, seed: int) -> dict:
 
 
 def load_tokenizer(model_args: ModelArguments, train_corpus, data_args: DataArguments) -> PreTrainedTokenizerBase:
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name:
+        try:
+            check_tokenizer_source(flag, name)
+        except ValueError as error:
+            raise TrainingArgumentError(str(error)) from None
         return AutoTokenizer.from_pretrained(name)
     languages = (data_args.source_lang, data_args.target_lang)
     texts = (pair[lang] for pair in train_corpus["translation"] for lang in languages)
-    return train_tokenizer(texts, vocab_size=model_args.vocab_size, model=model_args.tokenizer_model)
+    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size, model=model_args.tokenizer_model)
+    if len(tokenizer) > model_args.vocab_size:
+        raise TrainingArgumentError(
+            f"--vocab_size {model_args.vocab_size}: the training text alone needs {len(tokenizer)} entries (its "
+            f"characters and 4 special tokens); use at least {len(tokenizer)}."
+        )
+    return tokenizer
 
 
 def parse_config_overrides(overrides: str) -> dict:
-    """'d_model=128,dropout=0.2,normalize_before=true' -> typed values (JSON literals, else strings)."""
+    """'d_model=128,dropout=0.2,normalize_before=true' -> typed values (JSON literals, else strings).
+
+    Raises:
+        TrainingArgumentError: an item without '=', a name that is not a config field, or a field set from the
+            tokenizer.
+    """
+    known = {config_field.name for config_field in dataclasses.fields(HfAttentionConfig)}
     fields = {}
     for item in filter(None, (part.strip() for part in overrides.split(","))):
-        name, separator, value = item.partition("=")
+        name, separator, value = (part.strip() for part in item.partition("="))
         if not separator:
-            raise ValueError(f"--config_overrides: expected name=value, got {item!r}.")
+            raise TrainingArgumentError(f"--config_overrides {item!r}: expected name=value.")
+        if name in TOKENIZER_FIELDS:
+            raise TrainingArgumentError(
+                f"--config_overrides {name}={value}: {name} comes from the tokenizer; use --vocab_size to size it."
+            )
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see HfAttentionConfig for the fields"
+            raise TrainingArgumentError(f"--config_overrides {name}={value}: no config field {name!r}; {hint}")
         try:
-            fields[name.strip()] = json.loads(value)
+            fields[name] = json.loads(value)
         except json.JSONDecodeError:
-            fields[name.strip()] = value.strip()
+            fields[name] = value
     return fields
 
 
 def load_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> HfAttentionForConditionalGeneration:
     if model_args.model_name_or_path:
         return AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
-    config = HfAttentionConfig.from_preset(
-        model_args.preset,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-        **parse_config_overrides(model_args.config_overrides),
-    )
+    try:
+        config = HfAttentionConfig.from_preset(
+            model_args.preset,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.bos_token_id,
+            **parse_config_overrides(model_args.config_overrides),
+        )
+    except (StrictDataclassError, TypeError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise TrainingArgumentError(f"--config_overrides {model_args.config_overrides!r}: {message}") from None
     return HfAttentionForConditionalGeneration(config)
 
 
@@ -187,10 +237,18 @@ def run(
         callbacks: extra `TrainerCallback`s for the trainer (e.g. to inspect every process's parameters).
     """
     started = time.perf_counter()
-    prepare_output_dir(training_args)
+    validate_arguments(model_args, data_args)
+    inputs = {
+        "--train_file": data_args.train_file,
+        "--validation_file": data_args.validation_file,
+        "--test_file": data_args.test_file,
+        "--model_name_or_path": model_args.model_name_or_path if Path(model_args.model_name_or_path).exists() else "",
+        "--tokenizer_name": model_args.tokenizer_name if Path(model_args.tokenizer_name).exists() else "",
+    }
+    folder = plan_run_folder(
+        training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
+    )
     set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
 
     corpora = load_corpora(data_args, training_args.seed)
     tokenizer = load_tokenizer(model_args, corpora["train"], data_args)
@@ -203,16 +261,23 @@ def run(
     train_dataset, length_report = tokenize_pairs(
         corpora["train"], tokenizer, *languages, max_length=data_args.max_length, too_long=data_args.too_long
     )
+    if len(train_dataset) == 0:
+        raise TrainingArgumentError(
+            f"--max_length {data_args.max_length}: every training pair is longer ({length_report}); raise it or "
+            "pass --too_long truncate."
+        )
     validation = corpora["validation"]
     if data_args.max_eval_samples:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
     eval_dataset, _ = tokenize_pairs(validation, tokenizer, *languages, max_length=data_args.max_length)
     logger.warning(f"Training data: {length_report}.")
 
-    # The trainer writes checkpoints below output_dir; the final model goes in output_dir itself.
-    training_args.output_dir = str(checkpoints_dir)
-    resume = training_args.resume_from_checkpoint
-    resume = True if resume in ("latest", "true", "True") else resume
+    # Every input is valid: from here on the run writes, into its own folder (see run_folder.py).
+    with training_args.main_process_first(local=False):
+        if training_args.process_index == 0:
+            folder.clear_unfinished_replacement()
+    training_args.output_dir = str(folder.checkpoints_dir)
+    resume = folder.resume_from_checkpoint
     if not resume and training_args.eval_strategy != "no":
         training_args.eval_on_start = True  # BLEU before training, on the curve
     trainer = CheckpointSafeSeq2SeqTrainer(
@@ -236,33 +301,38 @@ def run(
 
     bleu_before = test_scores()[0]["bleu"] if trainer.is_world_process_zero() and not resume else None
     train_result = trainer.train(resume_from_checkpoint=resume)
-    training_args.output_dir = str(output_dir)
-    trainer.save_model(str(output_dir))
+    training_args.output_dir = str(folder.output_dir)
     if not trainer.is_world_process_zero():
+        trainer.save_model(str(folder.work_dir))  # takes part in gathering sharded weights; writes nothing
         return None
 
-    scores, translations = test_scores()
-    summary = RunSummary(
-        output_dir=str(output_dir),
-        parameters=trainer.model.num_parameters(),
-        train_pairs=len(train_dataset),
-        steps=train_result.global_step,
-        seconds=round(time.perf_counter() - started, 1),
-        test_sentences=len(sources),
-        example_source=sources[0],
-        bleu_before=bleu_before,
-        bleu_after=scores["bleu"],
-        chrf_after=scores["chrf"],
-        bleu_signature=scores["bleu_signature"],
-        chrf_signature=scores["chrf_signature"],
-        length_report=str(length_report),
-    )
-    examples = list(zip(sources, translations, references, strict=True))[:5]
-    (output_dir / "results.json").write_text(
-        json.dumps({**asdict(summary), "examples": examples}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    write_model_card(output_dir, summary, model_args, data_args, training_args, trainer.model.config)
+    # The final model, tokenizer, results, curves and card appear together, or not at all.
+    with replacing_folder(folder.work_dir) as final_dir:
+        trainer.save_model(str(final_dir))
+        scores, translations = test_scores()
+        summary = RunSummary(
+            output_dir=str(folder.output_dir),
+            parameters=trainer.model.num_parameters(),
+            train_pairs=len(train_dataset),
+            steps=train_result.global_step,
+            seconds=round(time.perf_counter() - started, 1),
+            test_sentences=len(sources),
+            example_source=sources[0],
+            bleu_before=bleu_before,
+            bleu_after=scores["bleu"],
+            chrf_after=scores["chrf"],
+            bleu_signature=scores["bleu_signature"],
+            chrf_signature=scores["chrf_signature"],
+            length_report=str(length_report),
+        )
+        examples = list(zip(sources, translations, references, strict=True))[:5]
+        (final_dir / "results.json").write_text(
+            json.dumps({**asdict(summary), "examples": examples}, indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        plot_training_curves(trainer.state.log_history, final_dir / "training_curves.png")
+        write_model_card(final_dir, summary, model_args, data_args, training_args, trainer.model.config)
+    folder.finish()
     for source, translation, reference in examples:
         print(f"\n  {data_args.source_lang}:  {source}\n  model:  {translation}\n  ref:    {reference}")
     return summary
@@ -289,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     data_args.license = data_args.license or "apache-2.0"
     try:
         summary = run(model_args, data_args, training_args)
-    except (FileExistsError, ParallelDataError) as error:
+    except (OutputFolderError, ParallelDataError, TrainingArgumentError) as error:
         sys.exit(f"error: {error}")
     if summary is not None:
         print(describe(summary))

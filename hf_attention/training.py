@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
+
+from .modeling_hf_attention import label_smoothed_cross_entropy
 
 STAGING_DIR = ".checkpoint-staging"
 
@@ -69,6 +71,23 @@ def paper_training_arguments(output_dir: str, d_model: int, warmup_steps: int = 
     return arguments
 
 
+@dataclass
+class TokenLabelSmoother:
+    """transformers' `LabelSmoother` interface over the model's own loss, which cannot turn NaN.
+
+    transformers' `LabelSmoother` divides by the number of target tokens, so a batch without any (every label -100,
+    e.g. after filtering) gives 0 / 0 = NaN and poisons every parameter at the next step; ours gives 0.
+    """
+
+    epsilon: float = 0.1
+
+    def __call__(self, model_output, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch=None):
+        logits = model_output["logits"] if isinstance(model_output, dict) else model_output[0]
+        if shift_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        return label_smoothed_cross_entropy(logits, labels, self.epsilon, num_items_in_batch)
+
+
 class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` that writes each checkpoint into a staging folder and renames it into place when complete.
 
@@ -78,6 +97,31 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     """
 
     _staging_root: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.label_smoother is not None:
+            self.label_smoother = TokenLabelSmoother(self.label_smoother.epsilon)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """`Seq2SeqTrainer.train`, except that resuming a run that already did all its steps trains no further.
+
+        transformers' loop takes a step before it checks `max_steps`, so resuming a finished run (or one killed
+        during its final save) would train one step more than the uninterrupted run; here it restores the
+        checkpoint's model and state instead.
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            done = self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+            if done or (self.args.max_steps <= 0 and (state.epoch or 0) >= self.args.num_train_epochs):
+                self._load_from_checkpoint(checkpoint)
+                self.state = state
+                losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+                return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial=trial)

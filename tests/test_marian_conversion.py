@@ -287,3 +287,11 @@ def test_command_line_reports_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart"}))
     with pytest.raises(SystemExit, match="error: .*model_type 'bart'"):
         marian_conversion.main([str(tmp_path), str(tmp_path / "out")])
+
+
+def test_a_truncated_marian_weights_file_is_named(marian_checkpoint, tmp_path):
+    weights = marian_checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"error: The weights of .*opus-mt-xx-yy cannot be read .*truncated"):
+        marian_conversion.main([str(marian_checkpoint), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,118 @@
+"""Where a training run writes, decided before it writes anything, so that no run loses what `--output_dir` holds.
+
+A run into an empty (or new) output folder writes there. A run that replaces a non-empty folder
+(`--overwrite_output_dir`) trains in a staging folder beside it and swaps it in only when the run is complete, so a
+bad input, a crash or a kill leaves the old contents untouched. A resumed run continues the folder's own checkpoints.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from .saving_hf_attention import swap_into_place
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+
+
+class OutputFolderError(ValueError):
+    """An output folder or resume request that would lose or mix up a user's files; nothing has been written."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+@dataclass
+class RunFolder:
+    """The user's `output_dir` and the folder this run writes its checkpoints and final model into."""
+
+    output_dir: Path
+    work_dir: Path
+    resume_from_checkpoint: str | None
+
+    @property
+    def replaces_output_dir(self) -> bool:
+        return self.work_dir != self.output_dir
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.work_dir / CHECKPOINTS
+
+    def clear_unfinished_replacement(self) -> None:
+        """Main process, before training: drop the staging folder of an earlier replacing run that never finished."""
+        if self.replaces_output_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def finish(self) -> None:
+        """Main process, once the run is complete: put a replacing run's folder in place of the old one."""
+        if self.replaces_output_dir:
+            swap_into_place(self.work_dir, self.output_dir)
+            shutil.rmtree(self.work_dir)  # now the old contents
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _checkpoint_to_resume(resume: str, output_dir: Path) -> str:
+    if resume in ("latest", "true", "True"):
+        latest = get_last_checkpoint(str(output_dir / CHECKPOINTS)) if (output_dir / CHECKPOINTS).is_dir() else None
+        if latest is None:
+            raise OutputFolderError(
+                f"--resume_from_checkpoint {resume}: {output_dir} holds no complete checkpoint to resume from "
+                f"(looked in {output_dir / CHECKPOINTS})."
+            )
+        return latest
+    if not (Path(resume) / TRAINER_STATE).is_file():
+        raise OutputFolderError(
+            f"--resume_from_checkpoint {resume}: not a checkpoint folder (no {TRAINER_STATE}); pass a "
+            "checkpoint-N folder, or 'latest' for the output folder's newest checkpoint."
+        )
+    return resume
+
+
+def plan_run_folder(
+    output_dir: str, overwrite_output_dir: bool, resume_from_checkpoint: str | None, inputs: dict[str, str]
+) -> RunFolder:
+    """Check the output folder against the inputs and the resume request; write nothing.
+
+    Args:
+        inputs: flag -> local path the run reads (data files, a model or tokenizer folder).
+
+    Raises:
+        OutputFolderError: the output folder is or contains an input; it holds files and neither
+            `--overwrite_output_dir` nor a resume of its own run was asked for; the checkpoint to resume is missing.
+    """
+    output = Path(os.path.realpath(output_dir))
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"--output_dir {output_dir} is a file; the run needs a folder.")
+    for flag, value in inputs.items():
+        if value and _inside(Path(os.path.realpath(value)), output):
+            raise OutputFolderError(
+                f"--output_dir {output_dir} contains {flag} {value}: the run would write over its own input; "
+                "choose another output folder."
+            )
+    staging = output.parent / f".{output.name}.training"
+    if resume_from_checkpoint:
+        checkpoint = _checkpoint_to_resume(resume_from_checkpoint, output)
+        if _inside(Path(os.path.realpath(checkpoint)), output):
+            return RunFolder(output, output, checkpoint)
+        if _holds_files(output) and not overwrite_output_dir:
+            raise OutputFolderError(
+                f"--output_dir {output_dir} holds files of another run than --resume_from_checkpoint "
+                f"{resume_from_checkpoint}; pass --overwrite_output_dir to replace them when the run ends."
+            )
+        return RunFolder(output, staging if _holds_files(output) else output, checkpoint)
+    if not _holds_files(output):
+        return RunFolder(output, output, None)
+    if not overwrite_output_dir:
+        held = "a saved model" if (output / "config.json").exists() else "files"
+        raise OutputFolderError(
+            f"{output_dir} already holds {held}; pass --overwrite_output_dir to replace it when the run ends, "
+            "or --resume_from_checkpoint latest to continue its run."
+        )
+    return RunFolder(output, staging, None)
