@@ -6,7 +6,6 @@ loadable with `trust_remote_code=True` where hf_attention is not installed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
-from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .modeling_hf_attention import (
@@ -15,11 +14,11 @@ from .modeling_hf_attention import (
     HfAttentionPreTrainedModel,
 )
 from .pipeline_hf_attention import (
-    PIPELINES,
     SummarizationPipeline,
     Text2TextGenerationPipeline,
     TranslationPipeline,
 )
+from .pipeline_registration import register_pipelines
 
 __version__ = "0.1.0"
 
@@ -31,12 +30,8 @@ HfAttentionConfig.register_for_auto_class("AutoConfig")
 HfAttentionModel.register_for_auto_class("AutoModel")
 HfAttentionForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
-# transformers 5 removed these tasks; `pipeline(task, model=..., trust_remote_code=True)` finds them through the
-# `custom_pipelines` that saved checkpoints declare, and the registry lets `Pipeline.save_pretrained` name them.
-for _task, _pipeline_class in PIPELINES.items():
-    PIPELINE_REGISTRY.register_pipeline(
-        _task, pipeline_class=_pipeline_class, pt_model=AutoModelForSeq2SeqLM, type="text"
-    )
+# transformers 5 removed the seq2seq pipelines: bring them back for hf_attention models (see pipeline_registration.py).
+register_pipelines()
 
 __all__ = [
     "PRESETS",

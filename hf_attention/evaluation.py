@@ -88,8 +88,10 @@ def translate(
         batch = tokenizer(sources[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
         length_limit = min(max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
         with torch.no_grad():
-            # `max_length` (decoder start + new tokens), not `max_new_tokens`, so a saved `max_length` is overridden
-            generated = model.generate(**batch.to(model.device), num_beams=num_beams, max_length=length_limit + 1)
+            # max_length=None: a `max_length` saved in the generation config must not clash with the limit
+            generated = model.generate(
+                **batch.to(model.device), num_beams=num_beams, max_new_tokens=length_limit, max_length=None
+            )
         translations += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return translations
 

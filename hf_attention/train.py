@@ -306,6 +306,9 @@ def run(
         trainer.save_model(str(folder.work_dir))  # takes part in gathering sharded weights; writes nothing
         return None
 
+    # Saved as max_new_tokens, so callers that pass max_new_tokens (pipelines do) get no max_length clash.
+    generation_config = trainer.model.generation_config
+    generation_config.max_new_tokens, generation_config.max_length = training_args.generation_max_length, None
     # The final model, tokenizer, results, curves and card appear together, or not at all.
     with replacing_folder(folder.work_dir) as final_dir:
         trainer.save_model(str(final_dir))

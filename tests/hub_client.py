@@ -2,6 +2,7 @@
 
 python tests/hub_client.py push FOLDER REPO_ID [--private]   # with hf_attention: plain push_to_hub calls
 python tests/hub_client.py pull REPO_ID BATCH OUT [--revision R]  # hf_attention NOT importable
+python tests/hub_client.py translate REPO_ID SENTENCE [--installed]  # pipeline("translation", model=REPO_ID)
 """
 
 import sys
@@ -33,20 +34,29 @@ def pull(repo_id: str, batch_file: str, out_file: str, revision: str | None) -> 
     torch.save({"logits": logits, "generated": generated, "pad_token_id": tokenizer.pad_token_id}, out_file)
 
 
-def translate(repo_id: str, sentence: str) -> None:
-    sys.modules["hf_attention"] = None
+def translate(repo_id: str, sentence: str, installed: bool) -> None:
+    """Without hf_attention, trust_remote_code runs the repo's pipeline code; with it, the installed code runs."""
     import json
 
-    from transformers import pipeline
+    if installed:
+        import transformers
 
-    translator = pipeline("translation", model=repo_id, trust_remote_code=True)
+        import hf_attention  # noqa: F401 - brings back the seq2seq pipelines for hf_attention models
+
+        translator = transformers.pipeline("translation", model=repo_id)  # looked up after hf_attention's import
+        assert type(translator).__module__ == "hf_attention.pipeline_hf_attention"
+    else:
+        sys.modules["hf_attention"] = None
+        from transformers import pipeline
+
+        translator = pipeline("translation", model=repo_id, trust_remote_code=True)
     print(json.dumps(translator([sentence, sentence[::-1]], batch_size=2, num_beams=2, max_new_tokens=6)))
 
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "translate":
-        translate(*arguments)
+        translate(arguments[0], arguments[1], installed="--installed" in arguments)
     elif command == "push":
         push(arguments[0], arguments[1], private="--private" in arguments)
     else:

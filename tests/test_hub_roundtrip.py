@@ -104,6 +104,10 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
         generated = model.generate(**tokenizer(text, return_tensors="pt"), num_beams=2, max_new_tokens=6)
         expected.append({"translation_text": tokenizer.decode(generated[0], skip_special_tokens=True)})
     assert json.loads(translated.stdout.strip().splitlines()[-1]) == expected
+    # Where hf_attention is installed, the same call needs no trust_remote_code.
+    installed = client(hub, tmp_path / "carol", "translate", "alice/tiny-en-de", sentence, "--installed")
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert json.loads(installed.stdout.strip().splitlines()[-1]) == expected
 
     # Loading again with HF_HUB_OFFLINE=1 is served from bob's cache alone.
     hub.state.requests.clear()

@@ -2,6 +2,7 @@
 loadable with trust_remote_code where hf_attention is not installed."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, TranslationPipeline
 from hf_attention.data import toy_translation_corpus
 from hf_attention.tokenization import train_tokenizer
+from hf_attention.train import main
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -79,6 +81,28 @@ def test_bad_pipeline_input_is_named(checkpoint):
         translator(42)
     with pytest.raises(ValueError, match="need a multilingual tokenizer"):
         translator(SOURCES[0], src_lang="en", tgt_lang="de")
+
+
+@pytest.mark.parametrize("task", ["translation", "translation_en_to_de", "text2text-generation", "summarization"])
+@pytest.mark.parametrize("source", ["folder", "model object"])
+def test_pipeline_takes_the_seq2seq_tasks_without_remote_code_once_hf_attention_is_imported(checkpoint, task, source):
+    folder, model, tokenizer = checkpoint
+    arguments = {"model": str(folder)} if source == "folder" else {"model": model, "tokenizer": tokenizer}
+    pipe = pipeline(task, **arguments)  # no trust_remote_code: the installed classes, not the folder's copy
+    assert type(pipe).__module__ == "hf_attention.pipeline_hf_attention"
+    expected = expected_translations(model, tokenizer, SOURCES, num_beams=2, max_new_tokens=8)
+    outputs = pipe(SOURCES, num_beams=2, max_new_tokens=8)
+    assert [next(iter(output.values())) for output in outputs] == expected
+
+
+def test_a_trained_models_generation_config_never_clashes_with_max_new_tokens(tmp_path, caplog):
+    main(["--output_dir", str(tmp_path), "--max_steps", "1", "--vocab_size", "120", "--toy_train_size", "100",
+          "--toy_eval_size", "2", "--generation_max_length", "8", "--generation_num_beams", "1"])  # fmt: skip
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 8
+    translator = pipeline("translation", model=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        translator(SOURCES[0], max_new_tokens=4)
+    assert "max_length" not in caplog.text
 
 
 @pytest.mark.parametrize("option", ["num_beams", "max_new_tokens", "num_return_sequences", "batch_size"])
