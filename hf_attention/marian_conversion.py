@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors import SafetensorError
-from transformers import HfArgumentParser, MarianConfig, MarianMTModel
+from transformers import AutoTokenizer, HfArgumentParser, MarianConfig, MarianMTModel
 from transformers.utils import logging
 
 from . import __version__
@@ -293,6 +293,7 @@ def convert_checkpoint(
         for path in sorted(source_dir.iterdir()):
             if _carried_over(path, written=staging):
                 shutil.copy2(path, staging / path.name)
+        _record_tokenizer_class(source_dir, staging)
         _write_model_card(source, source_dir, staging, model_type, target_type, permuted)
     logger.info(f"Converted {model_type} checkpoint {source} to {target_type} in {destination}.")
     return target_type
@@ -318,6 +319,29 @@ def _carried_over(path: Path, written: Path) -> bool:
         and not path.name.endswith(WEIGHT_FILE_SUFFIXES + (".index.json", ".py"))
         and not (written / path.name).exists()
     )
+
+
+def _record_tokenizer_class(source_dir: Path, staging: Path) -> None:
+    """Name the tokenizer's class in the converted tokenizer_config.json where the source left it out.
+
+    opus-mt repos do: AutoTokenizer then finds MarianTokenizer through config.json's model_type "marian", which the
+    converted checkpoint no longer has, so without the class it cannot load the original tokenizer.
+    """
+    settings_file = staging / "tokenizer_config.json"
+    if not settings_file.is_file():
+        return
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    if settings.get("tokenizer_class"):
+        return
+    try:
+        settings["tokenizer_class"] = type(AutoTokenizer.from_pretrained(source_dir)).__name__
+    except (ImportError, OSError, ValueError) as error:
+        if not (source_dir / "source.spm").is_file():
+            logger.warning(f"The tokenizer class of {source_dir} is unknown ({error}); tokenizer_config.json is kept.")
+            return
+        settings["tokenizer_class"] = "MarianTokenizer"  # the opus-mt layout: source.spm, target.spm, vocab.json
+        logger.warning("MarianTokenizer needs sentencepiece: pip install 'hf_attention[marian]'.")
+    settings_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_model_card(

@@ -3,6 +3,7 @@
 python tests/hub_client.py push FOLDER REPO_ID [--private]   # with hf_attention: plain push_to_hub calls
 python tests/hub_client.py pull REPO_ID BATCH OUT [--revision R]  # hf_attention NOT importable
 python tests/hub_client.py translate REPO_ID SENTENCE [--installed]  # pipeline("translation", model=REPO_ID)
+python tests/hub_client.py marian REPO_ID SENTENCES_JSON  # a fine-tuned opus-mt model, hf_attention NOT importable
 """
 
 import sys
@@ -53,9 +54,28 @@ def translate(repo_id: str, sentence: str, installed: bool) -> None:
     print(json.dumps(translator([sentence, sentence[::-1]], batch_size=2, num_beams=2, max_new_tokens=6)))
 
 
+def marian(repo_id: str, sentences: str) -> None:
+    """A fine-tuned opus-mt model: its MarianTokenizer and the model load where hf_attention is not installed."""
+    sys.modules["hf_attention"] = None
+    import json
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+    batch = tokenizer(json.loads(sentences), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        generated = model.generate(**batch, num_beams=2, max_new_tokens=8)
+    translations = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    print(json.dumps({"tokenizer": type(tokenizer).__name__, "translations": translations}))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    if command == "translate":
+    if command == "marian":
+        marian(*arguments)
+    elif command == "translate":
         translate(arguments[0], arguments[1], installed="--installed" in arguments)
     elif command == "push":
         push(arguments[0], arguments[1], private="--private" in arguments)
