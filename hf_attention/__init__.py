@@ -13,6 +13,7 @@ from .modeling_hf_attention import (
     HfAttentionModel,
     HfAttentionPreTrainedModel,
 )
+from .peft_defaults import register_peft_defaults
 from .pipeline_hf_attention import (
     SummarizationPipeline,
     Text2TextGenerationPipeline,
@@ -32,6 +33,7 @@ HfAttentionForConditionalGeneration.register_for_auto_class("AutoModelForSeq2Seq
 
 # transformers 5 removed the seq2seq pipelines: bring them back for hf_attention models (see pipeline_registration.py).
 register_pipelines()
+register_peft_defaults(HfAttentionConfig.model_type)
 
 __all__ = [
     "PRESETS",

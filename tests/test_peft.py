@@ -40,6 +40,20 @@ def base_folder(tiny_config, tmp_path):
     return tmp_path / "base"
 
 
+def test_lora_config_without_target_modules_adapts_every_attention_projection(tiny_config):
+    config = peft.LoraConfig(task_type="SEQ_2_SEQ_LM")  # no target_modules: hf_attention's defaults
+    peft_model = peft.get_peft_model(HfAttentionForConditionalGeneration(tiny_config), config)
+    suffix = ".lora_A.default"
+    adapted = {name.removesuffix(suffix) for name, _ in peft_model.named_modules() if name.endswith(suffix)}
+    attentions = [f"encoder.layers.{i}.self_attn" for i in range(tiny_config.encoder_layers)]
+    attentions += [f"decoder.layers.{i}.{kind}" for i in range(tiny_config.decoder_layers)
+                   for kind in ("self_attn", "encoder_attn")]  # fmt: skip
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    assert adapted == {
+        f"base_model.model.model.{attention}.{name}" for attention in attentions for name in projections
+    }
+
+
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch, decoder_input_ids=batch["input_ids"]).logits
