@@ -26,13 +26,14 @@ from .data import read_parallel_corpus
 from .tokenization import check_tokenizer_source
 
 METRICS_DIR = Path(__file__).parent / "metrics"
+HELPER_MODULES = ("__init__", "sacrebleu_inputs")  # in metrics/, but not metrics
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
     """`"sacrebleu"` or `"chrf"`, from the module shipped in the package."""
     path = METRICS_DIR / f"{name}.py"
-    if not path.is_file() or name == "sacrebleu_inputs":
-        choices = sorted(module.stem for module in METRICS_DIR.glob("*.py") if module.stem != "sacrebleu_inputs")
+    if not path.is_file() or name in HELPER_MODULES:
+        choices = sorted(module.stem for module in METRICS_DIR.glob("*.py") if module.stem not in HELPER_MODULES)
         raise ValueError(f"No local metric {name!r}; choose one of {choices}.")
     return evaluate.load(str(path))
 

@@ -1,4 +1,4 @@
-"""The model card of a trained model: `model_cards/translation.md` rendered with `huggingface_hub.ModelCard`."""
+"""The model card of a trained model: `model_card_template.md` rendered with `huggingface_hub.ModelCard`."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_hf_attention import HfAttentionConfig
 
-TEMPLATE = Path(__file__).parent / "model_card_template.md"  # a link to model_cards/translation.md
+TEMPLATE = Path(__file__).parent / "model_card_template.md"
 
 # Training arguments a reader needs to reproduce the run, in the order the card lists them.
 REPORTED_HYPERPARAMETERS = (
