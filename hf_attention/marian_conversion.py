@@ -26,9 +26,9 @@ from transformers import AutoTokenizer, HfArgumentParser, MarianConfig, MarianMT
 from transformers.utils import logging
 
 from . import __version__
+from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import HfAttentionConfig
 from .modeling_hf_attention import HfAttentionForConditionalGeneration, SinusoidalPositionalEncoding
-from .saving_hf_attention import replacing_folder
 
 logger = logging.get_logger(__name__)
 

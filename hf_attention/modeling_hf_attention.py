@@ -14,12 +14,9 @@ F ffn dim, V vocab.
 """
 
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError  # transformers' own checkpoint format, always installed with it
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -35,16 +32,13 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .checkpoint_io_hf_attention import CheckpointIOMixin
 from .configuration_hf_attention import HfAttentionConfig
-from .pipeline_hf_attention import PIPELINES
-from .saving_hf_attention import remove_interrupted_saves, replacing_folder
-
-logger = logging.get_logger(__name__)
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -342,8 +336,11 @@ class DecoderLayer(SublayerConnection, PositionwiseFeedForward, GradientCheckpoi
         return self.add_and_norm(hidden_states, self.feed_forward, self.final_layer_norm)
 
 
-class HfAttentionPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and the class attributes transformers reads (attention back-ends, sharding, ...)."""
+class HfAttentionPreTrainedModel(CheckpointIOMixin, PreTrainedModel):
+    """Weight initialisation and the class attributes transformers reads (attention back-ends, sharding, ...).
+
+    Saving and loading (atomic saves, strict loads) come from `CheckpointIOMixin` in checkpoint_io_hf_attention.py.
+    """
 
     config: HfAttentionConfig
     base_model_prefix = "model"
@@ -356,70 +353,6 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
     def __init__(self, config: HfAttentionConfig, *inputs, **kwargs):
         config.validate_architecture()  # fields may have been changed since the config was built
         super().__init__(config, *inputs, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, strict: bool = True, **kwargs
-    ):
-        """transformers' `from_pretrained`, strict about the weights, with errors that name the checkpoint.
-
-        Args:
-            strict: refuse weights that do not match the model that config.json describes (tensors missing,
-                unexpected or renamed, e.g. a config edited to another layer count). `strict=False` loads what
-                matches and initialises the rest, as transformers does for other models. Weights tied to a loaded
-                one (the pre-softmax projection of a base-model checkpoint) are never missing. Shape mismatches
-                follow transformers' `ignore_mismatched_sizes`.
-
-        Raises:
-            OSError: a weights file that is truncated or corrupted (e.g. a damaged download in the cache).
-            ValueError: weights that do not match the checkpoint's config.json.
-        """
-        where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
-        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
-            remove_interrupted_saves(pretrained_model_name_or_path)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except SafetensorError as error:
-            raise OSError(
-                f"The weights (model.safetensors) of {where} cannot be read: {error}. The file is truncated or "
-                "corrupted; if it came from the Hub cache, download it again with force_download=True."
-            ) from error
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(
-                f"The weights of {where} do not match its config.json (the size report above lists the tensors): "
-                "the checkpoint's config and weights come from different models."
-            ) from error
-        offending = {
-            kind: sorted(loading_info[f"{kind}_keys"])
-            for kind in ("missing", "unexpected")
-            if loading_info[f"{kind}_keys"]
-        }
-        if strict and offending:
-            found = "; ".join(f"{len(keys)} {kind}, e.g. {', '.join(keys[:3])}" for kind, keys in offending.items())
-            raise ValueError(
-                f"The weights of {where} do not match the model its config.json describes ({found}). Config and "
-                "weights come from different models; pass strict=False to load the matching tensors and "
-                "initialise the rest."
-            )
-        return (model, loading_info) if output_loading_info else model
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
-        """transformers' `save_pretrained`, atomic: a kill during the save leaves the folder's previous model intact.
-
-        Every file goes into a staging folder beside `save_directory`, which then takes its place in one rename;
-        files of the folder that the save does not write (a tokenizer, a README) are kept.
-        """
-        if not is_main_process or kwargs.get("distributed_checkpoint"):
-            return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", Path(save_directory).absolute().name)
-        with replacing_folder(save_directory) as staging:
-            super().save_pretrained(staging, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier-uniform for every matrix, as in the reference code (tensor2tensor) and the Annotated Transformer."""
@@ -459,12 +392,6 @@ class HfAttentionPreTrainedModel(PreTrainedModel):
             new_bias[:, :kept] = final_logits_bias[:, :kept]
             self.final_logits_bias = new_bias
         return embeddings
-
-    @property
-    def dummy_inputs(self) -> dict[str, torch.Tensor]:
-        pad = self.config.pad_token_id
-        input_ids = torch.tensor([[3, 6, 10, 4, 2], [3, 8, 12, 2, pad]], device=self.device)
-        return {"input_ids": input_ids, "attention_mask": input_ids.ne(pad), "decoder_input_ids": input_ids}
 
 
 def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
@@ -637,15 +564,18 @@ class HfAttentionDecoder(TransformerStack):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds` to the decoder.")
+        past_length = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
-            _check_token_ids("decoder_input_ids", input_ids, self.embed_tokens.num_embeddings)
+            # Checked on the first step only: later steps feed back the model's own tokens, and the check's
+            # device-to-host read would stall every generated token on a GPU.
+            if past_length == 0:
+                _check_token_ids("decoder_input_ids", input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         _check_embeddings("decoder_inputs_embeds", inputs_embeds, self.config.d_model)
 
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         batch_size, target_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
         _check_padding_mask(
             "decoder_attention_mask", attention_mask, batch_size, past_length + target_length, "cached + new targets"
         )
@@ -856,25 +786,6 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """The atomic `save_pretrained`, declaring the seq2seq pipelines when the model code is saved too.
-
-        transformers 5 removed the "translation", "text2text-generation" and "summarization" pipelines; ours
-        (`pipeline_hf_attention.py`, imported by this file, so saved beside it) are declared in the config's
-        `custom_pipelines`, so the folder, or a Hub repo pushed from it, serves `pipeline("translation",
-        model=..., trust_remote_code=True)`.
-        """
-        if self._auto_class is not None:
-            self.config.custom_pipelines = {
-                task: {
-                    "impl": f"pipeline_hf_attention.{cls.__name__}",
-                    "pt": ["AutoModelForSeq2SeqLM"],
-                    "type": "text",
-                }
-                for task, cls in PIPELINES.items()
-            }
-        super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings

@@ -4,7 +4,6 @@ checkpoints appear only once complete."""
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerState
@@ -62,13 +61,6 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
         if self.learning_rate <= 0:
             peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps)))
             self.learning_rate = peak * self.learning_rate_scale
-
-
-def paper_training_arguments(output_dir: str, d_model: int, warmup_steps: int = 4000, **overrides: Any):
-    """`PaperTrainingArguments` with eq. 3's learning rate for `d_model` filled in."""
-    arguments = PaperTrainingArguments(output_dir=output_dir, warmup_steps=warmup_steps, **overrides)
-    arguments.resolve_learning_rate(d_model)
-    return arguments
 
 
 @dataclass

@@ -11,7 +11,7 @@ import sys
 
 import transformers.modeling_utils
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, saving_hf_attention
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, checkpoint_io_hf_attention
 
 
 def die(*args, **kwargs) -> None:
@@ -40,9 +40,9 @@ if __name__ == "__main__":
     elif point == "weights":
         transformers.modeling_utils.safe_save_file = write_half_then_die
     elif point == "before_swap":
-        saving_hf_attention.swap_into_place = die
+        checkpoint_io_hf_attention.swap_into_place = die
     elif point == "after_swap":
-        saving_hf_attention.swap_into_place = then_die(saving_hf_attention.swap_into_place)
+        checkpoint_io_hf_attention.swap_into_place = then_die(checkpoint_io_hf_attention.swap_into_place)
     else:
         sys.exit(f"unknown point {point!r}")
     config = HfAttentionConfig.from_preset("tiny", vocab_size=100, activation_function="gelu")

@@ -1,11 +1,13 @@
-"""Atomic folder saves: a model folder holds either its previous contents or the complete new save, never a mix.
+"""Saving and loading hf_attention checkpoints: atomic saves and strict loads (`CheckpointIOMixin`).
 
 `save_pretrained` writes a folder file by file (config, generation config, weights, code), so a process killed part
 way leaves a folder whose config describes one model and whose weights hold another, and a later load may accept
-it. Here everything is written into a staging folder beside the target, then swapped in with one atomic rename.
+it. Here everything is written into a staging folder beside the target, then swapped in with one atomic rename. And
+`from_pretrained` refuses weights that do not match the config, where transformers initialises what is missing.
 
-Travels with the model code (modeling_hf_attention.py imports it relatively), so saves made through
-`trust_remote_code` are atomic too; it imports only the standard library.
+Travels with the model code (modeling_hf_attention.py imports it relatively), so remote-code saves and loads behave
+the same; it imports the standard library, safetensors (installed with transformers), transformers' pipelines'
+table (pipeline_hf_attention.py) and nothing else.
 """
 
 import ctypes
@@ -17,6 +19,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from .pipeline_hf_attention import PIPELINES
 
 # Beside a target folder T: ".T.saving-PID-XXXXXXXX" holds a save in progress (or, after the swap, the old contents
 # until they are deleted); ".T.replaced-PID-XXXXXXXX" holds the old contents where the swap takes two renames.
@@ -151,3 +157,84 @@ def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iter
         swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old contents after a swap, or an unfinished save
+
+
+class CheckpointIOMixin:
+    """transformers' `from_pretrained` / `save_pretrained`, made strict and atomic (mixed into our PreTrainedModel)."""
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, strict: bool = True, **kwargs
+    ):
+        """transformers' `from_pretrained`, strict about the weights, with errors that name the checkpoint.
+
+        Args:
+            strict: refuse weights that do not match the model that config.json describes (tensors missing,
+                unexpected or renamed, e.g. a config edited to another layer count). `strict=False` loads what
+                matches and initialises the rest, as transformers does for other models. Weights tied to a loaded
+                one (the pre-softmax projection of a base-model checkpoint) are never missing. Shape mismatches
+                follow transformers' `ignore_mismatched_sizes`.
+
+        Raises:
+            OSError: a weights file that is truncated or corrupted (e.g. a damaged download in the cache).
+            ValueError: weights that do not match the checkpoint's config.json.
+        """
+        where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            remove_interrupted_saves(pretrained_model_name_or_path)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights (model.safetensors) of {where} cannot be read: {error}. The file is truncated or "
+                "corrupted; if it came from the Hub cache, download it again with force_download=True."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights of {where} do not match its config.json (the size report above lists the tensors): "
+                "the checkpoint's config and weights come from different models."
+            ) from error
+        offending = {
+            kind: sorted(loading_info[f"{kind}_keys"])
+            for kind in ("missing", "unexpected")
+            if loading_info[f"{kind}_keys"]
+        }
+        if strict and offending:
+            found = "; ".join(f"{len(keys)} {kind}, e.g. {', '.join(keys[:3])}" for kind, keys in offending.items())
+            raise ValueError(
+                f"The weights of {where} do not match the model its config.json describes ({found}). Config and "
+                "weights come from different models; pass strict=False to load the matching tensors and "
+                "initialise the rest."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+        """transformers' `save_pretrained`, atomic: a kill during the save leaves the folder's previous model intact.
+
+        Every file goes into a staging folder beside `save_directory`, which then takes its place in one rename;
+        files of the folder that the save does not write (a tokenizer, a README) are kept. A model that generates
+        declares the seq2seq pipelines in its config's `custom_pipelines` when its code is saved too.
+        """
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if self.can_generate() and self._auto_class is not None:
+            # transformers 5 removed the seq2seq pipelines; ours travel with the code (the model file imports them)
+            # and are declared here, so the folder or a Hub repo pushed from it serves pipeline("translation",
+            # model=..., trust_remote_code=True) where hf_attention is not installed.
+            self.config.custom_pipelines = {
+                task: {
+                    "impl": f"pipeline_hf_attention.{cls.__name__}",
+                    "pt": ["AutoModelForSeq2SeqLM"],
+                    "type": "text",
+                }
+                for task, cls in PIPELINES.items()
+            }
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", Path(save_directory).absolute().name)
+        with replacing_folder(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
