@@ -6,7 +6,7 @@ the weights `output_attentions=True` returns. The eager attention back-end is us
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +14,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 # Output field -> (file prefix, title, side of the rows, side of the columns).
 KINDS = {
@@ -96,3 +102,22 @@ def plot_attention_maps(maps: AttentionMaps, output_dir: str | Path, max_columns
             plt.close(figure)
             paths.append(path)
     return paths
+
+
+@dataclass
+class AttentionMapArguments:
+    model_dir: str = field(metadata={"help": "A saved model folder (with its tokenizer) or a Hub repo id."})
+    source: str = field(metadata={"help": "The source sentence."})
+    target: str = field(default="", metadata={"help": "The target sentence; empty: the model's own translation."})
+    output_dir: str = field(default="attention_maps", metadata={"help": "Where the PNG files go."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`attention_maps.py --model_dir D --source "..." [--target "..."] [--output_dir O]`."""
+    (args,) = HfArgumentParser(AttentionMapArguments).parse_args_into_dataclasses(args=argv)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    maps = attention_maps(model, tokenizer, args.source, args.target or None)
+    print(f"target: {tokenizer.convert_tokens_to_string(maps.target_tokens[1:])}")
+    for path in plot_attention_maps(maps, args.output_dir):
+        print(path)

@@ -5,6 +5,7 @@ current) into a staging folder with the tokenizer, the model card and the run's 
 that staging folder instead of uploading it. Checkpoints and `training_args.bin` (a pickle) stay behind.
 """
 
+import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
 from . import __version__
+from .model_card import ModelCardFacts, write_model_card
 
 EXTRA_FILES = ("README.md", "training_curves.png", "results.json")
 
@@ -28,8 +30,11 @@ class PublishArguments:
     dry_run: bool = field(default=False, metadata={"help": "List what would be uploaded; upload nothing."})
 
 
-def stage(folder: str | Path, staging: Path) -> list[tuple[str, int]]:
+def stage(folder: str | Path, staging: Path, repo_id: str) -> list[tuple[str, int]]:
     """Write what a publication uploads into `staging`; returns (path, bytes) for each file, sorted.
+
+    The model card is rendered again from the facts the training job kept in results.json, so that its "how to
+    use" names `repo_id`; a folder without them (not trained here) keeps its README.md as it is.
 
     Raises:
         FileNotFoundError: the folder lacks a model, a tokenizer or a model card.
@@ -46,6 +51,13 @@ def stage(folder: str | Path, staging: Path) -> list[tuple[str, int]]:
     for name in EXTRA_FILES:
         if (folder / name).is_file():
             (staging / name).write_bytes((folder / name).read_bytes())
+    facts = (
+        json.loads((folder / "results.json").read_text()).get("model_card")
+        if (folder / "results.json").is_file()
+        else None
+    )
+    if facts:
+        write_model_card(staging, ModelCardFacts(**{**facts, "repo_id": repo_id}))
     return sorted(
         (str(path.relative_to(staging)), path.stat().st_size) for path in staging.rglob("*") if path.is_file()
     )
@@ -54,7 +66,7 @@ def stage(folder: str | Path, staging: Path) -> list[tuple[str, int]]:
 def publish(args: PublishArguments) -> list[tuple[str, int]]:
     """Stage the folder and, unless `dry_run`, create the repo (if needed) and upload it as one commit."""
     with tempfile.TemporaryDirectory(prefix="hf_attention-publish-") as staging:
-        files = stage(args.folder, Path(staging))
+        files = stage(args.folder, Path(staging), args.repo_id)
         if not args.dry_run:
             api = HfApi()
             api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -68,18 +80,20 @@ def publish(args: PublishArguments) -> list[tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`push_to_hub.py FOLDER REPO_ID [--private] [--revision B] [--dry_run]`."""
+    """`push_to_hub.py REPO_ID FOLDER [--private] [--revision B] [--dry_run]`, in the order of `hf upload`."""
     parser = HfArgumentParser(PublishArguments, description=__doc__.splitlines()[0])
     parser.add_argument(
-        "paths", nargs="*", metavar="FOLDER REPO_ID", help="The folder and the repo (or --folder/--repo_id)."
+        "paths", nargs="*", metavar="REPO_ID FOLDER", help="The repo and the folder (or --repo_id/--folder)."
     )
     args, extra = parser.parse_args_into_dataclasses(args=argv)
     if extra.paths:
         if len(extra.paths) != 2:
-            parser.error("give FOLDER and REPO_ID")
-        args.folder, args.repo_id = extra.paths
+            parser.error("give REPO_ID and FOLDER")
+        args.repo_id, args.folder = extra.paths
+        if Path(args.repo_id).is_dir() and not Path(args.folder).is_dir():
+            parser.error(f"{args.repo_id} is a folder: the order is REPO_ID FOLDER, as in `hf upload`")
     if not args.folder or not args.repo_id:
-        parser.error("give FOLDER and REPO_ID")
+        parser.error("give REPO_ID and FOLDER")
     try:
         files = publish(args)
     except (OSError, ValueError) as error:

@@ -1,12 +1,6 @@
 """Train or fine-tune a translation Transformer and evaluate it (see --help); runs under `accelerate launch` too."""
 
-import sys
-from pathlib import Path
-
-# Python puts this folder first on sys.path, where scripts/evaluate.py would shadow the `evaluate` library.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from hf_attention.train import main  # noqa: E402
+from hf_attention.run_translation import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from hf_attention.train import parse_arguments, run
+from hf_attention.run_translation import parse_arguments, run
 
 
 class SaveParametersOnEveryRank(TrainerCallback):

@@ -9,6 +9,10 @@ python tests/hub_client.py marian REPO_ID SENTENCES_JSON  # a fine-tuned opus-mt
 import sys
 
 
+def hide_hf_attention() -> None:
+    sys.modules["hf_attention"] = None  # as on a machine where hf_attention is not installed
+
+
 def push(folder: str, repo_id: str, private: bool) -> None:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -21,7 +25,7 @@ def push(folder: str, repo_id: str, private: bool) -> None:
 
 
 def pull(repo_id: str, batch_file: str, out_file: str, revision: str | None) -> None:
-    sys.modules["hf_attention"] = None  # as on a machine where hf_attention is not installed
+    hide_hf_attention()
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -47,7 +51,7 @@ def translate(repo_id: str, sentence: str, installed: bool) -> None:
         translator = transformers.pipeline("translation", model=repo_id)  # looked up after hf_attention's import
         assert type(translator).__module__ == "hf_attention.pipeline_hf_attention"
     else:
-        sys.modules["hf_attention"] = None
+        hide_hf_attention()
         from transformers import pipeline
 
         translator = pipeline("translation", model=repo_id, trust_remote_code=True)
@@ -56,7 +60,7 @@ def translate(repo_id: str, sentence: str, installed: bool) -> None:
 
 def marian(repo_id: str, sentences: str) -> None:
     """A fine-tuned opus-mt model: its MarianTokenizer and the model load where hf_attention is not installed."""
-    sys.modules["hf_attention"] = None
+    hide_hf_attention()
     import json
 
     import torch

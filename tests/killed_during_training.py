@@ -11,8 +11,8 @@ import sys
 
 from transformers import TrainerCallback
 
-from hf_attention import train
-from hf_attention.train import parse_arguments, run
+from hf_attention import run_translation
+from hf_attention.run_translation import parse_arguments, run
 from hf_attention.training import CheckpointSafeSeq2SeqTrainer
 
 
@@ -51,7 +51,7 @@ if __name__ == "__main__":
         trainer = CheckpointSafeSeq2SeqTrainer
         trainer._save_rng_state = die_on_call(trainer._save_rng_state, int(number))
     elif kind == "final_save":
-        train.write_model_card = die
+        run_translation.write_model_card = die
     else:
         sys.exit(f"unknown point {point!r}")
     run(*parse_arguments(arguments), callbacks=callbacks)

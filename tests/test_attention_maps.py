@@ -5,14 +5,13 @@ import torch
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.attention_maps import attention_maps, plot_attention_maps
-from hf_attention.data import toy_translation_corpus
-from hf_attention.tokenization import train_tokenizer
+
+from .helpers import toy_tokenizer
 
 
 @pytest.fixture
 def model_and_tokenizer():
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=150)
+    tokenizer = toy_tokenizer()
     torch.manual_seed(0)
     config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), encoder_layers=2, decoder_layers=3)
     model = HfAttentionForConditionalGeneration(config)

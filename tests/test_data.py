@@ -15,7 +15,8 @@ from hf_attention.data import (
     tokenize_pairs,
     toy_translation_dataset,
 )
-from hf_attention.tokenization import train_tokenizer
+
+from .helpers import toy_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_toy_corpus_is_deterministic_and_varied():
 
 def test_pairs_are_tokenized_with_eos_terminated_labels():
     dataset = toy_translation_dataset(50)
-    tokenizer = train_tokenizer([p[lang] for p in dataset["translation"] for lang in ("en", "de")], vocab_size=120)
+    tokenizer = toy_tokenizer(vocab_size=120, pairs=50)
     tokenized, report = tokenize_pairs(dataset, tokenizer, "en", "de", max_length=6)
     assert set(tokenized.column_names) == {"input_ids", "attention_mask", "labels"}
     assert all(len(ids) <= 6 and ids[-1] == tokenizer.eos_token_id for ids in tokenized["input_ids"])
@@ -56,7 +57,7 @@ def test_pairs_are_tokenized_with_eos_terminated_labels():
 
 def test_too_long_pairs_are_dropped_and_counted():
     dataset = toy_translation_dataset(50)
-    tokenizer = train_tokenizer([p[lang] for p in dataset["translation"] for lang in ("en", "de")], vocab_size=120)
+    tokenizer = toy_tokenizer(vocab_size=120, pairs=50)
     full, _ = tokenize_pairs(dataset, tokenizer, "en", "de", max_length=1000)
     longest = [max(len(s), len(t)) for s, t in zip(full["input_ids"], full["labels"], strict=True)]
     limit = sorted(longest)[25]

@@ -12,7 +12,8 @@ from transformers import EvalPrediction
 
 from hf_attention.data import toy_translation_corpus
 from hf_attention.evaluation import build_compute_metrics, load_metric, main, score_translations
-from hf_attention.tokenization import train_tokenizer
+
+from .helpers import toy_tokenizer
 
 PREDICTIONS = ["the cat sat on the mat", "a dog runs in the park", "hello"]
 REFERENCES = ["the cat sat on a mat", "a dog is running in the park", "hello there"]
@@ -58,8 +59,7 @@ def test_scores_and_signatures_together():
 
 
 def test_compute_metrics_decodes_generations_and_minus_100_padded_labels():
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=150)
+    tokenizer = toy_tokenizer()
     targets = ["wir kaufen vier hunde", "ich sehe zwei katzen"]
     encoded = tokenizer(targets, padding=True)["input_ids"]
     labels = np.where(np.array(tokenizer(targets, padding=True)["attention_mask"]) == 1, encoded, -100)
@@ -74,8 +74,7 @@ def test_compute_metrics_decodes_generations_and_minus_100_padded_labels():
 def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=150)
+    tokenizer = toy_tokenizer()
     config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), d_model=32, encoder_ffn_dim=64)
     HfAttentionForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -98,8 +97,7 @@ def test_translations_stop_at_twice_the_source_length_plus_ten():
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
     from hf_attention.evaluation import translate
 
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=150)
+    tokenizer = toy_tokenizer()
     torch.manual_seed(0)
     model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     with torch.no_grad():

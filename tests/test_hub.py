@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 
 from .conftest import MARIAN_STYLE, padded_batch
+from .helpers import run_without_hf_attention
 
 
 def test_auto_classes_build_our_models(tiny_config):
@@ -66,8 +65,6 @@ def test_saved_checkpoint_carries_its_code_and_auto_map(tiny_config, tmp_path):
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.modules["hf_attention"] = None  # hf_attention is not importable in this process
     try:
         import hf_attention  # noqa: F401
         raise SystemExit("hf_attention should not be importable here")
@@ -92,23 +89,9 @@ def test_remote_code_loads_where_hf_attention_is_not_installed(tiny_config, tmp_
     model.save_pretrained(tmp_path / "checkpoint")
     batch = padded_batch([7, 4], max_length=7)
     torch.save(batch, tmp_path / "batch.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
     environment = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(tmp_path / "checkpoint"),
-            str(tmp_path / "batch.pt"),
-            str(tmp_path / "out.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    arguments = [str(tmp_path / "checkpoint"), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")]
+    result = run_without_hf_attention(REMOTE_CODE_SCRIPT, *arguments, environment=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     with torch.no_grad():

@@ -5,7 +5,6 @@ not importable, pulls with `trust_remote_code=True` and must get identical logit
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,9 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-from hf_attention.data import toy_translation_corpus
-from hf_attention.tokenization import train_tokenizer
 
 from .conftest import padded_batch
+from .helpers import hub_environment, toy_tokenizer
 from .hub_server import LocalHub
 
 ROOT = Path(__file__).parent.parent
@@ -33,8 +31,7 @@ def hub():
 
 
 def save_model(folder: Path, seed: int = 0) -> HfAttentionForConditionalGeneration:
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=99)
+    tokenizer = toy_tokenizer(vocab_size=99)
     torch.manual_seed(seed)
     config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), d_model=32, encoder_ffn_dim=64)
     model = HfAttentionForConditionalGeneration(config).eval()
@@ -44,12 +41,7 @@ def save_model(folder: Path, seed: int = 0) -> HfAttentionForConditionalGenerati
 
 
 def client(hub: LocalHub, home: Path, *arguments: str, token: bool = True, offline: bool = False):
-    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    environment.pop("HF_TOKEN", None)
-    if token:
-        environment["HF_TOKEN"] = hub.token
-    if offline:
-        environment["HF_HUB_OFFLINE"] = "1"
+    environment = hub_environment(hub, home, token=token, offline=offline)
     return subprocess.run(
         [sys.executable, str(ROOT / "tests" / "hub_client.py"), *arguments],
         capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
@@ -193,24 +185,26 @@ def test_publish_dry_run_lists_the_files_and_uploads_nothing(tmp_path, capsys):
     from hf_attention.publishing import main
 
     trained_folder(tmp_path / "run")
-    main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
+    main(["alice/dry", str(tmp_path / "run"), "--dry_run"])
     listed = capsys.readouterr().out
     assert "would upload" in listed
     for name in ("model.safetensors", "modeling_hf_attention.py", "pipeline_hf_attention.py", "tokenizer.json",
                  "README.md", "results.json"):  # fmt: skip
         assert name in listed
-    assert "training_args.bin" not in listed and "checkpoint" not in listed
+    assert "training_args.bin" not in listed and "checkpoints/" not in listed and "optimizer.pt" not in listed
+    with pytest.raises(SystemExit):  # the order of `hf upload`: REPO_ID FOLDER
+        main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
+    assert "the order is REPO_ID FOLDER, as in `hf upload`" in capsys.readouterr().err
     (tmp_path / "run" / "README.md").unlink()
     with pytest.raises(SystemExit, match="has no README.md: it does not hold a model card"):
-        main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
+        main(["alice/dry", str(tmp_path / "run"), "--dry_run"])
 
 
 def test_publish_script_uploads_one_self_contained_commit(hub, tmp_path):
     model = trained_folder(tmp_path / "run")
-    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "alice"),
-                   "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    environment = hub_environment(hub, tmp_path / "alice")
     result = subprocess.run(
-        [sys.executable, "scripts/push_to_hub.py", str(tmp_path / "run"), "alice/published"],
+        [sys.executable, "scripts/push_to_hub.py", "alice/published", str(tmp_path / "run")],
         capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -250,8 +244,7 @@ def test_corrupted_cache_and_mismatched_config_are_named_with_repo_and_revision(
     (mismatched / "config.json").write_text(config)
     assert client(hub, tmp_path / "alice", "push", str(tmp_path / "good"), "alice/mixed").returncode == 0
     # Publish the mismatched files as they are, the way a careless upload would.
-    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token,
-                   "HF_HOME": str(tmp_path / "alice"), "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    environment = hub_environment(hub, tmp_path / "alice")
     upload = "import sys, huggingface_hub; huggingface_hub.upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2])"
     assert (
         subprocess.run(

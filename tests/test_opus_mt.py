@@ -2,7 +2,6 @@
 fine-tuned with the training job, published to the loopback Hub, and pulled where hf_attention is not installed."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, Mar
 
 from hf_attention.data import toy_translation_corpus
 from hf_attention.marian_conversion import convert_checkpoint
-from hf_attention.train import main as train
+from hf_attention.run_translation import main as train
 
+from .helpers import hub_environment
 from .hub_server import LocalHub
 from .test_hub_roundtrip import client
 
@@ -89,13 +89,16 @@ def test_opus_mt_model_converts_fine_tunes_publishes_and_loads_elsewhere_with_it
     expected = translations(model, AutoTokenizer.from_pretrained(finetuned))
 
     with LocalHub() as hub:
-        environment = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "alice"), "HF_TOKEN": hub.token,
-                       "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        environment = hub_environment(hub, tmp_path / "alice")
         published = subprocess.run(
-            [sys.executable, "scripts/push_to_hub.py", str(finetuned), "alice/opus-mt-en-de-finetuned"],
-            capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **environment},
+            [sys.executable, "scripts/push_to_hub.py", "alice/opus-mt-en-de-finetuned", str(finetuned)],
+            capture_output=True, text=True, cwd=ROOT, timeout=300, env=environment,
         )  # fmt: skip
         assert published.returncode == 0, published.stderr[-3000:]
+        repo = hub.state.repos["alice/opus-mt-en-de-finetuned"]
+        card = repo.commits[repo.branches["main"]]["README.md"].decode()
+        assert 'from_pretrained("alice/opus-mt-en-de-finetuned"' in card  # the card names the repo it is in
+        assert "base_model:" not in card  # the base was a local folder, not a Hub id
         pulled = client(hub, tmp_path / "bob", "marian", "alice/opus-mt-en-de-finetuned", json.dumps(SENTENCES))
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert json.loads(pulled.stdout.strip().splitlines()[-1]) == {"tokenizer": "MarianTokenizer",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import run_without_hf_attention
+
 ROOT = Path(__file__).parent.parent
 
 # Runs inside the fresh environment, from a folder outside the source tree.
@@ -19,7 +21,7 @@ USE_THE_INSTALLED_PACKAGE = textwrap.dedent(
     import importlib.metadata, sys
     import hf_attention
     from hf_attention.evaluation import score_translations
-    from hf_attention.train import main
+    from hf_attention.run_translation import main
 
     assert "site-packages" in hf_attention.__file__, hf_attention.__file__
     assert importlib.metadata.version("hf_attention") == hf_attention.__version__
@@ -33,7 +35,6 @@ USE_THE_INSTALLED_PACKAGE = textwrap.dedent(
 LOAD_WITHOUT_HF_ATTENTION = textwrap.dedent(
     """
     import sys
-    sys.modules["hf_attention"] = None
     from transformers import AutoModelForSeq2SeqLM
     model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True)
     print("LOADED", type(model).__name__)
@@ -85,7 +86,6 @@ def test_the_wheel_installs_and_works_outside_the_source_tree(tmp_path):
     for code in ("modeling_hf_attention.py", "checkpoint_io_hf_attention.py", "pipeline_hf_attention.py"):
         assert (tmp_path / "model" / code).is_file(), code
 
-    load = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_HF_ATTENTION, str(tmp_path / "model")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    load = run_without_hf_attention(LOAD_WITHOUT_HF_ATTENTION, str(tmp_path / "model"))
     assert load.returncode == 0, load.stderr[-3000:]
     assert "LOADED HfAttentionForConditionalGeneration" in load.stdout

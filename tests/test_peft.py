@@ -1,6 +1,5 @@
 """PEFT LoRA adapters on the attention projections: train, save, reload onto the base model, merge, publish."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import torch
 from hf_attention import HfAttentionForConditionalGeneration
 
 from .conftest import padded_batch
+from .helpers import hub_environment, run_without_hf_attention
 from .hub_server import LocalHub
 
 peft = pytest.importorskip("peft")
@@ -81,7 +81,6 @@ def test_lora_trains_only_adapters_and_survives_save_reload_and_merge(base_folde
 PULL_ADAPTER = textwrap.dedent(
     """
     import sys
-    sys.modules["hf_attention"] = None  # hf_attention is not installed here
     import torch
     from peft import AutoPeftModelForSeq2SeqLM
     model = AutoPeftModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -110,8 +109,7 @@ def test_adapter_is_pushed_and_pulled_like_a_model(base_folder, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     torch.save(batch, tmp_path / "batch.pt")
     with LocalHub() as hub:
-        environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token,
-                       "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        environment = hub_environment(hub, tmp_path / "home")
         pushed = subprocess.run([sys.executable, "-c", PUSH, str(base_folder), str(tmp_path / "adapter")],
                                 capture_output=True, text=True, env=environment, timeout=300)  # fmt: skip
         assert pushed.returncode == 0, pushed.stderr[-3000:]
@@ -119,10 +117,7 @@ def test_adapter_is_pushed_and_pulled_like_a_model(base_folder, tmp_path):
             "adapter_model.safetensors"
             in hub.state.repos["alice/lora"].commits[hub.state.repos["alice/lora"].branches["main"]]
         )
-        environment["HF_HOME"] = str(tmp_path / "bob")
-        pulled = subprocess.run(
-            [sys.executable, "-c", PULL_ADAPTER, "alice/lora", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")],
-            capture_output=True, text=True, env=environment, timeout=300,
-        )  # fmt: skip
+        arguments = ["alice/lora", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")]
+        pulled = run_without_hf_attention(PULL_ADAPTER, *arguments, environment=hub_environment(hub, tmp_path / "bob"))
         assert pulled.returncode == 0, pulled.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "o.pt"), logits(peft_model, batch), rtol=0, atol=0)

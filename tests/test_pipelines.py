@@ -4,8 +4,6 @@ loadable with trust_remote_code where hf_attention is not installed."""
 import json
 import logging
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,9 +12,9 @@ from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, TranslationPipeline
-from hf_attention.data import toy_translation_corpus
-from hf_attention.tokenization import train_tokenizer
-from hf_attention.train import main
+from hf_attention.run_translation import main
+
+from .helpers import run_without_hf_attention, toy_tokenizer
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -24,8 +22,7 @@ SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 @pytest.fixture
 def checkpoint(tmp_path):
     """A saved tiny model and tokenizer, as a user would publish them."""
-    texts = [p["translation"][lang] for p in toy_translation_corpus(200) for lang in ("en", "de")]
-    tokenizer = train_tokenizer(texts, vocab_size=150)
+    tokenizer = toy_tokenizer()
     torch.manual_seed(0)
     model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     folder = tmp_path / "checkpoint"
@@ -116,7 +113,6 @@ def test_pipeline_options_that_must_be_positive_are_named(checkpoint, option):
 REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.modules["hf_attention"] = None  # as on a machine without hf_attention
     from transformers import pipeline
     translator = pipeline("translation", model=sys.argv[1], trust_remote_code=True)
     assert "hf_attention" not in type(translator.model).__module__.split(".")[0]
@@ -129,10 +125,9 @@ REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
 def test_translation_pipeline_works_where_hf_attention_is_not_installed(checkpoint, tmp_path):
     folder, model, tokenizer = checkpoint
     environment = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_PIPELINE_SCRIPT, str(folder), json.dumps(SOURCES)],
-        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    result = run_without_hf_attention(
+        REMOTE_PIPELINE_SCRIPT, str(folder), json.dumps(SOURCES), environment=environment
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [expected_translations(model, tokenizer, [s], num_beams=2, max_new_tokens=6)[0] for s in SOURCES]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

@@ -19,7 +19,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 from hf_attention.data import ParallelDataError, read_parallel_corpus
 from hf_attention.evaluation import main as evaluate_main
-from hf_attention.train import main
+from hf_attention.run_translation import main
 from hf_attention.training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments, TokenLabelSmoother
 
 ROOT = Path(__file__).parent.parent

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datasets import Dataset
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -28,12 +29,12 @@ from transformers.utils import logging
 
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
-from .data import ParallelDataError, read_parallel_corpus, tokenize_pairs, toy_translation_dataset
+from .data import LengthReport, ParallelDataError, read_parallel_corpus, tokenize_pairs, toy_translation_dataset
 from .evaluation import build_compute_metrics, score_translations, translate
-from .model_card import write_model_card
+from .model_card import ModelCardFacts, write_model_card
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
 from .plots import plot_training_curves
-from .run_folder import OutputFolderError, plan_run_folder
+from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .tokenization import check_tokenizer_source, train_tokenizer
 from .training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments
 
@@ -75,12 +76,6 @@ class DataArguments:
         default="",
         metadata={"help": "The model's licence for the model card (default: apache-2.0; 'other' for Multi30k)."},
     )
-
-
-MULTI30K_TERMS = (
-    "Multi30k (Elliott et al., 2016) is licensed for non-commercial research and teaching only; "
-    "so is this model, which was trained on it."
-)
 
 
 @dataclass
@@ -223,6 +218,100 @@ def load_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -
     return HfAttentionForConditionalGeneration(config)
 
 
+@dataclass
+class PreparedData:
+    """Everything the run reads, checked and tokenised before anything is written."""
+
+    tokenizer: PreTrainedTokenizerBase
+    train_dataset: Dataset
+    eval_dataset: Dataset
+    length_report: LengthReport
+    test_sources: list[str]
+    test_references: list[str]
+
+
+def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
+    """Read the corpora, load or train the tokenizer, tokenise training and validation pairs."""
+    corpora = load_corpora(data_args, seed)
+    tokenizer = load_tokenizer(model_args, corpora["train"], data_args)
+    languages = (data_args.source_lang, data_args.target_lang)
+    train_dataset, length_report = tokenize_pairs(
+        corpora["train"], tokenizer, *languages, max_length=data_args.max_length, too_long=data_args.too_long
+    )
+    if len(train_dataset) == 0:
+        raise TrainingArgumentError(
+            f"--max_length {data_args.max_length}: every training pair is longer ({length_report}); raise it or "
+            "pass --too_long truncate."
+        )
+    validation = corpora["validation"]
+    if data_args.max_eval_samples:
+        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    eval_dataset, _ = tokenize_pairs(validation, tokenizer, *languages, max_length=data_args.max_length)
+    logger.warning(f"Training data: {length_report}.")
+    test_pairs = corpora["test"]["translation"]
+    return PreparedData(
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        length_report=length_report,
+        test_sources=[pair[data_args.source_lang] for pair in test_pairs],
+        test_references=[pair[data_args.target_lang] for pair in test_pairs],
+    )
+
+
+def build_trainer(
+    model: HfAttentionForConditionalGeneration,
+    data: PreparedData,
+    training_args: PaperTrainingArguments,
+    folder: RunFolder,
+    callbacks: list[TrainerCallback] | None,
+) -> CheckpointSafeSeq2SeqTrainer:
+    """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are."""
+    trainer_args = dataclasses.replace(
+        training_args,
+        output_dir=str(folder.checkpoints_dir),
+        # BLEU before training, as the curve's first point (a resumed run has it already)
+        eval_on_start=training_args.eval_on_start
+        or (not folder.resume_from_checkpoint and training_args.eval_strategy != "no"),
+    )
+    return CheckpointSafeSeq2SeqTrainer(
+        model=model,
+        args=trainer_args,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
+        data_collator=DataCollatorForSeq2Seq(data.tokenizer, model=model),
+        processing_class=data.tokenizer,
+        compute_metrics=build_compute_metrics(data.tokenizer),
+        callbacks=callbacks,
+    )
+
+
+def test_scores(model, data: PreparedData, training_args: PaperTrainingArguments) -> tuple[dict, list[str]]:
+    """The same beam search before and after training, on the whole test set."""
+    beams, length = training_args.generation_num_beams or 1, training_args.generation_max_length or 128
+    translations = translate(model, data.tokenizer, data.test_sources, num_beams=beams, max_new_tokens=length)
+    return score_translations(translations, data.test_references), translations
+
+
+def write_report(
+    final_dir: Path,
+    summary: RunSummary,
+    data: PreparedData,
+    translations: list[str],
+    trainer: CheckpointSafeSeq2SeqTrainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+) -> list[tuple[str, str, str]]:
+    """results.json (with the card's facts, for publishing), the training curves and the model card."""
+    examples = list(zip(data.test_sources, translations, data.test_references, strict=True))[:5]
+    facts = ModelCardFacts.from_run(summary, model_args, data_args, trainer.args, trainer.model.config)
+    results = {**asdict(summary), "examples": examples, "model_card": asdict(facts)}
+    (final_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_training_curves(trainer.state.log_history, final_dir / "training_curves.png")
+    write_model_card(final_dir, facts)
+    return examples
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -247,59 +336,22 @@ def run(
         training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
     )
     set_seed(training_args.seed)
-
-    corpora = load_corpora(data_args, training_args.seed)
-    tokenizer = load_tokenizer(model_args, corpora["train"], data_args)
-    model = load_model(model_args, tokenizer)
+    data = prepare_data(model_args, data_args, training_args.seed)
+    model = load_model(model_args, data.tokenizer)
     training_args.resolve_learning_rate(model.config.d_model)
     model.generation_config.max_length = training_args.generation_max_length
     model.generation_config.num_beams = training_args.generation_num_beams
-
-    languages = (data_args.source_lang, data_args.target_lang)
-    train_dataset, length_report = tokenize_pairs(
-        corpora["train"], tokenizer, *languages, max_length=data_args.max_length, too_long=data_args.too_long
-    )
-    if len(train_dataset) == 0:
-        raise TrainingArgumentError(
-            f"--max_length {data_args.max_length}: every training pair is longer ({length_report}); raise it or "
-            "pass --too_long truncate."
-        )
-    validation = corpora["validation"]
-    if data_args.max_eval_samples:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    eval_dataset, _ = tokenize_pairs(validation, tokenizer, *languages, max_length=data_args.max_length)
-    logger.warning(f"Training data: {length_report}.")
 
     # Every input is valid: from here on the run writes, into its own folder (see run_folder.py).
     with training_args.main_process_first(local=False):
         if training_args.process_index == 0:
             folder.clear_unfinished_replacement()
-    training_args.output_dir = str(folder.checkpoints_dir)
+    trainer = build_trainer(model, data, training_args, folder, callbacks)
     resume = folder.resume_from_checkpoint
-    if not resume and training_args.eval_strategy != "no":
-        training_args.eval_on_start = True  # BLEU before training, on the curve
-    trainer = CheckpointSafeSeq2SeqTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-        processing_class=tokenizer,
-        compute_metrics=build_compute_metrics(tokenizer),
-        callbacks=callbacks,
+    bleu_before = (
+        test_scores(model, data, training_args)[0]["bleu"] if trainer.is_world_process_zero() and not resume else None
     )
-    sources = [pair[data_args.source_lang] for pair in corpora["test"]["translation"]]
-    references = [pair[data_args.target_lang] for pair in corpora["test"]["translation"]]
-
-    def test_scores() -> tuple[dict, list[str]]:
-        """The same beam search before and after training, on the whole test set."""
-        beams, length = training_args.generation_num_beams or 1, training_args.generation_max_length or 128
-        translations = translate(trainer.model, tokenizer, sources, num_beams=beams, max_new_tokens=length)
-        return score_translations(translations, references), translations
-
-    bleu_before = test_scores()[0]["bleu"] if trainer.is_world_process_zero() and not resume else None
     train_result = trainer.train(resume_from_checkpoint=resume)
-    training_args.output_dir = str(folder.output_dir)
     if not trainer.is_world_process_zero():
         trainer.save_model(str(folder.work_dir))  # takes part in gathering sharded weights; writes nothing
         return None
@@ -310,29 +362,23 @@ def run(
     # The final model, tokenizer, results, curves and card appear together, or not at all.
     with replacing_folder(folder.work_dir) as final_dir:
         trainer.save_model(str(final_dir))
-        scores, translations = test_scores()
+        scores, translations = test_scores(trainer.model, data, training_args)
         summary = RunSummary(
             output_dir=str(folder.output_dir),
             parameters=trainer.model.num_parameters(),
-            train_pairs=len(train_dataset),
+            train_pairs=len(data.train_dataset),
             steps=train_result.global_step,
             seconds=round(time.perf_counter() - started, 1),
-            test_sentences=len(sources),
-            example_source=sources[0],
+            test_sentences=len(data.test_sources),
+            example_source=data.test_sources[0],
             bleu_before=bleu_before,
             bleu_after=scores["bleu"],
             chrf_after=scores["chrf"],
             bleu_signature=scores["bleu_signature"],
             chrf_signature=scores["chrf_signature"],
-            length_report=str(length_report),
+            length_report=str(data.length_report),
         )
-        examples = list(zip(sources, translations, references, strict=True))[:5]
-        (final_dir / "results.json").write_text(
-            json.dumps({**asdict(summary), "examples": examples}, indent=2, ensure_ascii=False) + "\n",
-            encoding="utf-8",
-        )
-        plot_training_curves(trainer.state.log_history, final_dir / "training_curves.png")
-        write_model_card(final_dir, summary, model_args, data_args, training_args, trainer.model.config)
+        examples = write_report(final_dir, summary, data, translations, trainer, model_args, data_args)
     folder.finish()
     for source, translation, reference in examples:
         print(f"\n  {data_args.source_lang}:  {source}\n  model:  {translation}\n  ref:    {reference}")
@@ -352,12 +398,6 @@ def describe(summary: RunSummary) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_arguments(argv)
-    if not data_args.data_terms and "multi30k" in (data_args.train_file + data_args.dataset_name).lower():
-        data_args.data_terms = MULTI30K_TERMS
-        data_args.license = data_args.license or "other"  # non-commercial terms: no open licence applies
-    if not data_args.data_terms and not data_args.train_file:
-        data_args.data_terms = "generated by hf_attention's code (Apache-2.0); no third-party data."
-    data_args.license = data_args.license or "apache-2.0"
     try:
         summary = run(model_args, data_args, training_args)
     except (OutputFolderError, ParallelDataError, TrainingArgumentError) as error:

@@ -1,0 +1,45 @@
+"""What the tests share: a tokenizer trained on the toy corpus, running code where hf_attention is not installed, and
+the environment of a user of the loopback Hub."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+from hf_attention.data import toy_translation_corpus
+from hf_attention.tokenization import train_tokenizer
+
+ROOT = Path(__file__).parent.parent
+WITHOUT_HF_ATTENTION = 'import sys\nsys.modules["hf_attention"] = None  # as where hf_attention is not installed\n'
+
+
+def toy_tokenizer(vocab_size: int = 150, pairs: int = 200) -> PreTrainedTokenizerFast:
+    """A joint BPE tokenizer trained on both sides of `pairs` toy sentence pairs."""
+    texts = [pair["translation"][lang] for pair in toy_translation_corpus(pairs) for lang in ("en", "de")]
+    return train_tokenizer(texts, vocab_size=vocab_size)
+
+
+def run_without_hf_attention(
+    script: str, *arguments: str, environment: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run the Python `script` (with `arguments` in sys.argv[1:]) in a fresh process where hf_attention cannot be
+    imported, as on a machine that only has transformers."""
+    code = WITHOUT_HF_ATTENTION + textwrap.dedent(script)
+    return subprocess.run(
+        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, env=environment,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def hub_environment(hub, home: Path, token: bool = True, offline: bool = False) -> dict[str, str]:
+    """The environment of one user of the loopback Hub `hub`, with their own cache in `home`."""
+    environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    environment.pop("HF_TOKEN", None)
+    if token:
+        environment["HF_TOKEN"] = hub.token
+    if offline:
+        environment["HF_HUB_OFFLINE"] = "1"
+    return environment
