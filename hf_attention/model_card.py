@@ -26,6 +26,8 @@ REPORTED_HYPERPARAMETERS = (
     "max_steps",
     "num_train_epochs",
     "seed",
+    "average_last_n_checkpoints",
+    "generation_length_penalty",
     "bf16",
     "fp16",
 )

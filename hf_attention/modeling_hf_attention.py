@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -877,6 +877,23 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """transformers' `generate`, plus §6.1's length limit: "maximum output length ... input length + 50".
+
+        A generation config with `max_new_tokens_over_source = k` (the training job saves k = 50) stops a batch at
+        its longest source + k new tokens, within `max_new_tokens` if that is set too, unless the call passes
+        `max_new_tokens` or `max_length` itself.
+        """
+        config = generation_config if generation_config is not None else self.generation_config
+        over_source = getattr(config, "max_new_tokens_over_source", None)
+        source = inputs if inputs is not None else kwargs.get("input_ids")
+        if over_source is not None and source is not None and not {"max_new_tokens", "max_length"} & kwargs.keys():
+            limit = source.shape[-1] + over_source
+            kwargs["max_new_tokens"] = min(limit, config.max_new_tokens) if config.max_new_tokens else limit
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 __all__ = [

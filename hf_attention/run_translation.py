@@ -9,6 +9,7 @@ process or many (`accelerate launch`, `torchrun`).
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .checkpoint_averaging import average_into_model, find_checkpoints
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .data import LengthReport, ParallelDataError, read_parallel_corpus, tokenize_pairs, toy_translation_dataset
@@ -109,8 +111,11 @@ TOKENIZER_FIELDS = ("vocab_size", "decoder_vocab_size", "pad_token_id", "bos_tok
                     "decoder_start_token_id")  # fmt: skip
 
 
-def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+def validate_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: PaperTrainingArguments
+) -> None:
     """Check every flag the job itself interprets, before anything is read or written."""
+    validate_averaging(training_args)
     choices = {
         "--preset": (model_args.preset, sorted(PRESETS)),
         "--tokenizer_model": (model_args.tokenizer_model, ["bpe", "unigram"]),
@@ -130,6 +135,28 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments) -> 
         if value < minimum:
             raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
     parse_config_overrides(model_args.config_overrides)
+
+
+def validate_averaging(training_args: PaperTrainingArguments) -> None:
+    """--average_last_n_checkpoints N needs N checkpoints to exist at the end of the run, and to be kept."""
+    wanted = training_args.average_last_n_checkpoints
+    flag = f"--average_last_n_checkpoints {wanted}"
+    if wanted < 0:
+        raise TrainingArgumentError(f"{flag}: must be 0 (no averaging) or more.")
+    if not wanted:
+        return
+    if training_args.save_strategy != "steps" and training_args.save_strategy != "epoch":
+        raise TrainingArgumentError(f"{flag}: the run saves no checkpoints (--save_strategy no).")
+    kept = training_args.save_total_limit
+    if kept is not None and kept < wanted:
+        raise TrainingArgumentError(f"{flag}: --save_total_limit {kept} keeps only {kept} checkpoints.")
+    if training_args.save_strategy == "steps" and training_args.max_steps > 0:
+        saved = math.ceil(training_args.max_steps / training_args.save_steps)  # the last step is saved too
+        if saved < wanted:
+            raise TrainingArgumentError(
+                f"{flag}: --max_steps {training_args.max_steps} with --save_steps {training_args.save_steps:g} "
+                f"saves {saved} checkpoints."
+            )
 
 
 def load_corpora(data_args: DataArguments, seed: int) -> dict:
@@ -324,7 +351,7 @@ def run(
         callbacks: extra `TrainerCallback`s for the trainer (e.g. to inspect every process's parameters).
     """
     started = time.perf_counter()
-    validate_arguments(model_args, data_args)
+    validate_arguments(model_args, data_args, training_args)
     inputs = {
         "--train_file": data_args.train_file,
         "--validation_file": data_args.validation_file,
@@ -339,8 +366,13 @@ def run(
     data = prepare_data(model_args, data_args, training_args.seed)
     model = load_model(model_args, data.tokenizer)
     training_args.resolve_learning_rate(model.config.d_model)
-    model.generation_config.max_length = training_args.generation_max_length
-    model.generation_config.num_beams = training_args.generation_num_beams
+    # §6.1's decoding: beam search with a length penalty, outputs at most the source length + 50 tokens.
+    generation_config = model.generation_config
+    generation_config.max_length = training_args.generation_max_length
+    generation_config.num_beams = training_args.generation_num_beams
+    if generation_config.num_beams and generation_config.num_beams > 1:  # transformers refuses it for greedy search
+        generation_config.length_penalty = training_args.generation_length_penalty
+    generation_config.max_new_tokens_over_source = training_args.generation_max_new_tokens_over_source
 
     # Every input is valid: from here on the run writes, into its own folder (see run_folder.py).
     with training_args.main_process_first(local=False):
@@ -356,6 +388,10 @@ def run(
         trainer.save_model(str(folder.work_dir))  # takes part in gathering sharded weights; writes nothing
         return None
 
+    if training_args.average_last_n_checkpoints:  # §6.1: the final model averages the last checkpoints
+        average_into_model(
+            trainer.model, find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
+        )
     # Saved as max_new_tokens, so callers that pass max_new_tokens (pipelines do) get no max_length clash.
     generation_config = trainer.model.generation_config
     generation_config.max_new_tokens, generation_config.max_length = training_args.generation_max_length, None

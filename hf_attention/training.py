@@ -46,6 +46,22 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     predict_with_generate: bool = True
     generation_num_beams: int | None = 4
     generation_max_length: int | None = 128
+    generation_length_penalty: float = field(
+        default=0.6,
+        metadata={
+            "help": "Beam search length penalty α (§6.1: 0.6); saved in the generation config. Differs from paper: "
+            "transformers divides scores by length^α where GNMT's penalty is ((5 + length) / 6)^α."
+        },
+    )
+    generation_max_new_tokens_over_source: int = field(
+        default=50, metadata={"help": "Translations stop at source length + this many tokens (§6.1: 50)."}
+    )
+    average_last_n_checkpoints: int = field(
+        default=0,
+        metadata={
+            "help": "The final model averages the last N saved checkpoints (§6.1: 5); 0 keeps the last weights."
+        },
+    )
     report_to: None | str | list[str] = "none"
     dataloader_pin_memory: bool = False
 

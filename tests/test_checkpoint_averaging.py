@@ -1,0 +1,95 @@
+"""The paper's finishing steps (§6.1): averaging the last checkpoints, and beam search with a length penalty and an
+output limit of source length + 50, saved as the trained model's decoding defaults."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+from hf_attention.checkpoint_averaging import main as average
+from hf_attention.run_translation import main as train
+
+# A run of a few seconds on the toy corpus that saves a checkpoint every 2 steps.
+RUN = ["--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
+       "--generation_num_beams", "2", "--warmup_steps", "2", "--toy_eval_size", "4", "--toy_train_size", "200",
+       "--max_steps", "6", "--save_steps", "2", "--seed", "3"]  # fmt: skip
+
+
+def mean_of(files: list) -> dict[str, torch.Tensor]:
+    tensors = [load_file(file) for file in files]
+    return {name: sum(t[name].double() for t in tensors) / len(tensors) for name in tensors[0]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    train([*RUN, "--output_dir", str(output_dir), "--average_last_n_checkpoints", "2"])
+    return output_dir
+
+
+def test_the_training_job_averages_the_last_checkpoints_into_the_final_model(run):
+    checkpoints = [run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors" for step in (4, 6)]
+    expected, final = mean_of(checkpoints), load_file(run / "model.safetensors")
+    assert expected.keys() == final.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name].double(), tensor, rtol=0, atol=1e-7, msg=name)
+    assert not torch.equal(final["model.shared.weight"], load_file(checkpoints[-1])["model.shared.weight"])
+    assert "| average_last_n_checkpoints | 2 |" in (run / "README.md").read_text()
+
+
+def test_the_averaging_script_takes_a_run_and_the_last_n_checkpoints(run, tmp_path, capsys):
+    average(["--inputs", str(run), "--num_checkpoints", "3", "--output_dir", str(tmp_path / "averaged")])
+    assert "averaged 3 checkpoints (checkpoint-2, checkpoint-4, checkpoint-6)" in capsys.readouterr().out
+    checkpoints = [run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors" for step in (2, 4, 6)]
+    averaged = load_file(tmp_path / "averaged" / "model.safetensors")
+    for name, tensor in mean_of(checkpoints).items():
+        torch.testing.assert_close(averaged[name].double(), tensor, rtol=0, atol=1e-7, msg=name)
+    assert (tmp_path / "averaged" / "tokenizer.json").is_file()
+    HfAttentionForConditionalGeneration.from_pretrained(tmp_path / "averaged")  # strict: every tensor fits
+
+
+def test_averaging_refuses_too_few_checkpoints_and_different_architectures(run, tmp_path):
+    with pytest.raises(SystemExit, match="--num_checkpoints 4: there are 3 checkpoints"):
+        average(["--inputs", str(run), "--num_checkpoints", "4", "--output_dir", str(tmp_path / "out")])
+    other = tmp_path / "other"
+    HfAttentionForConditionalGeneration(
+        HfAttentionConfig.from_preset("tiny", vocab_size=120, d_model=32)
+    ).save_pretrained(other)
+    inputs = [str(run / "checkpoints" / "checkpoint-6"), str(other)]
+    with pytest.raises(SystemExit, match=r"different architectures \(d_model: 32 vs 64\)"):
+        average(["--inputs", *inputs, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--average_last_n_checkpoints", "4"], r"--max_steps 6 with --save_steps 2 saves 3 checkpoints"),
+        (["--average_last_n_checkpoints", "3", "--save_total_limit", "2"], "--save_total_limit 2 keeps only 2"),
+        (["--average_last_n_checkpoints", "2", "--save_strategy", "no"], "the run saves no checkpoints"),
+    ],
+)
+def test_averaging_that_cannot_happen_stops_the_run_before_it_writes(tmp_path, options, message):
+    with pytest.raises(SystemExit, match=message):
+        train([*RUN, "--output_dir", str(tmp_path / "out"), *options])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_trained_model_decodes_as_the_paper_by_default(run):
+    saved = json.loads((run / "generation_config.json").read_text())
+    assert saved["length_penalty"] == 0.6 and saved["max_new_tokens_over_source"] == 50
+    assert saved["max_new_tokens"] == 8 and "max_length" not in saved
+
+
+def test_outputs_stop_at_the_source_length_plus_the_configured_margin():
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny", vocab_size=100)).eval()
+    model.generation_config.max_new_tokens_over_source = 3
+    source = torch.tensor([[5, 6, 7, 8, 2]])
+    never_stop = {"min_new_tokens": 100}  # the end token is suppressed, so only the limit stops generation
+    assert model.generate(source, **never_stop).shape[1] == 1 + 5 + 3  # start token, source length + 3
+    assert model.generate(source, max_new_tokens=2, **never_stop).shape[1] == 1 + 2  # the caller's limit wins
+    model.generation_config.max_new_tokens = 4  # an absolute cap below source + 3
+    assert model.generate(input_ids=source, **never_stop).shape[1] == 1 + 4
