@@ -38,7 +38,7 @@ from .modeling_hf_attention import HfAttentionForConditionalGeneration
 from .plots import plot_training_curves
 from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .tokenization import check_tokenizer_source, train_tokenizer
-from .training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments
+from .training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments, WallClockCallback
 
 logger = logging.get_logger(__name__)
 
@@ -309,7 +309,7 @@ def build_trainer(
         data_collator=DataCollatorForSeq2Seq(data.tokenizer, model=model),
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
-        callbacks=callbacks,
+        callbacks=[WallClockCallback(), *(callbacks or [])],
     )
 
 

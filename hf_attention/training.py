@@ -3,10 +3,11 @@ checkpoints appear only once complete."""
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerState
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from .modeling_hf_attention import label_smoothed_cross_entropy
@@ -94,6 +95,19 @@ class TokenLabelSmoother:
         if shift_labels:
             logits, labels = logits[..., :-1, :], labels[..., 1:]
         return label_smoothed_cross_entropy(logits, labels, self.epsilon, num_items_in_batch)
+
+
+class WallClockCallback(TrainerCallback):
+    """Adds `wall_seconds` (since the run started, across resumes) to every logged entry, so that curves can be drawn
+    against time: what "time to a good model" is measured in."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        earlier = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
+        self.started = time.perf_counter() - (earlier[-1] if earlier else 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.log_history and hasattr(self, "started"):
+            state.log_history[-1]["wall_seconds"] = round(time.perf_counter() - self.started, 1)
 
 
 class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):

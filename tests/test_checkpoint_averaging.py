@@ -14,7 +14,7 @@ from hf_attention.run_translation import main as train
 # A run of a few seconds on the toy corpus that saves a checkpoint every 2 steps.
 RUN = ["--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
        "--generation_num_beams", "2", "--warmup_steps", "2", "--toy_eval_size", "4", "--toy_train_size", "200",
-       "--max_steps", "6", "--save_steps", "2", "--seed", "3"]  # fmt: skip
+       "--max_steps", "6", "--save_steps", "2", "--logging_steps", "2", "--seed", "3"]  # fmt: skip
 
 
 def mean_of(files: list) -> dict[str, torch.Tensor]:
@@ -93,3 +93,9 @@ def test_outputs_stop_at_the_source_length_plus_the_configured_margin():
     assert model.generate(source, max_new_tokens=2, **never_stop).shape[1] == 1 + 2  # the caller's limit wins
     model.generation_config.max_new_tokens = 4  # an absolute cap below source + 3
     assert model.generate(input_ids=source, **never_stop).shape[1] == 1 + 4
+
+
+def test_logged_entries_carry_the_wall_clock_time_for_time_to_quality_curves(run):
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    times = [entry["wall_seconds"] for entry in state["log_history"]]
+    assert times and times == sorted(times) and times[-1] > 0
