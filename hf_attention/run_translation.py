@@ -131,6 +131,11 @@ def validate_arguments(
         "--toy_eval_size": (data_args.toy_eval_size, 1, "at least one pair"),
         "--max_eval_samples": (data_args.max_eval_samples, 0, "0 means all"),
     }
+    for flag in ("generation_num_beams", "generation_max_length", "per_device_train_batch_size",
+                 "per_device_eval_batch_size", "generation_max_new_tokens_over_source"):  # fmt: skip
+        value = getattr(training_args, flag)
+        if value is not None and value < 1:
+            minimums[f"--{flag}"] = (value, 1, "a positive number")
     for flag, (value, minimum, why) in minimums.items():
         if value < minimum:
             raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
