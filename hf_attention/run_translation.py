@@ -72,6 +72,10 @@ class DataArguments:
     toy_train_size: int = field(default=20000, metadata={"help": "Toy corpus: training pairs."})
     toy_eval_size: int = field(default=200, metadata={"help": "Toy corpus: validation and test pairs each."})
     max_eval_samples: int = field(default=500, metadata={"help": "Validation pairs scored during training (0: all)."})
+    test_before_training: bool = field(
+        default=True,
+        metadata={"help": "Score the test set before training too (an untrained model decodes slowly: minutes)."},
+    )
     dataset_name: str = field(default="", metadata={"help": "Dataset name for the model card."})
     data_terms: str = field(default="", metadata={"help": "The data's licence or terms of use, for the model card."})
     license: str = field(
@@ -297,6 +301,7 @@ def build_trainer(
     training_args: PaperTrainingArguments,
     folder: RunFolder,
     callbacks: list[TrainerCallback] | None,
+    started: float,
 ) -> CheckpointSafeSeq2SeqTrainer:
     """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are."""
     trainer_args = dataclasses.replace(
@@ -314,7 +319,7 @@ def build_trainer(
         data_collator=DataCollatorForSeq2Seq(data.tokenizer, model=model),
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
-        callbacks=[WallClockCallback(), *(callbacks or [])],
+        callbacks=[WallClockCallback(started), *(callbacks or [])],
     )
 
 
@@ -383,10 +388,12 @@ def run(
     with training_args.main_process_first(local=False):
         if training_args.process_index == 0:
             folder.clear_unfinished_replacement()
-    trainer = build_trainer(model, data, training_args, folder, callbacks)
+    trainer = build_trainer(model, data, training_args, folder, callbacks, started)
     resume = folder.resume_from_checkpoint
     bleu_before = (
-        test_scores(model, data, training_args)[0]["bleu"] if trainer.is_world_process_zero() and not resume else None
+        test_scores(model, data, training_args)[0]["bleu"]
+        if trainer.is_world_process_zero() and not resume and data_args.test_before_training
+        else None
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():
@@ -427,7 +434,7 @@ def run(
 
 
 def describe(summary: RunSummary) -> str:
-    before = "n/a (resumed)" if summary.bleu_before is None else f"{summary.bleu_before:.1f}"
+    before = "not scored" if summary.bleu_before is None else f"{summary.bleu_before:.1f}"
     return (
         f"\n{summary.parameters / 1e6:.2f}M parameters, {summary.steps} steps on {summary.train_pairs} pairs "
         f"({summary.length_report}), {summary.seconds:.0f}s in all\n"

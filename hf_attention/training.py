@@ -98,12 +98,21 @@ class TokenLabelSmoother:
 
 
 class WallClockCallback(TrainerCallback):
-    """Adds `wall_seconds` (since the run started, across resumes) to every logged entry, so that curves can be drawn
-    against time: what "time to a good model" is measured in."""
+    """Adds `wall_seconds` (since the job started, across resumes) to every logged entry, so that curves can be drawn
+    against time: what "time to a good model" is measured in.
+
+    Args:
+        started: `time.perf_counter()` when the job started (data and tokenizer included); default: training start.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.job_started = started
 
     def on_train_begin(self, args, state, control, **kwargs):
         earlier = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
-        self.started = time.perf_counter() - (earlier[-1] if earlier else 0.0)
+        self.started = self.job_started if self.job_started is not None else time.perf_counter()
+        if earlier:  # a resumed run goes on from the time its last entry recorded
+            self.started = time.perf_counter() - earlier[-1]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.log_history and hasattr(self, "started"):

@@ -178,3 +178,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     for name, tensor in reference.items():
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_test_set_is_scored_before_training_only_when_asked(tmp_path, capsys):
+    run(*parse_arguments([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "2", "--save_strategy", "no",
+                          "--toy_eval_size", "4", "--test_before_training", "false"]))  # fmt: skip
+    assert json.loads((tmp_path / "results.json").read_text())["bleu_before"] is None
+    assert "BLEU before training" not in (tmp_path / "README.md").read_text()
