@@ -8,6 +8,7 @@ process or many (`accelerate launch`, `torchrun`).
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import sys
@@ -15,23 +16,30 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
+from datasets import config as datasets_config
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
+    AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
     set_seed,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .checkpoint_averaging import average_into_model, find_checkpoints
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
-from .data import LengthReport, ParallelDataError, read_parallel_corpus, tokenize_pairs, toy_translation_dataset
+from .data import LengthReport, ParallelDataError, tokenize_pairs
+from .data.batching import PaddingCounter, PaddingFractionCallback, token_lengths
+from .data.sources import CorpusRequest, DataSourceError, load_corpus
 from .evaluation import build_compute_metrics, score_translations, translate
 from .model_card import ModelCardFacts, write_model_card
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
@@ -45,8 +53,13 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class ModelArguments:
+    """The model and tokenizer: run_translation's flags, plus the sizes of a model trained from scratch."""
+
     model_name_or_path: str = field(
         default="", metadata={"help": "Fine-tune this checkpoint (folder or Hub id); empty: train from scratch."}
+    )
+    config_name: str = field(
+        default="", metadata={"help": "From scratch: start from this config (folder or Hub id) instead of --preset."}
     )
     preset: str = field(default="tiny", metadata={"help": "From scratch: model size, tiny, base or big (Table 3)."})
     config_overrides: str = field(
@@ -55,28 +68,87 @@ class ModelArguments:
     tokenizer_name: str = field(default="", metadata={"help": "Use this saved tokenizer instead of training one."})
     vocab_size: int = field(default=8000, metadata={"help": "Subwords in the trained joint vocabulary."})
     tokenizer_model: str = field(default="bpe", metadata={"help": "Subword model to train: bpe or unigram."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where downloaded models and datasets and the preprocessed data are cached."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model to load."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a Hub model's own code to run (for models transformers lacks)."}
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Accepted for run_translation compatibility; tokenizers here are fast."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights' dtype when loading: auto, float32, bfloat16 or float16."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: eager, sdpa, flex_attention (or flash where installed)."}
+    )
 
 
 @dataclass
 class DataArguments:
+    """The data: run_translation's flags, plus the toy corpus, flat tables and the model card's facts."""
+
+    source_lang: str = field(default="en", metadata={"help": "Source language code (a key of 'translation')."})
+    target_lang: str = field(default="de", metadata={"help": "Target language code (a key of 'translation')."})
+    dataset_name: str = field(
+        default="", metadata={"help": "A datasets dataset: Hub id, local dataset folder or save_to_disk folder."}
+    )
+    dataset_config_name: str = field(default="", metadata={"help": "The dataset's config, e.g. de-en for wmt14."})
     train_file: str = field(
         default="",
-        metadata={"help": "A .tsv or .jsonl file, or a prefix P of P.SRC / P.TGT; empty: the embedded toy corpus."},
+        metadata={"help": "A .json, .jsonl, .csv, .parquet or .tsv file, or a prefix P of P.SRC / P.TGT text files."},
     )
     validation_file: str = field(default="", metadata={"help": "Like train_file; scored during training."})
-    test_file: str = field(default="", metadata={"help": "Like train_file; scored before and after training."})
-    source_lang: str = field(default="en", metadata={"help": "Source language code."})
-    target_lang: str = field(default="de", metadata={"help": "Target language code."})
-    max_length: int = field(default=128, metadata={"help": "Most tokens per side, </s> included."})
-    too_long: str = field(default="drop", metadata={"help": "Training pairs beyond max_length: drop or truncate."})
+    test_file: str = field(default="", metadata={"help": "Like train_file; scored at the end (--do_predict)."})
+    source_column: str = field(default="", metadata={"help": "Flat tables: the column holding the source text."})
+    target_column: str = field(default="", metadata={"help": "Flat tables: the column holding the target text."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the training pairs held out when the data has no validation split."}
+    )
+    toy_corpus: bool = field(
+        default=False, metadata={"help": "Train on the embedded English->German toy corpus (the demo)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo the cached preprocessing."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (datasets' num_proc)."}
+    )
+    max_source_length: int = field(default=128, metadata={"help": "Most source tokens per pair, </s> included."})
+    max_target_length: int = field(default=128, metadata={"help": "Most target tokens per pair, </s> included."})
+    val_max_target_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most target tokens of validation and test pairs, and generation's default maximum "
+            "(default: --max_target_length)."
+        },  # fmt: skip
+    )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every pair to the maximum lengths rather than each batch's longest."}
+    )
+    too_long: str = field(default="drop", metadata={"help": "Training pairs beyond the maximum: drop or truncate."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(
+        default=500, metadata={"help": "Validation pairs scored during training (0 or None: all)."}
+    )
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test pairs."})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beams for evaluation and prediction (default: --generation_num_beams)."}
+    )
+    ignore_pad_token_for_loss: bool = field(
+        default=True, metadata={"help": "Pad labels with -100 so that padding does not count in the loss."}
+    )
+    source_prefix: str = field(default="", metadata={"help": "Text put before every source sentence (T5-style)."})
+    forced_bos_token: str = field(
+        default="", metadata={"help": "A token forced as the first generated one (a target-language tag)."}
+    )
     toy_train_size: int = field(default=20000, metadata={"help": "Toy corpus: training pairs."})
     toy_eval_size: int = field(default=200, metadata={"help": "Toy corpus: validation and test pairs each."})
-    max_eval_samples: int = field(default=500, metadata={"help": "Validation pairs scored during training (0: all)."})
     test_before_training: bool = field(
         default=True,
         metadata={"help": "Score the test set before training too (an untrained model decodes slowly: minutes)."},
     )
-    dataset_name: str = field(default="", metadata={"help": "Dataset name for the model card."})
     data_terms: str = field(default="", metadata={"help": "The data's licence or terms of use, for the model card."})
     license: str = field(
         default="",
@@ -91,6 +163,7 @@ class RunSummary:
     train_pairs: int
     steps: int
     seconds: float
+    scored_split: str  # test, or validation when the data has no test split
     test_sentences: int
     example_source: str
     bleu_before: float | None
@@ -101,13 +174,86 @@ class RunSummary:
     length_report: str
 
 
+ARGUMENTS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line: the flag, the value and what is allowed, without the usage of
+    every training argument above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    return ArgumentParser((ModelArguments, DataArguments, PaperTrainingArguments))
+
+
+def _closest_flag(parser: ArgumentParser, flag: str) -> str:
+    options = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; see --help"
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PaperTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, PaperTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags as run_translation.py takes them, or a single .json / .yaml file of them (`train.py args.json`).
+
+    An unknown flag exits with the closest valid one named.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if len(argv) == 1 and argv[0].lower().endswith(ARGUMENTS_FILE_SUFFIXES):
+        path = Path(argv[0])
+        if not path.is_file():
+            parser.error(f"{argv[0]}: no such arguments file.")
+        parse = parser.parse_json_file if path.suffix.lower() == ".json" else parser.parse_yaml_file
+        try:
+            return parse(path, allow_extra_keys=False)
+        except ValueError as error:  # "Some keys are not used by the HfArgumentParser: ['lerning_rate']"
+            unknown = str(error).partition(": ")[2].strip("[]'\" ")
+            if not unknown or "not used" not in str(error):
+                parser.error(f"{path}: {error}")
+            key = unknown.split("'")[0]
+            parser.error(f"{path}: unknown key {key!r}{_closest_flag(parser, '--' + key).replace('--', '')}")
+    *parsed, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if unknown:
+        flag = unknown[0].partition("=")[0]
+        parser.error(f"unrecognized argument {flag}{_closest_flag(parser, flag)}")
+    return tuple(parsed)
 
 
 class TrainingArgumentError(ValueError):
     """A flag whose value the run cannot honour; the message names the flag, the value and what is allowed."""
+
+
+ATTENTION_KERNELS = ["eager", *(name for name in ALL_ATTENTION_FUNCTIONS if "|" not in name)]
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Phases:
+    """What the job does: run_translation's --do_train / --do_eval / --do_predict (all three when none is given)."""
+
+    train: bool
+    evaluate: bool
+    predict: bool
+    test_required: bool  # --do_predict needs a test split; the whole job scores validation when there is none
+
+
+def requested_phases(training_args: PaperTrainingArguments) -> Phases:
+    """The phases asked for. transformers sets `do_eval` itself whenever `--eval_strategy` is not "no", so
+    `do_eval` alone asks for an evaluation-only run only with `--eval_strategy no`."""
+    explicit_eval = training_args.do_eval and training_args.eval_strategy == "no"
+    if not (training_args.do_train or training_args.do_predict or explicit_eval):
+        return Phases(train=True, evaluate=False, predict=True, test_required=False)  # the whole job
+    return Phases(
+        train=training_args.do_train,
+        evaluate=training_args.do_eval,
+        predict=training_args.do_predict,
+        test_required=training_args.do_predict,
+    )
 
 
 # Config fields the job sets from the tokenizer; `--config_overrides` may not set them.
@@ -128,13 +274,30 @@ def validate_arguments(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
+    if model_args.attn_implementation is not None:
+        choices["--attn_implementation"] = (model_args.attn_implementation, ATTENTION_KERNELS)
+    choices["--dtype"] = (model_args.dtype, list(DTYPES))
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
     minimums = {
         "--vocab_size": (model_args.vocab_size, 5, "4 special tokens and at least 1 subword"),
-        "--max_length": (data_args.max_length, 2, "one token and </s>"),
+        "--max_source_length": (data_args.max_source_length, 2, "one token and </s>"),
+        "--max_target_length": (data_args.max_target_length, 2, "one token and </s>"),
         "--toy_train_size": (data_args.toy_train_size, 1, "at least one pair"),
         "--toy_eval_size": (data_args.toy_eval_size, 1, "at least one pair"),
-        "--max_eval_samples": (data_args.max_eval_samples, 0, "0 means all"),
+        "--validation_split_percentage": (data_args.validation_split_percentage, 0, "a percentage"),
     }
+    optional_minimums = {
+        "--val_max_target_length": (data_args.val_max_target_length, 2, "one token and </s>"),
+        "--max_train_samples": (data_args.max_train_samples, 1, "at least one pair"),
+        "--max_eval_samples": (data_args.max_eval_samples, 0, "0 means all"),
+        "--max_predict_samples": (data_args.max_predict_samples, 1, "at least one pair"),
+        "--num_beams": (data_args.num_beams, 1, "a positive number"),
+        "--preprocessing_num_workers": (data_args.preprocessing_num_workers, 1, "at least one process"),
+        "--max_tokens": (training_args.max_tokens, 2, "one token and </s>"),
+    }
+    minimums |= {flag: limit for flag, limit in optional_minimums.items() if limit[0] is not None}
     for flag in ("generation_num_beams", "generation_max_length", "per_device_train_batch_size",
                  "per_device_eval_batch_size", "generation_max_new_tokens_over_source"):  # fmt: skip
         value = getattr(training_args, flag)
@@ -143,6 +306,14 @@ def validate_arguments(
     for flag, (value, minimum, why) in minimums.items():
         if value < minimum:
             raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
+    if data_args.validation_split_percentage > 99:
+        raise TrainingArgumentError(
+            f"--validation_split_percentage {data_args.validation_split_percentage}: must be at most 99."
+        )
+    if not requested_phases(training_args).train and not model_args.model_name_or_path:
+        raise TrainingArgumentError(
+            "--do_eval / --do_predict without --do_train evaluate a trained model: give --model_name_or_path."
+        )
     parse_config_overrides(model_args.config_overrides)
 
 
@@ -168,26 +339,31 @@ def validate_averaging(training_args: PaperTrainingArguments) -> None:
             )
 
 
-def load_corpora(data_args: DataArguments, seed: int) -> dict:
-    """train / validation / test `Dataset`s of `{"translation": {...}}` rows, from files or the toy corpus."""
-    corpora = {}
-    for split, path, toy_size, toy_seed in (
-        ("train", data_args.train_file, data_args.toy_train_size, seed),
-        ("validation", data_args.validation_file, data_args.toy_eval_size, seed + 1),
-        ("test", data_args.test_file, data_args.toy_eval_size, seed + 2),
-    ):
-        if path:
-            corpora[split] = read_parallel_corpus(path, data_args.source_lang, data_args.target_lang)
-        elif data_args.train_file:
-            raise ParallelDataError(f"--train_file is given, so --{split}_file must be given too.")
-        else:
-            corpora[split] = toy_translation_dataset(toy_size, seed=toy_seed)
-            if (data_args.source_lang, data_args.target_lang) != ("en", "de"):
-                raise ParallelDataError("The toy corpus is English->German: use --source_lang en --target_lang de.")
-    return corpora
+def corpus_request(model_args: ModelArguments, data_args: DataArguments, seed: int) -> CorpusRequest:
+    return CorpusRequest(
+        **{name: getattr(data_args, name) for name in DATA_SOURCE_FLAGS},
+        max_train_samples=data_args.max_train_samples or 0,
+        max_eval_samples=data_args.max_eval_samples or 0,
+        max_predict_samples=data_args.max_predict_samples or 0,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+        seed=seed,
+    )
 
 
-def load_tokenizer(model_args: ModelArguments, train_corpus, data_args: DataArguments) -> PreTrainedTokenizerBase:
+DATA_SOURCE_FLAGS = ("source_lang", "target_lang", "dataset_name", "dataset_config_name", "train_file",
+                     "validation_file", "test_file", "source_column", "target_column", "validation_split_percentage",
+                     "toy_corpus", "toy_train_size", "toy_eval_size")  # fmt: skip
+
+
+def load_tokenizer(
+    model_args: ModelArguments, train_corpus: Dataset | None, data_args: DataArguments, training_args
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of --tokenizer_name / --model_name_or_path, or one trained on the training pairs.
+
+    A trained tokenizer is kept in the datasets cache under a key of the training data's fingerprint and the
+    tokenizer's settings: the main process trains it once, the others (and later runs on the same data) load it.
+    """
     flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name:
@@ -195,10 +371,24 @@ def load_tokenizer(model_args: ModelArguments, train_corpus, data_args: DataArgu
             check_tokenizer_source(flag, name)
         except ValueError as error:
             raise TrainingArgumentError(str(error)) from None
-        return AutoTokenizer.from_pretrained(name)
+        revision = model_args.model_revision if name == model_args.model_name_or_path else "main"
+        return AutoTokenizer.from_pretrained(
+            name, cache_dir=model_args.cache_dir, revision=revision, token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )  # fmt: skip
     languages = (data_args.source_lang, data_args.target_lang)
-    texts = (pair[lang] for pair in train_corpus["translation"] for lang in languages)
-    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size, model=model_args.tokenizer_model)
+    settings = [train_corpus._fingerprint, model_args.vocab_size, model_args.tokenizer_model, *languages]
+    folder = Path(model_args.cache_dir or datasets_config.HF_DATASETS_CACHE) / "hf_attention_tokenizers"
+    folder /= hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        if folder.is_dir() and not data_args.overwrite_cache:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            texts = (pair[lang] for pair in train_corpus["translation"] for lang in languages)
+            trained = train_tokenizer(texts, vocab_size=model_args.vocab_size, model=model_args.tokenizer_model)
+            with replacing_folder(folder) as staging:
+                trained.save_pretrained(staging)
+            tokenizer = AutoTokenizer.from_pretrained(folder)  # as later runs load it: the same preprocessing cache
     if len(tokenizer) > model_args.vocab_size:
         raise TrainingArgumentError(
             f"--vocab_size {model_args.vocab_size}: the training text alone needs {len(tokenizer)} entries (its "
@@ -235,99 +425,175 @@ def parse_config_overrides(overrides: str) -> dict:
     return fields
 
 
-def load_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> HfAttentionForConditionalGeneration:
+def load_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The checkpoint of --model_name_or_path, or a new model from --config_name or --preset and the tokenizer."""
+    loading = {"cache_dir": model_args.cache_dir, "token": model_args.token,
+               "trust_remote_code": model_args.trust_remote_code}  # fmt: skip
+    if model_args.attn_implementation:
+        loading["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path:
-        return AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
-    try:
-        config = HfAttentionConfig.from_preset(
-            model_args.preset,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.bos_token_id,
-            **parse_config_overrides(model_args.config_overrides),
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype, **loading
         )
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):  # as run_translation does
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    token_ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "decoder_start_token_id": tokenizer.bos_token_id}  # fmt: skip
+    overrides = parse_config_overrides(model_args.config_overrides)
+    try:
+        if model_args.config_name:
+            base = AutoConfig.from_pretrained(model_args.config_name, **loading).to_dict()
+            for name in ("model_type", "transformers_version", "architectures", "auto_map", "dtype"):
+                base.pop(name, None)
+            config = HfAttentionConfig(**(base | token_ids | overrides))
+        else:
+            config = HfAttentionConfig.from_preset(model_args.preset, **token_ids, **overrides)
     except (StrictDataclassError, TypeError, ValueError) as error:
         message = " ".join(str(error).split())
-        raise TrainingArgumentError(f"--config_overrides {model_args.config_overrides!r}: {message}") from None
-    return HfAttentionForConditionalGeneration(config)
+        flag = f"--config_name {model_args.config_name}" if model_args.config_name else "--config_overrides"
+        raise TrainingArgumentError(f"{flag} {model_args.config_overrides!r}: {message}") from None
+    if model_args.attn_implementation:
+        config._attn_implementation = model_args.attn_implementation
+    model = HfAttentionForConditionalGeneration(config)
+    dtype = DTYPES[model_args.dtype]
+    return model.to(dtype) if dtype is not None else model
 
 
 @dataclass
 class PreparedData:
-    """Everything the run reads, checked and tokenised before anything is written."""
+    """Everything the run reads, checked and tokenised before anything is written (None: a split not used)."""
 
     tokenizer: PreTrainedTokenizerBase
-    train_dataset: Dataset
-    eval_dataset: Dataset
-    length_report: LengthReport
-    test_sources: list[str]
-    test_references: list[str]
+    train_dataset: Dataset | None
+    eval_dataset: Dataset | None
+    length_report: LengthReport | None
+    scored_split: str | None  # the held-out split scored at the end: test, else validation
+    scored_sources: list[str]
+    scored_references: list[str]
 
 
-def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
-    """Read the corpora, load or train the tokenizer, tokenise training and validation pairs."""
-    corpora = load_corpora(data_args, seed)
-    tokenizer = load_tokenizer(model_args, corpora["train"], data_args)
+def needed_splits(phases: Phases) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(splits the run cannot do without, splits it uses when the data has them)."""
+    if phases.train:
+        test = ("test",)
+        return ("train", "validation", *(test if phases.test_required else ())), () if phases.test_required else test
+    return tuple(split for split, wanted in (("validation", phases.evaluate), ("test", phases.predict)) if wanted), ()
+
+
+def prepare_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args: PaperTrainingArguments, phases: Phases
+) -> PreparedData:
+    """Read the corpora, load or train the tokenizer, tokenise the training and validation pairs (cached)."""
+    needed, optional = needed_splits(phases)
+    request = corpus_request(model_args, data_args, training_args.seed)
+    corpus = load_corpus(request, needed, optional)
+    tokenizer = load_tokenizer(model_args, corpus.get("train"), data_args, training_args)
+    label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    options = {"source_prefix": data_args.source_prefix, "pad_to_max_length": data_args.pad_to_max_length,
+               "label_pad_token_id": label_pad, "num_proc": data_args.preprocessing_num_workers,
+               "load_from_cache_file": not data_args.overwrite_cache}  # fmt: skip
     languages = (data_args.source_lang, data_args.target_lang)
-    train_dataset, length_report = tokenize_pairs(
-        corpora["train"], tokenizer, *languages, max_length=data_args.max_length, too_long=data_args.too_long
-    )
-    if len(train_dataset) == 0:
-        raise TrainingArgumentError(
-            f"--max_length {data_args.max_length}: every training pair is longer ({length_report}); raise it or "
-            "pass --too_long truncate."
-        )
-    validation = corpora["validation"]
-    if data_args.max_eval_samples:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    eval_dataset, _ = tokenize_pairs(validation, tokenizer, *languages, max_length=data_args.max_length)
-    logger.warning(f"Training data: {length_report}.")
-    test_pairs = corpora["test"]["translation"]
+    train_dataset = length_report = eval_dataset = None
+    with training_args.main_process_first(local=False, desc="tokenizing the data"):
+        if "train" in corpus:
+            train_dataset, length_report = tokenize_pairs(
+                corpus["train"], tokenizer, *languages, max_length=data_args.max_source_length,
+                too_long=data_args.too_long, max_target_length=data_args.max_target_length, **options,
+            )  # fmt: skip
+            if len(train_dataset) == 0:
+                raise TrainingArgumentError(
+                    f"--max_source_length {data_args.max_source_length} / --max_target_length "
+                    f"{data_args.max_target_length}: every training pair is longer ({length_report}); raise them or "
+                    "pass --too_long truncate."
+                )
+            logger.warning(f"Training data: {length_report}.")
+            check_max_tokens(training_args.max_tokens, train_dataset)
+        if "validation" in corpus:
+            eval_dataset, _ = tokenize_pairs(
+                corpus["validation"], tokenizer, *languages, max_length=data_args.max_source_length,
+                max_target_length=data_args.val_max_target_length or data_args.max_target_length, **options,
+            )  # fmt: skip
+    scored_split = "test" if "test" in corpus else "validation" if "validation" in corpus else None
+    scored_pairs = corpus[scored_split]["translation"] if scored_split else []
     return PreparedData(
         tokenizer=tokenizer,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         length_report=length_report,
-        test_sources=[pair[data_args.source_lang] for pair in test_pairs],
-        test_references=[pair[data_args.target_lang] for pair in test_pairs],
+        scored_split=scored_split,
+        scored_sources=[data_args.source_prefix + pair[languages[0]] for pair in scored_pairs],
+        scored_references=[pair[languages[1]] for pair in scored_pairs],
     )
+
+
+def check_max_tokens(max_tokens: int | None, train_dataset: Dataset) -> None:
+    """--max_tokens must hold the longest kept pair, or that pair would fit in no batch."""
+    if not max_tokens:
+        return
+    longest = max(int(token_lengths(train_dataset, column).max()) for column in ("input_ids", "labels"))
+    if longest > max_tokens:
+        raise TrainingArgumentError(
+            f"--max_tokens {max_tokens}: the longest kept training pair has {longest} tokens on one side; raise "
+            f"--max_tokens to at least {longest}, or lower --max_source_length / --max_target_length."
+        )
 
 
 def build_trainer(
-    model: HfAttentionForConditionalGeneration,
+    model: PreTrainedModel,
     data: PreparedData,
     training_args: PaperTrainingArguments,
-    folder: RunFolder,
+    folder: RunFolder | None,
     callbacks: list[TrainerCallback] | None,
     started: float,
+    label_pad_token_id: int = -100,
 ) -> CheckpointSafeSeq2SeqTrainer:
     """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are."""
-    trainer_args = dataclasses.replace(
-        training_args,
-        output_dir=str(folder.checkpoints_dir),
+    changes = {}
+    if folder is not None:
+        changes["output_dir"] = str(folder.checkpoints_dir)
         # BLEU before training, as the curve's first point (a resumed run has it already)
-        eval_on_start=training_args.eval_on_start
-        or (not folder.resume_from_checkpoint and training_args.eval_strategy != "no"),
-    )
+        changes["eval_on_start"] = training_args.eval_on_start or (
+            not folder.resume_from_checkpoint and training_args.eval_strategy != "no"
+        )
+    trainer_args = dataclasses.replace(training_args, **changes)
+    collator = DataCollatorForSeq2Seq(data.tokenizer, model=model, label_pad_token_id=label_pad_token_id)
+    padding = PaddingCounter(collator, data.tokenizer.pad_token_id, label_pad_token_id)
     return CheckpointSafeSeq2SeqTrainer(
         model=model,
         args=trainer_args,
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,
-        data_collator=DataCollatorForSeq2Seq(data.tokenizer, model=model),
+        data_collator=padding,
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
-        callbacks=[WallClockCallback(started), *(callbacks or [])],
+        callbacks=[WallClockCallback(started), PaddingFractionCallback(padding), *(callbacks or [])],
     )
 
 
-def test_scores(model, data: PreparedData, training_args: PaperTrainingArguments) -> tuple[dict, list[str]]:
-    """The same beam search before and after training, on the whole test set."""
+def held_out_scores(model, data: PreparedData, training_args: PaperTrainingArguments) -> tuple[dict, list[str]]:
+    """The same beam search before and after training, on the whole held-out split (test, else validation)."""
     beams, length = training_args.generation_num_beams or 1, training_args.generation_max_length or 128
-    translations = translate(model, data.tokenizer, data.test_sources, num_beams=beams, max_new_tokens=length)
-    return score_translations(translations, data.test_references), translations
+    translations = translate(model, data.tokenizer, data.scored_sources, num_beams=beams, max_new_tokens=length)
+    return score_translations(translations, data.scored_references), translations
+
+
+def prediction_files(scores: dict, translations: list[str], seconds: float) -> dict[str, str]:
+    """run_translation's --do_predict outputs: one translation per line, and the metrics under `predict_`."""
+    metrics = {f"predict_{name}": value for name, value in scores.items()}
+    metrics |= {"predict_samples": len(translations), "predict_runtime": round(seconds, 2)}
+    return {
+        "generated_predictions.txt": "".join(f"{line}\n" for line in translations),
+        "predict_results.json": json.dumps(metrics, indent=2) + "\n",
+    }
+
+
+def final_evaluation(trainer: CheckpointSafeSeq2SeqTrainer) -> dict[str, str]:
+    """run_translation's --do_eval output: the validation metrics (BLEU and chrF included) in eval_results.json."""
+    metrics = trainer.evaluate(metric_key_prefix="eval")
+    metrics["eval_samples"] = len(trainer.eval_dataset)
+    return {"eval_results.json": json.dumps(metrics, indent=2) + "\n"}
 
 
 def write_report(
@@ -340,7 +606,7 @@ def write_report(
     data_args: DataArguments,
 ) -> list[tuple[str, str, str]]:
     """results.json (with the card's facts, for publishing), the training curves and the model card."""
-    examples = list(zip(data.test_sources, translations, data.test_references, strict=True))[:5]
+    examples = list(zip(data.scored_sources, translations, data.scored_references, strict=True))[:5]
     facts = ModelCardFacts.from_run(summary, model_args, data_args, trainer.args, trainer.model.config)
     results = {**asdict(summary), "examples": examples, "model_card": asdict(facts)}
     (final_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -349,23 +615,85 @@ def write_report(
     return examples
 
 
+def set_decoding_defaults(model: PreTrainedModel, data_args: DataArguments, training_args, tokenizer) -> None:
+    """§6.1's decoding (beam search with a length penalty, outputs at most the source length + 50 tokens), and
+    run_translation's --num_beams, --val_max_target_length and --forced_bos_token, in the generation config."""
+    if data_args.num_beams is not None:
+        training_args.generation_num_beams = data_args.num_beams
+    if training_args.generation_max_length is None:
+        training_args.generation_max_length = data_args.val_max_target_length or data_args.max_target_length
+    generation_config = model.generation_config
+    generation_config.max_length = training_args.generation_max_length
+    generation_config.num_beams = training_args.generation_num_beams
+    if generation_config.num_beams and generation_config.num_beams > 1:  # transformers refuses it for greedy search
+        generation_config.length_penalty = training_args.generation_length_penalty
+    generation_config.max_new_tokens_over_source = training_args.generation_max_new_tokens_over_source
+    if data_args.forced_bos_token:
+        token_id = tokenizer.convert_tokens_to_ids(data_args.forced_bos_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise TrainingArgumentError(f"--forced_bos_token {data_args.forced_bos_token}: not in the vocabulary.")
+        generation_config.forced_bos_token_id = model.config.forced_bos_token_id = token_id
+
+
+def evaluate_only(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PaperTrainingArguments,
+    phases: Phases,
+    started: float,
+) -> None:
+    """--do_eval / --do_predict without --do_train: score --model_name_or_path; write run_translation's result files
+    into --output_dir, replacing earlier ones only with --overwrite_output_dir."""
+    data = prepare_data(model_args, data_args, training_args, phases)
+    output_dir = Path(training_args.output_dir)
+    names = (["eval_results.json"] if phases.evaluate else []) + (
+        ["generated_predictions.txt", "predict_results.json"] if phases.predict else []
+    )
+    existing = [name for name in names if (output_dir / name).exists()]
+    if existing and not training_args.overwrite_output_dir:
+        raise OutputFolderError(
+            f"--output_dir {output_dir} already holds {', '.join(existing)}; pass --overwrite_output_dir to replace."
+        )
+    model = load_model(model_args, data.tokenizer)
+    set_decoding_defaults(model, data_args, training_args, data.tokenizer)
+    files = {}
+    if phases.evaluate:
+        files |= final_evaluation(build_trainer(model, data, training_args, None, None, started))
+    if phases.predict and training_args.process_index == 0:
+        began = time.perf_counter()
+        scores, translations = held_out_scores(model, data, training_args)
+        files |= prediction_files(scores, translations, time.perf_counter() - began)
+    if training_args.process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():  # each file appears whole, or not at all
+            staging = output_dir / f".{name}.writing"
+            staging.write_text(text, encoding="utf-8")
+            staging.replace(output_dir / name)
+            print(f"{output_dir / name}")
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: PaperTrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> RunSummary | None:
-    """Train and evaluate; returns the summary on the main process (None on the others).
+    """Train and evaluate; returns the summary on the main process (None on the others, and without --do_train).
 
     Args:
         callbacks: extra `TrainerCallback`s for the trainer (e.g. to inspect every process's parameters).
     """
     started = time.perf_counter()
     validate_arguments(model_args, data_args, training_args)
+    phases = requested_phases(training_args)
+    if not phases.train:
+        evaluate_only(model_args, data_args, training_args, phases, started)
+        return None
     inputs = {
         "--train_file": data_args.train_file,
         "--validation_file": data_args.validation_file,
         "--test_file": data_args.test_file,
+        "--dataset_name": data_args.dataset_name if Path(data_args.dataset_name).exists() else "",
         "--model_name_or_path": model_args.model_name_or_path if Path(model_args.model_name_or_path).exists() else "",
         "--tokenizer_name": model_args.tokenizer_name if Path(model_args.tokenizer_name).exists() else "",
     }
@@ -373,25 +701,20 @@ def run(
         training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
     )
     set_seed(training_args.seed)
-    data = prepare_data(model_args, data_args, training_args.seed)
+    data = prepare_data(model_args, data_args, training_args, phases)
     model = load_model(model_args, data.tokenizer)
     training_args.resolve_learning_rate(model.config.d_model)
-    # §6.1's decoding: beam search with a length penalty, outputs at most the source length + 50 tokens.
-    generation_config = model.generation_config
-    generation_config.max_length = training_args.generation_max_length
-    generation_config.num_beams = training_args.generation_num_beams
-    if generation_config.num_beams and generation_config.num_beams > 1:  # transformers refuses it for greedy search
-        generation_config.length_penalty = training_args.generation_length_penalty
-    generation_config.max_new_tokens_over_source = training_args.generation_max_new_tokens_over_source
+    set_decoding_defaults(model, data_args, training_args, data.tokenizer)
 
     # Every input is valid: from here on the run writes, into its own folder (see run_folder.py).
     with training_args.main_process_first(local=False):
         if training_args.process_index == 0:
             folder.clear_unfinished_replacement()
-    trainer = build_trainer(model, data, training_args, folder, callbacks, started)
+    label_pad = -100 if data_args.ignore_pad_token_for_loss else data.tokenizer.pad_token_id
+    trainer = build_trainer(model, data, training_args, folder, callbacks, started, label_pad)
     resume = folder.resume_from_checkpoint
     bleu_before = (
-        test_scores(model, data, training_args)[0]["bleu"]
+        held_out_scores(model, data, training_args)[0]["bleu"]
         if trainer.is_world_process_zero() and not resume and data_args.test_before_training
         else None
     )
@@ -410,15 +733,22 @@ def run(
     # The final model, tokenizer, results, curves and card appear together, or not at all.
     with replacing_folder(folder.work_dir) as final_dir:
         trainer.save_model(str(final_dir))
-        scores, translations = test_scores(trainer.model, data, training_args)
+        files = final_evaluation(trainer) if phases.evaluate else {}
+        began = time.perf_counter()
+        scores, translations = held_out_scores(trainer.model, data, training_args)
+        if phases.predict:
+            files |= prediction_files(scores, translations, time.perf_counter() - began)
+        for name, text in files.items():
+            (final_dir / name).write_text(text, encoding="utf-8")
         summary = RunSummary(
             output_dir=str(folder.output_dir),
             parameters=trainer.model.num_parameters(),
             train_pairs=len(data.train_dataset),
             steps=train_result.global_step,
             seconds=round(time.perf_counter() - started, 1),
-            test_sentences=len(data.test_sources),
-            example_source=data.test_sources[0],
+            scored_split=data.scored_split,
+            test_sentences=len(data.scored_sources),
+            example_source=data.scored_sources[0],
             bleu_before=bleu_before,
             bleu_after=scores["bleu"],
             chrf_after=scores["chrf"],
@@ -438,7 +768,7 @@ def describe(summary: RunSummary) -> str:
     return (
         f"\n{summary.parameters / 1e6:.2f}M parameters, {summary.steps} steps on {summary.train_pairs} pairs "
         f"({summary.length_report}), {summary.seconds:.0f}s in all\n"
-        f"test BLEU {before} -> {summary.bleu_after:.1f}, chrF {summary.chrf_after:.1f}\n"
+        f"{summary.scored_split} BLEU {before} -> {summary.bleu_after:.1f}, chrF {summary.chrf_after:.1f}\n"
         f"  {summary.bleu_signature}\n  {summary.chrf_signature}\n"
         f"model, tokenizer, model card, curves and results in {summary.output_dir}"
     )
@@ -448,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_arguments(argv)
     try:
         summary = run(model_args, data_args, training_args)
-    except (OutputFolderError, ParallelDataError, TrainingArgumentError) as error:
+    except (DataSourceError, OutputFolderError, ParallelDataError, TrainingArgumentError) as error:
         sys.exit(f"error: {error}")
     if summary is not None:
         print(describe(summary))

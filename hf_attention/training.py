@@ -5,11 +5,20 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    TrainOutput,
+    get_last_checkpoint,
+    rotate_checkpoints,
+    seed_worker,
+)
 
+from .data.batching import TokenBatchSampler, token_lengths
 from .modeling_hf_attention import label_smoothed_cross_entropy
 
 STAGING_DIR = ".checkpoint-staging"
@@ -39,14 +48,20 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
         default=0.0, metadata={"help": "Peak learning rate; 0 means eq. 3's d_model^-0.5 * warmup_steps^-0.5."}
     )
     learning_rate_scale: float = field(default=1.0, metadata={"help": "Multiplies eq. 3's peak learning rate."})
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-9
-    lr_scheduler_type: str = "inverse_sqrt"
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam's β2 (§5.3: 0.98)."})
+    adam_epsilon: float = field(default=1e-9, metadata={"help": "Adam's ε (§5.3: 1e-9)."})
+    lr_scheduler_type: str = field(
+        default="inverse_sqrt", metadata={"help": "Learning-rate schedule; inverse_sqrt with warm-up is eq. 3."}
+    )
     warmup_steps: float = field(default=4000, metadata={"help": "Warm-up steps of eq. 3 (the paper: 4000)."})
-    label_smoothing_factor: float = 0.1
-    predict_with_generate: bool = True
-    generation_num_beams: int | None = 4
-    generation_max_length: int | None = 128
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing ε_ls (§5.4: 0.1)."})
+    predict_with_generate: bool = field(
+        default=True, metadata={"help": "Evaluate by generating translations (BLEU, chrF), not only the loss."}
+    )
+    generation_num_beams: int | None = field(default=4, metadata={"help": "Beam size when evaluating (§6.1: 4)."})
+    generation_max_length: int | None = field(
+        default=128, metadata={"help": "Most generated tokens when evaluating (saved as max_new_tokens)."}
+    )
     generation_length_penalty: float = field(
         default=0.6,
         metadata={
@@ -57,14 +72,25 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     generation_max_new_tokens_over_source: int = field(
         default=50, metadata={"help": "Translations stop at source length + this many tokens (§6.1: 50)."}
     )
+    max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batches of at most this many tokens per side, padding included, instead of "
+            "--per_device_train_batch_size sentences (fairseq's --max-tokens; the paper: ~25000)."
+        },
+    )
     average_last_n_checkpoints: int = field(
         default=0,
         metadata={
             "help": "The final model averages the last N saved checkpoints (§6.1: 5); 0 keeps the last weights."
         },
     )
-    report_to: None | str | list[str] = "none"
-    dataloader_pin_memory: bool = False
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Where to report metrics (none, all, tensorboard, wandb, ...)."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Pin host memory of batches (helps only when training on a GPU)."}
+    )
 
     def __post_init__(self):
         # On a machine without an accelerator, say so: transformers otherwise treats a multi-process launch
@@ -153,6 +179,38 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
                 losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
                 return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """transformers' loader, or with `--max_tokens` one of token-based batches (`TokenBatchSampler`)."""
+        if not self.args.max_tokens:
+            return super().get_train_dataloader()
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        sampler = TokenBatchSampler(
+            token_lengths(dataset, "input_ids"),
+            token_lengths(dataset, "labels"),
+            self.args.max_tokens,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
+            # accelerate's BatchSamplerShard would split our per-process batches again: make it a passthrough, as
+            # transformers does for its BatchRebalanceSampler, and let it pass the epoch on.
+            shard.num_processes, shard.process_index = 1, 0
+            shard.set_epoch = sampler.set_epoch
+        return prepared
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial=trial)

@@ -1,7 +1,8 @@
 """A small Hub-compatible HTTP server on 127.0.0.1, for round trips through huggingface_hub's real client.
 
 No server on the package registries accepts uploads offline, so this implements only the endpoints that
-huggingface_hub 2.x and transformers 5.x call to push and pull a model repo; point the client at it with
+huggingface_hub 2.x, transformers 5.x and datasets 5.x call to push and pull a model or dataset repo (dataset repos
+answer under /api/datasets/... and /datasets/...); point the client at it with
 `HF_ENDPOINT` (set before huggingface_hub is imported). Files travel inline (preupload answers "regular"), so no LFS
 or Xet storage is involved. Repos are kept in memory, each commit a full snapshot.
 
@@ -11,7 +12,8 @@ Endpoints:
     POST /api/models/{repo}/preupload/{rev}         upload mode per file: always "regular"
     POST /api/models/{repo}/commit/{rev}            NDJSON commit: header, then files (base64) / deletions
     GET  /api/models/{repo}[/revision/{rev}]        model info: sha, siblings, private
-    GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing
+    GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing (?recursive=true: the whole subtree)
+    POST /api/models/{repo}/paths-info/{rev}        entries for the given paths
     GET  /api/models/{repo}/refs                    branches
     HEAD|GET /{repo}/resolve/{rev}/{path}           file download, with X-Repo-Commit, ETag, Content-Length;
                                                     404 + X-Error-Code: EntryNotFound / RevisionNotFound / RepoNotFound
@@ -27,7 +29,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 @dataclass
@@ -96,11 +98,15 @@ class HubHandler(BaseHTTPRequestHandler):
         return not repo.private or self.headers.get("Authorization") == f"Bearer {self.state.token}"
 
     def _repo(self, repo_id: str) -> Repo | None:
-        repo = self.state.repos.get(repo_id)
+        repo = self.state.repos.get(self._key(repo_id))
         if repo is None or not self._authorized(repo):
             self._error(401, "RepoNotFound", f"Repository not found: {repo_id}")
             return None
         return repo
+
+    def _key(self, repo_id: str) -> str:
+        """Model repos are kept under their id, dataset repos under datasets/{id}."""
+        return f"datasets/{repo_id}" if self.kind == "datasets" else repo_id
 
     # --- routing -------------------------------------------------------------------------------------------------
     def do_HEAD(self):  # noqa: N802
@@ -115,24 +121,35 @@ class HubHandler(BaseHTTPRequestHandler):
     def _route(self):
         # Read the whole body first, even where unused: the connection is kept alive for the next request.
         self.request_body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        path = unquote(urlparse(self.path).path)
+        url = urlparse(self.path)
+        path, self.query = unquote(url.path), parse_qs(url.query)
+        self.kind = "models"
         with self.state.lock:
             self.state.requests.append((self.command, path))
             self.state.all_requests.append((self.command, path))
+        api = r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)"
         routes = [
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", lambda: self._json(200, {"errors": [], "warnings": []})),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self._preupload),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self._commit),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/refs", self._refs),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self._tree),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", self._model_info),
+            ("POST", api + r"/preupload/(?P<rev>[^/]+)", self._preupload),
+            ("POST", api + r"/commit/(?P<rev>[^/]+)", self._commit),
+            ("POST", api + r"/paths-info/(?P<rev>[^/]+)", self._paths_info),
+            ("GET", api + r"/refs", self._refs),
+            ("GET", api + r"/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self._tree),
+            ("GET", api + r"(?:/revision/(?P<rev>[^/]+))?", self._model_info),
+            (
+                "HEAD|GET",
+                r"/(?P<kind>datasets)/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)",
+                self._resolve,
+            ),
             ("HEAD|GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve),
         ]
         for methods, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if self.command in methods.split("|") and match:
-                return handler(**{k: v for k, v in match.groupdict().items() if v is not None})
+                arguments = {k: v for k, v in match.groupdict().items() if v is not None}
+                self.kind = arguments.pop("kind", "models")
+                return handler(**arguments)
         self._error(404, "NotFound", f"No route for {self.command} {path}")
 
     # --- endpoints -----------------------------------------------------------------------------------------------
@@ -141,12 +158,13 @@ class HubHandler(BaseHTTPRequestHandler):
         repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
         if "/" not in repo_id:
             repo_id = f"user/{repo_id}"
-        url = f"http://{self.headers['Host']}/{repo_id}"
-        if repo_id in self.state.repos:
+        self.kind = "datasets" if request.get("type") == "dataset" else "models"
+        url = f"http://{self.headers['Host']}/{self._key(repo_id)}"
+        if self._key(repo_id) in self.state.repos:
             return self._json(409, {"error": "You already created this model repo", "url": url})
         repo = Repo(private=request.get("visibility") == "private" or bool(request.get("private")))
         self.state.commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs\n"}, set(), "initial commit")
-        self.state.repos[repo_id] = repo
+        self.state.repos[self._key(repo_id)] = repo
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _preupload(self, repo: str, rev: str):
@@ -198,12 +216,42 @@ class HubHandler(BaseHTTPRequestHandler):
         target, sha = self._snapshot(repo, rev)
         if target is None:
             return
-        prefix = f"{sub.rstrip('/')}/" if sub else ""
-        entries = [
-            {"type": "file", "path": path, "size": len(content), "oid": _git_blob_id(content)}
-            for path, content in sorted(target.commits[sha].items())
-            if path.startswith(prefix)
-        ]
+        recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
+        self._json(200, self._entries(target.commits[sha], sub.strip("/"), recursive))
+
+    @staticmethod
+    def _entries(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict]:
+        """The files and folders under `folder`: its direct children, or (`recursive`) the whole subtree."""
+        prefix = f"{folder}/" if folder else ""
+        entries = {}
+        for path, content in sorted(files.items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                if recursive or depth == 1:
+                    name = prefix + "/".join(parts[:depth])
+                    entries.setdefault(name, {"type": "directory", "path": name, "oid": _git_blob_id(name.encode())})
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "path": path, "size": len(content), "oid": _git_blob_id(content)}
+        return list(entries.values())
+
+    def _paths_info(self, repo: str, rev: str):
+        target, sha = self._snapshot(repo, rev)
+        if target is None:
+            return
+        body = self._body().decode()
+        wanted = json.loads(body)["paths"] if body.startswith("{") else parse_qs(body).get("paths", [])
+        files = target.commits[sha]
+        entries = []
+        for path in wanted:
+            path = path.strip("/")
+            if path in files:
+                entries.append(
+                    {"type": "file", "path": path, "size": len(files[path]), "oid": _git_blob_id(files[path])}
+                )
+            elif any(name.startswith(f"{path}/") for name in files):
+                entries.append({"type": "directory", "path": path, "oid": _git_blob_id(path.encode())})
         self._json(200, entries)
 
     def _refs(self, repo: str):
@@ -257,6 +305,13 @@ class LocalHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model", private: bool = False) -> str:
+        """Create a repo holding `files` in one commit on main, as an upload would; returns the commit sha."""
+        repo = Repo(private=private)
+        key = f"datasets/{repo_id}" if repo_type == "dataset" else repo_id
+        self.state.repos[key] = repo
+        return self.state.commit(repo, "main", {".gitattributes": b"", **files}, set(), "upload")
+
     def fail_next_download(self, path: str, after_bytes: int) -> None:
         self.state.broken_downloads[path] = after_bytes
 
@@ -264,8 +319,8 @@ class LocalHub:
         """(method, route) pairs the client used (since the last clear, or since the start), generalised."""
         routes = set()
         for method, path in self.state.all_requests if since_start else self.state.requests:
-            path = re.sub(r"^/api/models/[^/]+/[^/]+", "/api/models/{repo}", path)
-            path = re.sub(r"^/[^/]+/[^/]+/resolve/[^/]+/.+", "/{repo}/resolve/{revision}/{file}", path)
+            path = re.sub(r"^/api/(models|datasets)/[^/]+/[^/]+", r"/api/\1/{repo}", path)
+            path = re.sub(r"^(/datasets)?/[^/]+/[^/]+/resolve/[^/]+/.+", r"\1/{repo}/resolve/{revision}/{file}", path)
             path = re.sub(r"/(preupload|commit|tree|revision)/[^/]+.*", r"/\1/{revision}", path)
             routes.add((method, path))
         return routes

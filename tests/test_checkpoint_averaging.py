@@ -12,7 +12,7 @@ from hf_attention.checkpoint_averaging import main as average
 from hf_attention.run_translation import main as train
 
 # A run of a few seconds on the toy corpus that saves a checkpoint every 2 steps.
-RUN = ["--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
+RUN = ["--toy_corpus", "--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
        "--generation_num_beams", "2", "--warmup_steps", "2", "--toy_eval_size", "4", "--toy_train_size", "200",
        "--max_steps", "6", "--save_steps", "2", "--logging_steps", "2", "--seed", "3"]  # fmt: skip
 

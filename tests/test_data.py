@@ -6,12 +6,12 @@ import json
 import pytest
 from transformers.testing_utils import CaptureLogger
 
-from hf_attention import data
 from hf_attention.data import (
     ParallelDataError,
     number_in_english,
     number_in_german,
     read_parallel_corpus,
+    readers,
     tokenize_pairs,
     toy_translation_dataset,
 )
@@ -96,7 +96,7 @@ def test_every_format_reads_into_translation_rows(tmp_path, kind):
 
 def test_pairs_with_an_empty_side_are_dropped_counted_and_located(tmp_path):
     write_pair_files(tmp_path / "train", PAIRS[:1] + [("", "leer")] + PAIRS[1:] + [("  ", " ")])
-    with CaptureLogger(data.logger) as captured:
+    with CaptureLogger(readers.logger) as captured:
         dataset = read_parallel_corpus(tmp_path / "train", "en", "de")
     assert len(dataset) == 3
     assert "Dropped 2 pair(s) with an empty side" in captured.out and "train.de:2" in captured.out

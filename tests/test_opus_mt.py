@@ -80,7 +80,7 @@ def test_opus_mt_model_converts_fine_tunes_publishes_and_loads_elsewhere_with_it
 
     finetuned = tmp_path / "finetuned"
     train(["--model_name_or_path", str(converted), "--output_dir", str(finetuned), "--max_steps", "3",
-           "--per_device_train_batch_size", "8", "--toy_train_size", "64", "--toy_eval_size", "4",
+           "--per_device_train_batch_size", "8", "--toy_corpus", "--toy_train_size", "64", "--toy_eval_size", "4",
            "--generation_max_length", "8", "--generation_num_beams", "1", "--warmup_steps", "1"])  # fmt: skip
     model = AutoModelForSeq2SeqLM.from_pretrained(finetuned)
     before = AutoModelForSeq2SeqLM.from_pretrained(converted)

@@ -93,8 +93,9 @@ def test_pipeline_takes_the_seq2seq_tasks_without_remote_code_once_hf_attention_
 
 
 def test_a_trained_models_generation_config_never_clashes_with_max_new_tokens(tmp_path, caplog):
-    main(["--output_dir", str(tmp_path), "--max_steps", "1", "--vocab_size", "120", "--toy_train_size", "100",
-          "--toy_eval_size", "2", "--generation_max_length", "8", "--generation_num_beams", "1"])  # fmt: skip
+    main(["--toy_corpus", "--output_dir", str(tmp_path), "--max_steps", "1", "--vocab_size", "120",
+          "--toy_train_size", "100", "--toy_eval_size", "2", "--generation_max_length", "8",
+          "--generation_num_beams", "1"])  # fmt: skip
     assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 8
     translator = pipeline("translation", model=str(tmp_path))
     with caplog.at_level(logging.WARNING):

@@ -24,9 +24,10 @@ from hf_attention.training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArg
 
 ROOT = Path(__file__).parent.parent
 # A run of a few seconds: the toy corpus, a tiny vocabulary, short generations.
-T = ["--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
+T = ["--toy_corpus", "--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
      "--generation_num_beams", "1", "--warmup_steps", "2", "--toy_eval_size", "5", "--toy_train_size", "200",
      "--seed", "7"]  # fmt: skip
+T_FILES = [flag for flag in T if flag != "--toy_corpus"]  # for runs that name their own data
 
 
 def tiny_model(**overrides) -> HfAttentionForConditionalGeneration:
@@ -171,7 +172,7 @@ def test_a_misspelt_config_field_stops_the_run_and_names_the_closest_field(tmp_p
 def test_overwriting_with_a_missing_input_keeps_the_output_folder(finished_run, tmp_path):
     before = folder_bytes(finished_run)
     with pytest.raises(SystemExit, match="missing.tsv: no such file"):
-        main([*T, "--output_dir", str(finished_run), "--overwrite_output_dir", "--train_file",
+        main([*T_FILES, "--output_dir", str(finished_run), "--overwrite_output_dir", "--train_file",
               str(tmp_path / "missing.tsv"), "--validation_file", "x", "--test_file", "x"])  # fmt: skip
     assert folder_bytes(finished_run) == before
 
@@ -183,7 +184,7 @@ def test_an_output_folder_holding_the_training_data_is_refused(tmp_path):
     files = ["--train_file", str(data / "train.tsv"), "--validation_file", str(data / "train.tsv"),
              "--test_file", str(data / "train.tsv")]  # fmt: skip
     with pytest.raises(SystemExit, match=r"--output_dir .*data contains --train_file .*train\.tsv"):
-        main([*T, "--output_dir", str(data), "--overwrite_output_dir", *files])
+        main([*T_FILES, "--output_dir", str(data), "--overwrite_output_dir", *files])
     assert (data / "train.tsv").read_text() == "we buy two dogs\twir kaufen zwei hunde\n"
 
 
@@ -255,8 +256,11 @@ def test_a_run_killed_anywhere_resumes_to_the_parameters_of_an_uninterrupted_run
         (["--config_overrides", "d_model=90"], r"`d_model` \(90\) must be divisible by `encoder_attention_heads`"),
         (["--vocab_size", "0"], "--vocab_size 0: must be at least 5"),
         (["--vocab_size", "10"], "--vocab_size 10: the training text alone needs 33 entries"),
-        (["--max_length", "1"], "--max_length 1: must be at least 2"),
-        (["--max_length", "3"], "--max_length 3: every training pair is longer"),
+        (["--max_source_length", "1"], "--max_source_length 1: must be at least 2"),
+        (
+            ["--max_source_length", "3"],
+            "--max_source_length 3 / --max_target_length 128: every training pair is longer",
+        ),
         (["--preset", "huge"], "--preset 'huge': choose one of base, big, tiny"),
         (["--too_long", "cut"], "--too_long 'cut': choose one of drop, truncate"),
         (["--resume_from_checkpoint", "latest"], "holds no complete checkpoint to resume from"),

@@ -1,0 +1,143 @@
+"""Token-based batches (fairseq's `--max-tokens`, OpenNMT-py's `batch_type: tokens`) and the padding they save.
+
+The paper trains on batches of about 25,000 source and 25,000 target tokens (§5.1), not a number of sentences: a
+batch of short sentences then holds more of them, and a batch of long ones fewer, so that every step does about the
+same work and little of it is padding.
+"""
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+
+
+def token_lengths(dataset: Dataset, column: str) -> np.ndarray:
+    """The length of every row's `column` (a list of ids), read from the Arrow data without building Python lists."""
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy()
+
+
+def padded_tokens(source_lengths: Sequence[int], target_lengths: Sequence[int]) -> int:
+    """Tokens of one padded batch on its longer side: rows × the longest row (what `--max_tokens` bounds)."""
+    return len(source_lengths) * max(max(source_lengths), max(target_lengths))
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Batches of at most `max_tokens` tokens on either side, padding included, from length-sorted pairs.
+
+    Each epoch, the pairs are shuffled, sorted by length (the shuffle breaks ties), and cut into batches greedily;
+    the batches are then shuffled, so that neighbouring steps see different lengths. Under data parallelism each
+    process takes every `num_replicas`-th batch (starting at its `rank`), and every process gets the same number
+    of batches. The order depends only on `seed` and the epoch (`set_epoch`), so a resumed run sees the batches an
+    uninterrupted run would.
+
+    Args:
+        source_lengths, target_lengths: tokens of each pair's source and target (`</s>` included).
+        max_tokens: most tokens of a padded batch on its source side and on its target side.
+        seed: the shuffles' seed; the same on every process.
+        num_replicas, rank: data-parallel processes, and this one's index.
+
+    Raises:
+        ValueError: a pair longer than `max_tokens` (it fits in no batch).
+    """
+
+    def __init__(
+        self,
+        source_lengths: Sequence[int],
+        target_lengths: Sequence[int],
+        max_tokens: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+    ):
+        self.source_lengths = np.asarray(source_lengths, dtype=np.int64)
+        self.target_lengths = np.asarray(target_lengths, dtype=np.int64)
+        longest = int(np.maximum(self.source_lengths, self.target_lengths).max(initial=0))
+        if longest > max_tokens:
+            raise ValueError(f"--max_tokens {max_tokens}: the longest kept pair has {longest} tokens on one side.")
+        self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def all_batches(self) -> list[list[int]]:
+        """This epoch's batches of every process, in order (process r takes items r, r + N, ...)."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        generator = np.random.default_rng([self.seed, self.epoch])
+        order = (
+            generator.permutation(len(self.source_lengths)) if self.shuffle else np.arange(len(self.source_lengths))
+        )
+        longer_side = np.maximum(self.source_lengths, self.target_lengths)[order]
+        order = order[np.argsort(longer_side, kind="stable")]
+        batches, current, longest = [], [], 0
+        for index in order.tolist():
+            length = max(int(self.source_lengths[index]), int(self.target_lengths[index]))
+            if current and max(longest, length) * (len(current) + 1) > self.max_tokens:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            batches = [batches[position] for position in generator.permutation(len(batches))]
+        if len(batches) % self.num_replicas:  # every process takes the same number of steps
+            batches += batches[: self.num_replicas - len(batches) % self.num_replicas]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.all_batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.all_batches()) / self.num_replicas)
+
+
+class PaddingCounter:
+    """Wraps a data collator to count the real and padded tokens of the batches it builds.
+
+    `padding_fraction` is the share of padding among the source and target tokens since the last `reset`.
+    (Counts are kept in the process that collates: with `--dataloader_num_workers 0`, the trainer's.)
+    """
+
+    def __init__(self, collator: Callable, pad_token_id: int, label_pad_token_id: int = -100):
+        self.collator, self.pad_token_id, self.label_pad_token_id = collator, pad_token_id, label_pad_token_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.real_tokens = self.total_tokens = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        for key, pad in (("input_ids", self.pad_token_id), ("labels", self.label_pad_token_id)):
+            ids = batch.get(key)
+            if isinstance(ids, torch.Tensor):
+                self.real_tokens += int(ids.ne(pad).sum())
+                self.total_tokens += ids.numel()
+        return batch
+
+    @property
+    def padding_fraction(self) -> float | None:
+        return 1 - self.real_tokens / self.total_tokens if self.total_tokens else None
+
+
+class PaddingFractionCallback(TrainerCallback):
+    """Adds `padding_fraction` (since the previous log) to each training log entry."""
+
+    def __init__(self, counter: PaddingCounter):
+        self.counter = counter
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.counter.padding_fraction is not None:
+            fraction = round(self.counter.padding_fraction, 4)
+            logs["padding_fraction"] = state.log_history[-1]["padding_fraction"] = fraction
+            self.counter.reset()

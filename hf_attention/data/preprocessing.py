@@ -1,0 +1,89 @@
+"""Tokenisation of `{"translation": ...}` rows into model inputs and labels, with a report on over-long pairs."""
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class LengthReport:
+    """What `tokenize_pairs` did about pairs longer than the maximum length."""
+
+    kept: int
+    too_long: int
+    policy: str
+
+    def __str__(self) -> str:
+        action = "truncated" if self.policy == "truncate" else "dropped"
+        return f"{self.kept} pairs kept, {self.too_long} longer than the maximum length {action}"
+
+
+def tokenize_pairs(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    source_lang: str,
+    target_lang: str,
+    max_length: int,
+    too_long: str = "truncate",
+    max_target_length: int | None = None,
+    source_prefix: str = "",
+    pad_to_max_length: bool = False,
+    label_pad_token_id: int = -100,
+    num_proc: int | None = None,
+    load_from_cache_file: bool = True,
+) -> tuple[Dataset, LengthReport]:
+    """Source ids, mask and target `labels` (via `text_target`) for Seq2SeqTrainer, cached by `datasets`.
+
+    Args:
+        max_length: most source tokens, `</s>` included (run_translation's `max_source_length`); also the most
+            target tokens unless `max_target_length` is given.
+        too_long: `"truncate"` pairs with a side beyond its maximum, or `"drop"` them.
+        source_prefix: text put before every source sentence (run_translation's `--source_prefix`, for T5-style
+            task prefixes).
+        pad_to_max_length: pad every row to the maximum lengths (labels with `label_pad_token_id`) instead of
+            padding each batch to its longest row.
+        num_proc: processes for `Dataset.map`; `load_from_cache_file=False` redoes cached work.
+
+    Returns:
+        The tokenized dataset and how many pairs were too long.
+    """
+    if too_long not in ("truncate", "drop"):
+        raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")
+    limits = {"input_ids": max_length, "attention_mask": max_length, "labels": max_target_length or max_length}
+    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": label_pad_token_id}
+
+    def tokenize(batch: dict) -> dict:
+        sources = [source_prefix + pair[source_lang] for pair in batch["translation"]]
+        targets = [pair[target_lang] for pair in batch["translation"]]
+        encoded = dict(tokenizer(sources, text_target=targets))
+        encoded["too_long"] = [
+            len(source) > limits["input_ids"] or len(target) > limits["labels"]
+            for source, target in zip(encoded["input_ids"], encoded["labels"], strict=True)
+        ]
+        for key, limit in limits.items():  # cut to the limit, keeping the final </s>
+            encoded[key] = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded[key]]
+            if pad_to_max_length:
+                encoded[key] = [ids + [pads[key]] * (limit - len(ids)) for ids in encoded[key]]
+        return encoded
+
+    tokenized = dataset.map(
+        tokenize,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        load_from_cache_file=load_from_cache_file,
+        desc="Tokenizing",
+    )
+    too_long_count = sum(tokenized["too_long"])
+    if too_long == "drop" and too_long_count:
+        tokenized = tokenized.filter(
+            lambda too_long_rows: [not row for row in too_long_rows],
+            input_columns="too_long",
+            batched=True,
+            num_proc=num_proc,
+            load_from_cache_file=load_from_cache_file,
+            desc="Dropping over-long pairs",
+        )
+    report = LengthReport(kept=len(tokenized), too_long=too_long_count, policy=too_long)
+    return tokenized.remove_columns("too_long"), report
