@@ -46,7 +46,12 @@ from .modeling_hf_attention import HfAttentionForConditionalGeneration
 from .plots import plot_training_curves
 from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .tokenization import check_tokenizer_source, train_tokenizer
-from .training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments, WallClockCallback
+from .training import (
+    CheckpointSafeSeq2SeqTrainer,
+    PaperTrainingArguments,
+    WallClockCallback,
+    unsupported_speed_options,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -310,6 +315,8 @@ def validate_arguments(
         raise TrainingArgumentError(
             f"--validation_split_percentage {data_args.validation_split_percentage}: must be at most 99."
         )
+    for problem in unsupported_speed_options(training_args):
+        raise TrainingArgumentError(problem)
     if not requested_phases(training_args).train and not model_args.model_name_or_path:
         raise TrainingArgumentError(
             "--do_eval / --do_predict without --do_train evaluate a trained model: give --model_name_or_path."

@@ -1,6 +1,7 @@
 """The paper's training recipe (§5.3, §5.4) as `Seq2SeqTrainingArguments` defaults, and a `Seq2SeqTrainer` whose
 checkpoints appear only once complete."""
 
+import importlib.util
 import os
 import shutil
 import time
@@ -104,6 +105,37 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
         if self.learning_rate <= 0:
             peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps)))
             self.learning_rate = peak * self.learning_rate_scale
+
+
+def unsupported_speed_options(args: Seq2SeqTrainingArguments) -> list[str]:
+    """Why `--bf16` or `--torch_compile` cannot work on this machine (empty when both can), before training starts.
+
+    On CPU, bf16 autocast needs AVX512-BF16 or AMX instructions (without them PyTorch emulates bf16, slower than
+    fp32), and `torch.compile` needs a C++ compiler for its generated kernels; on CUDA, bf16 needs an Ampere or newer
+    GPU and `torch.compile` needs Triton.
+    """
+    problems = []
+    on_cuda = torch.cuda.is_available() and not args.use_cpu
+    if args.bf16:
+        if on_cuda and not torch.cuda.is_bf16_supported():
+            problems.append(f"--bf16: the GPU ({torch.cuda.get_device_name()}) has no bf16 support; use --fp16.")
+        elif not on_cuda and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            problems.append(
+                "--bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be emulated and "
+                "slower than fp32; drop the flag."
+            )
+    if args.torch_compile:
+        if on_cuda and importlib.util.find_spec("triton") is None:
+            problems.append("--torch_compile: torch.compile on a GPU needs Triton (pip install triton).")
+        elif not on_cuda and not any(shutil.which(name) for name in CXX_COMPILERS):
+            problems.append(
+                f"--torch_compile: torch.compile on CPU needs a C++ compiler, and none of {', '.join(CXX_COMPILERS)} "
+                "is on PATH; install one (e.g. apt install g++) or drop the flag."
+            )
+    return problems
+
+
+CXX_COMPILERS = (os.environ.get("CXX") or "g++", "c++", "clang++")
 
 
 @dataclass

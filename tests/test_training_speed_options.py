@@ -1,11 +1,13 @@
 """The options that make a training step faster give the step they replace: bf16 autocast within bf16's tolerance
-with fp32 master weights, and torch.compile without a graph break in our model code."""
+with fp32 master weights, and torch.compile without a graph break in our model code; each refused where the machine
+cannot run it."""
 
 import pytest
 import torch
 
-from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention import HfAttentionForConditionalGeneration, training
 from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
+from hf_attention.run_translation import main
 
 from .conftest import padded_batch
 
@@ -89,3 +91,22 @@ def test_the_loss_keeps_no_vocabulary_sized_tensor_beside_the_logits():
         label_smoothed_cross_entropy(logits, labels, 0.1)
     vocabulary_sized = [t for t in saved if t.numel() >= logits.numel() and t.data_ptr() != logits.data_ptr()]
     assert vocabulary_sized == []  # nn.functional.cross_entropy keeps its (B·T, V) log-softmax here
+
+
+@pytest.mark.parametrize(
+    "flag, missing, message",
+    [
+        ("--bf16", "bf16", "--bf16: this CPU has no bf16 instructions \\(AVX512-BF16 or AMX\\)"),
+        ("--torch_compile", "compiler", "--torch_compile: torch.compile on CPU needs a C\\+\\+ compiler"),
+    ],
+)
+def test_a_speed_option_the_machine_cannot_run_is_refused_before_training(tmp_path, monkeypatch, flag, missing,
+                                                                          message):  # fmt: skip
+    if missing == "bf16":
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    else:
+        monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match=message):
+        main(["--toy_corpus", flag, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out").exists()
