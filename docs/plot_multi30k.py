@@ -1,6 +1,6 @@
 """Draws docs/multi30k_bleu_vs_time.png: validation BLEU against wall-clock minutes for the runs of docs/multi30k.md.
 
-    python docs/plot_multi30k.py [RUN_FOLDER[=MINUTES] ...]   # checkpoints/*/trainer_state.json (wall_seconds)
+    python docs/plot_multi30k.py [RUN_FOLDER[=MINUTES] ...]   # checkpoint-*/trainer_state.json (wall_seconds)
 
 `=MINUTES` adds the minutes a run spent before training where its `wall_seconds` count from the training start
 (runs made before the job counted from its own start). Runs made before the training job logged `wall_seconds` are
@@ -25,7 +25,8 @@ MEASURED = {
 
 
 def run_curve(run: Path, offset_minutes: float) -> list[tuple[float, float]]:
-    states = sorted(run.glob("checkpoints/checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+    found = [*run.glob("checkpoint-*/trainer_state.json"), *run.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    states = sorted(found, key=lambda p: int(p.parent.name[11:]))
     history = json.loads(states[-1].read_text())["log_history"]
     return [
         (offset_minutes + e["wall_seconds"] / 60, e["eval_bleu"])

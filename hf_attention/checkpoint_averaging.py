@@ -2,7 +2,7 @@
 checkpoints, which were written at 10-minute intervals".
 
 `scripts/average_checkpoints.py --inputs RUN [--num_checkpoints 5] --output_dir OUT` (console script
-`hf-attention-average`) averages checkpoints saved by the training job (`RUN/checkpoints/checkpoint-N`) or any saved
+`hf-attention-average`) averages checkpoints saved by the training job (`RUN/checkpoint-N`) or any saved
 model folders of one architecture; the training job's `--average_last_n_checkpoints N` does the same as its last step.
 """
 
@@ -32,7 +32,8 @@ class CheckpointAveragingError(ValueError):
 
 def find_checkpoints(inputs: list[str | Path], num_checkpoints: int | None = None) -> list[Path]:
     """The checkpoint folders to average: each input is a checkpoint (or model) folder, or a run folder whose
-    `checkpoints/checkpoint-N` (or `checkpoint-N`) folders are taken, newest last; then the last `num_checkpoints`.
+    `checkpoint-N` folders (in older runs `checkpoints/checkpoint-N`) are taken, newest last; then the last
+    `num_checkpoints`.
 
     Raises:
         CheckpointAveragingError: an input is missing, or fewer checkpoints exist than asked for.
@@ -122,7 +123,7 @@ def average_checkpoints(checkpoints: list[Path], output_dir: str | Path) -> PreT
 @dataclass
 class AveragingArguments:
     inputs: list[str] = field(
-        metadata={"help": "Checkpoint folders, or a run folder whose checkpoints/checkpoint-N are taken in order."}
+        metadata={"help": "Checkpoint folders, or a run folder whose checkpoint-N folders are taken in order."}
     )
     output_dir: str = field(metadata={"help": "Folder for the averaged model (created or replaced when complete)."})
     num_checkpoints: int | None = field(

@@ -63,15 +63,20 @@ def stage(folder: str | Path, staging: Path, repo_id: str) -> list[tuple[str, in
     )
 
 
-def publish(args: PublishArguments) -> list[tuple[str, int]]:
-    """Stage the folder and, unless `dry_run`, create the repo (if needed) and upload it as one commit."""
+def publish(args: PublishArguments, token: str | None = None) -> list[tuple[str, int]]:
+    """Stage the folder and, unless `dry_run`, create the repo (if needed) and upload it as one commit.
+
+    Args:
+        token: a Hub token (default: the logged-in user's); a repo id without a namespace goes to its owner's.
+    """
     with tempfile.TemporaryDirectory(prefix="hf_attention-publish-") as staging:
-        files = stage(args.folder, Path(staging), args.repo_id)
+        api, repo_id = HfApi(token=token), args.repo_id
+        if not args.dry_run:  # first, so that the card names the full repo id
+            repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+        files = stage(args.folder, Path(staging), repo_id)
         if not args.dry_run:
-            api = HfApi()
-            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
             api.upload_folder(
-                repo_id=args.repo_id,
+                repo_id=repo_id,
                 folder_path=staging,
                 revision=args.revision,
                 commit_message=args.commit_message or f"Upload hf_attention model (hf_attention {__version__})",

@@ -14,7 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpoint_io_hf_attention import swap_into_place
 
-CHECKPOINTS = "checkpoints"
+OLD_CHECKPOINTS = "checkpoints"  # where runs before hf_attention 0.9 kept them
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -40,7 +40,8 @@ class RunFolder:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.work_dir / CHECKPOINTS
+        """`checkpoint-N` folders go straight into the run's folder, where transformers users look for them."""
+        return self.work_dir
 
     def clear_unfinished_replacement(self) -> None:
         """Main process, before training: drop the staging folder of an earlier replacing run that never finished."""
@@ -60,13 +61,13 @@ def _holds_files(folder: Path) -> bool:
 
 def _checkpoint_to_resume(resume: str, output_dir: Path) -> str:
     if resume in ("latest", "true", "True"):
-        latest = get_last_checkpoint(str(output_dir / CHECKPOINTS)) if (output_dir / CHECKPOINTS).is_dir() else None
-        if latest is None:
-            raise OutputFolderError(
-                f"--resume_from_checkpoint {resume}: {output_dir} holds no complete checkpoint to resume from "
-                f"(looked in {output_dir / CHECKPOINTS})."
-            )
-        return latest
+        for folder in (output_dir, output_dir / OLD_CHECKPOINTS):
+            latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+            if latest is not None:
+                return latest
+        raise OutputFolderError(
+            f"--resume_from_checkpoint {resume}: {output_dir} holds no complete checkpoint-N folder to resume from."
+        )
     if not (Path(resume) / TRAINER_STATE).is_file():
         raise OutputFolderError(
             f"--resume_from_checkpoint {resume}: not a checkpoint folder (no {TRAINER_STATE}); pass a "

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from datasets import config as datasets_config
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -44,6 +45,7 @@ from .evaluation import build_compute_metrics, score_translations, translate
 from .model_card import ModelCardFacts, write_model_card
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
 from .plots import plot_training_curves
+from .publishing import PublishArguments, publish
 from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .tokenization import check_tokenizer_source, train_tokenizer
 from .training import (
@@ -315,6 +317,11 @@ def validate_arguments(
         raise TrainingArgumentError(
             f"--validation_split_percentage {data_args.validation_split_percentage}: must be at most 99."
         )
+    if training_args.push_to_hub and training_args.hub_model_id:
+        try:
+            validate_repo_id(training_args.hub_model_id)
+        except HFValidationError as error:
+            raise TrainingArgumentError(f"--hub_model_id {training_args.hub_model_id}: {error}") from None
     for problem in unsupported_speed_options(training_args):
         raise TrainingArgumentError(problem)
     if not requested_phases(training_args).train and not model_args.model_name_or_path:
@@ -557,7 +564,7 @@ def build_trainer(
     label_pad_token_id: int = -100,
 ) -> CheckpointSafeSeq2SeqTrainer:
     """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are."""
-    changes = {}
+    changes = {"push_to_hub": False}  # the job publishes the finished folder itself (see `run`)
     if folder is not None:
         changes["output_dir"] = str(folder.checkpoints_dir)
         # BLEU before training, as the curve's first point (a resumed run has it already)
@@ -765,6 +772,15 @@ def run(
         )
         examples = write_report(final_dir, summary, data, translations, trainer, model_args, data_args)
     folder.finish()
+    if training_args.push_to_hub:  # what scripts/push_to_hub.py publishes: no checkpoints, no pickles, one commit
+        repo_id = training_args.hub_model_id or folder.output_dir.name
+        publish(
+            PublishArguments(
+                folder=str(folder.output_dir), repo_id=repo_id, private=bool(training_args.hub_private_repo)
+            ),
+            token=training_args.hub_token,
+        )
+        logger.warning(f"Published {folder.output_dir} to the Hub as {repo_id}.")
     for source, translation, reference in examples:
         print(f"\n  {data_args.source_lang}:  {source}\n  model:  {translation}\n  ref:    {reference}")
     return summary

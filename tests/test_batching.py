@@ -78,7 +78,7 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path, record
     for batch in uninterrupted:
         assert len(batch) * len(batch[0]) <= 700
     recorded_batches.clear()
-    checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-4"
+    checkpoint = tmp_path / "whole" / "checkpoint-4"
     run(*parse_arguments([*arguments, "--output_dir", str(tmp_path / "resumed"),
                           "--resume_from_checkpoint", str(checkpoint)]))  # fmt: skip
     assert recorded_batches[:2] == uninterrupted[4:]

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
 
 
 def test_the_training_job_averages_the_last_checkpoints_into_the_final_model(run):
-    checkpoints = [run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors" for step in (4, 6)]
+    checkpoints = [run / f"checkpoint-{step}" / "model.safetensors" for step in (4, 6)]
     expected, final = mean_of(checkpoints), load_file(run / "model.safetensors")
     assert expected.keys() == final.keys()
     for name, tensor in expected.items():
@@ -42,7 +42,7 @@ def test_the_training_job_averages_the_last_checkpoints_into_the_final_model(run
 def test_the_averaging_script_takes_a_run_and_the_last_n_checkpoints(run, tmp_path, capsys):
     average(["--inputs", str(run), "--num_checkpoints", "3", "--output_dir", str(tmp_path / "averaged")])
     assert "averaged 3 checkpoints (checkpoint-2, checkpoint-4, checkpoint-6)" in capsys.readouterr().out
-    checkpoints = [run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors" for step in (2, 4, 6)]
+    checkpoints = [run / f"checkpoint-{step}" / "model.safetensors" for step in (2, 4, 6)]
     averaged = load_file(tmp_path / "averaged" / "model.safetensors")
     for name, tensor in mean_of(checkpoints).items():
         torch.testing.assert_close(averaged[name].double(), tensor, rtol=0, atol=1e-7, msg=name)
@@ -57,7 +57,7 @@ def test_averaging_refuses_too_few_checkpoints_and_different_architectures(run, 
     HfAttentionForConditionalGeneration(
         HfAttentionConfig.from_preset("tiny", vocab_size=120, d_model=32)
     ).save_pretrained(other)
-    inputs = [str(run / "checkpoints" / "checkpoint-6"), str(other)]
+    inputs = [str(run / "checkpoint-6"), str(other)]
     with pytest.raises(SystemExit, match=r"different architectures \(d_model: 32 vs 64\)"):
         average(["--inputs", *inputs, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -96,6 +96,6 @@ def test_outputs_stop_at_the_source_length_plus_the_configured_margin():
 
 
 def test_logged_entries_carry_the_wall_clock_time_for_time_to_quality_curves(run):
-    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
     times = [entry["wall_seconds"] for entry in state["log_history"]]
     assert times and times == sorted(times) and times[-1] > 0

@@ -176,8 +176,8 @@ def trained_folder(folder: Path) -> HfAttentionForConditionalGeneration:
     (folder / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n- de\n---\n# tiny en-de\n")
     (folder / "results.json").write_text('{"bleu_after": 1.0}\n')
     (folder / "training_args.bin").write_bytes(b"pickle")
-    (folder / "checkpoints" / "checkpoint-10").mkdir(parents=True)
-    (folder / "checkpoints" / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
+    (folder / "checkpoint-10").mkdir(parents=True)
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
     return model
 
 
@@ -191,7 +191,7 @@ def test_publish_dry_run_lists_the_files_and_uploads_nothing(tmp_path, capsys):
     for name in ("model.safetensors", "modeling_hf_attention.py", "pipeline_hf_attention.py", "tokenizer.json",
                  "README.md", "results.json"):  # fmt: skip
         assert name in listed
-    assert "training_args.bin" not in listed and "checkpoints/" not in listed and "optimizer.pt" not in listed
+    assert "training_args.bin" not in listed and "checkpoint-10/" not in listed and "optimizer.pt" not in listed
     with pytest.raises(SystemExit):  # the order of `hf upload`: REPO_ID FOLDER
         main([str(tmp_path / "run"), "alice/dry", "--dry_run"])
     assert "the order is REPO_ID FOLDER, as in `hf upload`" in capsys.readouterr().err
@@ -212,7 +212,7 @@ def test_publish_script_uploads_one_self_contained_commit(hub, tmp_path):
     assert len(repo.commits) == 2  # the repo's initial commit, then one upload
     files = repo.commits[repo.branches["main"]]
     assert files["README.md"] == (tmp_path / "run" / "README.md").read_bytes()
-    assert "training_args.bin" not in files and not any(path.startswith("checkpoints") for path in files)
+    assert "training_args.bin" not in files and not any(path.startswith("checkpoint-") for path in files)
 
     batch = padded_batch([4, 2], max_length=4, vocab_size=model.config.vocab_size)
     torch.save(batch, tmp_path / "batch.pt")
@@ -221,6 +221,32 @@ def test_publish_script_uploads_one_self_contained_commit(hub, tmp_path):
     )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
+
+
+def test_the_training_job_publishes_what_the_publish_script_does(hub, tmp_path):
+    """--push_to_hub --hub_model_id --hub_private_repo --hub_token: the finished folder, its card naming the repo, in
+    one commit, without checkpoints or pickles; the same files as scripts/push_to_hub.py uploads."""
+    environment = hub_environment(hub, tmp_path / "alice", token=False)
+    arguments = ["--toy_corpus", "--toy_train_size", "100", "--toy_eval_size", "2", "--vocab_size", "120",
+                 "--max_steps", "2", "--save_steps", "1", "--generation_max_length", "4",
+                 "--generation_num_beams", "1", "--output_dir", str(tmp_path / "run"), "--push_to_hub",
+                 "--hub_model_id", "alice/trained",
+                 "--hub_private_repo", "true", "--hub_token", hub.token]  # fmt: skip
+    result = subprocess.run([sys.executable, "scripts/train.py", *arguments], capture_output=True, text=True,
+                            env=environment, cwd=ROOT, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()  # where transformers users look for them
+    repo = hub.state.repos["alice/trained"]
+    assert repo.private and len(repo.commits) == 2  # the repo's initial commit, then one upload
+    files = repo.commits[repo.branches["main"]]
+    card = files["README.md"].decode()
+    assert 'from_pretrained("alice/trained"' in card and "fine-tuned version of []" not in card
+    assert not any(path.startswith("checkpoint-") or path.endswith((".bin", ".pt", ".pth")) for path in files)
+
+    from hf_attention.publishing import PublishArguments, publish
+
+    script_files = publish(PublishArguments(folder=str(tmp_path / "run"), repo_id="alice/trained", dry_run=True))
+    assert sorted(path for path, _ in script_files) == sorted(path for path in files if path != ".gitattributes")
 
 
 def test_corrupted_cache_and_mismatched_config_are_named_with_repo_and_revision(hub, tmp_path):

@@ -194,7 +194,7 @@ def test_resuming_another_runs_checkpoint_into_a_folder_of_files_is_refused(tmp_
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
-    checkpoint = other / "checkpoints" / "checkpoint-2"
+    checkpoint = other / "checkpoint-2"
     with pytest.raises(SystemExit, match="holds files of another run .* pass --overwrite_output_dir"):
         main([*T, "--output_dir", str(mine), "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)])
     assert folder_bytes(mine) == {"README.md": b"my notes"}
