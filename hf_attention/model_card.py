@@ -76,7 +76,7 @@ class ModelCardFacts:
     bleu_before: float | None
     bleu_signature: str
     chrf_signature: str
-    train_pairs: int
+    train_pairs: int | str
     length_report: str
     steps: int
     minutes: float
@@ -121,7 +121,7 @@ class ModelCardFacts:
             bleu_before=summary.bleu_before,
             bleu_signature=summary.bleu_signature,
             chrf_signature=summary.chrf_signature,
-            train_pairs=summary.train_pairs,
+            train_pairs="a stream of" if summary.train_pairs is None else summary.train_pairs,
             length_report=summary.length_report,
             steps=summary.steps,
             minutes=round(summary.seconds / 60, 1),

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from datasets import config as datasets_config
+from datasets.distributed import split_dataset_by_node
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from huggingface_hub.utils import validate_repo_id
 from transformers import (
@@ -40,6 +41,7 @@ from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .data import LengthReport, ParallelDataError, tokenize_pairs
 from .data.batching import PaddingCounter, PaddingFractionCallback, token_lengths
+from .data.preprocessing import tokenize_stream
 from .data.sources import CorpusRequest, DataSourceError, load_corpus
 from .evaluation import build_compute_metrics, score_translations, translate
 from .model_card import ModelCardFacts, write_model_card
@@ -118,6 +120,22 @@ class DataArguments:
     toy_corpus: bool = field(
         default=False, metadata={"help": "Train on the embedded English->German toy corpus (the demo)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read and tokenise the data lazily as training goes (corpora larger than memory); needs "
+            "--max_steps and a validation split."
+        },  # fmt: skip
+    )
+    shuffle_buffer_size: int = field(
+        default=10000, metadata={"help": "--streaming: pairs held to shuffle the stream (datasets' buffer_size)."}
+    )
+    tokenizer_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train the tokenizer on the first N training pairs (default: all; 100000 with --streaming)."
+        },
+    )
     overwrite_cache: bool = field(default=False, metadata={"help": "Redo the cached preprocessing."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes that tokenize the data (datasets' num_proc)."}
@@ -167,7 +185,7 @@ class DataArguments:
 class RunSummary:
     output_dir: str
     parameters: int
-    train_pairs: int
+    train_pairs: int | None  # None: streamed, not counted
     steps: int
     seconds: float
     scored_split: str  # test, or validation when the data has no test split
@@ -324,6 +342,19 @@ def validate_arguments(
             raise TrainingArgumentError(f"--hub_model_id {training_args.hub_model_id}: {error}") from None
     for problem in unsupported_speed_options(training_args):
         raise TrainingArgumentError(problem)
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise TrainingArgumentError("--streaming: the number of pairs is unknown, so give --max_steps.")
+        if training_args.max_tokens:
+            raise TrainingArgumentError(
+                f"--max_tokens {training_args.max_tokens} with --streaming: token batches are cut from the lengths "
+                "of all pairs, which a stream does not know; use --per_device_train_batch_size."
+            )
+        if training_args.train_sampling_strategy != "random":
+            raise TrainingArgumentError(
+                f"--train_sampling_strategy {training_args.train_sampling_strategy} with --streaming: a stream is "
+                "read in order (shuffled in --shuffle_buffer_size); drop the flag."
+            )
     if not requested_phases(training_args).train and not model_args.model_name_or_path:
         raise TrainingArgumentError(
             "--do_eval / --do_predict without --do_train evaluate a trained model: give --model_name_or_path."
@@ -367,7 +398,7 @@ def corpus_request(model_args: ModelArguments, data_args: DataArguments, seed: i
 
 DATA_SOURCE_FLAGS = ("source_lang", "target_lang", "dataset_name", "dataset_config_name", "train_file",
                      "validation_file", "test_file", "source_column", "target_column", "validation_split_percentage",
-                     "toy_corpus", "toy_train_size", "toy_eval_size")  # fmt: skip
+                     "toy_corpus", "toy_train_size", "toy_eval_size", "streaming")  # fmt: skip
 
 
 def load_tokenizer(
@@ -391,6 +422,8 @@ def load_tokenizer(
             trust_remote_code=model_args.trust_remote_code,
         )  # fmt: skip
     languages = (data_args.source_lang, data_args.target_lang)
+    if data_args.tokenizer_train_samples and data_args.tokenizer_train_samples < len(train_corpus):
+        train_corpus = train_corpus.select(range(data_args.tokenizer_train_samples))
     settings = [train_corpus._fingerprint, model_args.vocab_size, model_args.tokenizer_model, *languages]
     folder = Path(model_args.cache_dir or datasets_config.HF_DATASETS_CACHE) / "hf_attention_tokenizers"
     folder /= hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
@@ -482,7 +515,7 @@ class PreparedData:
     tokenizer: PreTrainedTokenizerBase
     train_dataset: Dataset | None
     eval_dataset: Dataset | None
-    length_report: LengthReport | None
+    length_report: LengthReport | str | None
     scored_split: str | None  # the held-out split scored at the end: test, else validation
     scored_sources: list[str]
     scored_references: list[str]
@@ -503,6 +536,8 @@ def prepare_data(
     needed, optional = needed_splits(phases)
     request = corpus_request(model_args, data_args, training_args.seed)
     corpus = load_corpus(request, needed, optional)
+    if data_args.streaming:
+        return prepare_stream(corpus, model_args, data_args, training_args)
     tokenizer = load_tokenizer(model_args, corpus.get("train"), data_args, training_args)
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
     options = {"source_prefix": data_args.source_prefix, "pad_to_max_length": data_args.pad_to_max_length,
@@ -552,6 +587,54 @@ def check_max_tokens(max_tokens: int | None, train_dataset: Dataset) -> None:
             f"--max_tokens {max_tokens}: the longest kept training pair has {longest} tokens on one side; raise "
             f"--max_tokens to at least {longest}, or lower --max_source_length / --max_target_length."
         )
+
+
+def prepare_stream(
+    corpus, model_args: ModelArguments, data_args: DataArguments, training_args: PaperTrainingArguments
+) -> PreparedData:
+    """--streaming: the training pairs stay a stream, shuffled in a buffer, tokenised on the fly and split across
+    processes; the tokenizer is trained on a sample, and the (small) validation and test splits are read whole."""
+    languages = (data_args.source_lang, data_args.target_lang)
+    held_out = {split: Dataset.from_list(list(corpus[split])) for split in ("validation", "test") if split in corpus}
+    tokenizer_sample = None
+    if "train" in corpus and not (model_args.tokenizer_name or model_args.model_name_or_path):
+        samples = data_args.tokenizer_train_samples or DEFAULT_STREAMING_TOKENIZER_SAMPLES
+        tokenizer_sample = Dataset.from_list(list(corpus["train"].take(samples)))
+    tokenizer = load_tokenizer(model_args, tokenizer_sample, data_args, training_args)
+    label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    options = {"source_prefix": data_args.source_prefix, "pad_to_max_length": data_args.pad_to_max_length,
+               "label_pad_token_id": label_pad}  # fmt: skip
+    train_dataset = None
+    if "train" in corpus:
+        stream = corpus["train"].shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        train_dataset = tokenize_stream(
+            stream, tokenizer, *languages, max_length=data_args.max_source_length, too_long=data_args.too_long,
+            max_target_length=data_args.max_target_length, **options,
+        )  # fmt: skip
+        train_dataset = split_dataset_by_node(
+            train_dataset, rank=training_args.process_index, world_size=training_args.world_size
+        )
+    eval_dataset = None
+    if "validation" in held_out:
+        eval_dataset, _ = tokenize_pairs(
+            held_out["validation"], tokenizer, *languages, max_length=data_args.max_source_length,
+            max_target_length=data_args.val_max_target_length or data_args.max_target_length, **options,
+        )  # fmt: skip
+    scored_split = "test" if "test" in held_out else "validation" if "validation" in held_out else None
+    scored_pairs = held_out[scored_split]["translation"] if scored_split else []
+    return PreparedData(
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        length_report=STREAMED,
+        scored_split=scored_split,
+        scored_sources=[data_args.source_prefix + pair[languages[0]] for pair in scored_pairs],
+        scored_references=[pair[languages[1]] for pair in scored_pairs],
+    )
+
+
+DEFAULT_STREAMING_TOKENIZER_SAMPLES = 100_000
+STREAMED = "streamed: pairs not counted"
 
 
 def build_trainer(
@@ -757,7 +840,7 @@ def run(
         summary = RunSummary(
             output_dir=str(folder.output_dir),
             parameters=trainer.model.num_parameters(),
-            train_pairs=len(data.train_dataset),
+            train_pairs=None if data_args.streaming else len(data.train_dataset),
             steps=train_result.global_step,
             seconds=round(time.perf_counter() - started, 1),
             scored_split=data.scored_split,
@@ -789,7 +872,8 @@ def run(
 def describe(summary: RunSummary) -> str:
     before = "not scored" if summary.bleu_before is None else f"{summary.bleu_before:.1f}"
     return (
-        f"\n{summary.parameters / 1e6:.2f}M parameters, {summary.steps} steps on {summary.train_pairs} pairs "
+        f"\n{summary.parameters / 1e6:.2f}M parameters, {summary.steps} steps on "
+        f"{'a stream of' if summary.train_pairs is None else summary.train_pairs} pairs "
         f"({summary.length_report}), {summary.seconds:.0f}s in all\n"
         f"{summary.scored_split} BLEU {before} -> {summary.bleu_after:.1f}, chrF {summary.chrf_after:.1f}\n"
         f"  {summary.bleu_signature}\n  {summary.chrf_signature}\n"

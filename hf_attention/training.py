@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+import datasets
 import torch
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
 from transformers.trainer_utils import (
@@ -213,7 +215,19 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
-        """transformers' loader, or with `--max_tokens` one of token-based batches (`TokenBatchSampler`)."""
+        """transformers' loader, or with `--max_tokens` one of token-based batches (`TokenBatchSampler`), or for a
+        stream already split across processes (`--streaming`) one that accelerate neither dispatches nor re-splits."""
+        if isinstance(self.train_dataset, datasets.IterableDataset) and self.args.world_size > 1:
+            loader = DataLoader(
+                self.train_dataset,
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+            return prepare_data_loader(
+                loader, self.args.device, num_processes=1, process_index=0, dispatch_batches=False
+            )
         if not self.args.max_tokens:
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="training")

@@ -41,7 +41,12 @@ class BenchmarkArguments:
     steps: int = field(default=6, metadata={"help": "Timed training steps per engine and round."})
     warmup: int = field(default=2, metadata={"help": "Untimed steps before them."})
     rounds: int = field(default=3, metadata={"help": "Interleaved rounds (hf_attention, Marian, hf_attention, ...)."})
-    hf_options: str = field(default="bf16", metadata={"help": "hf_attention's options: bf16, fp32."})
+    hf_options: str = field(
+        default="bf16",
+        metadata={
+            "help": "hf_attention's options: bf16 or fp32, optionally with checkpointing, e.g. bf16,checkpointing."
+        },
+    )
     threads: int = field(default=0, metadata={"help": "torch threads per engine (0: torch's default)."})
     minutes: float = field(default=10.0, metadata={"help": "Without --quick: training minutes per engine."})
     data: str = field(default="", metadata={"help": "Without --quick: a folder with train.en/.de, val.en/.de(.gz)."})
@@ -51,6 +56,16 @@ class BenchmarkArguments:
     plot: str = field(default="benchmark_training.png", metadata={"help": "Without --quick: the BLEU/time PNG."})
     worker: str = field(default="", metadata={"help": "Internal: run one engine's measurement in this process."})
     worker_task: str = field(default="speed", metadata={"help": "Internal: the worker's task, speed or train."})
+
+
+def hf_options(text: str) -> set[str]:
+    """'bf16,checkpointing' -> {'bf16', 'checkpointing'}: one precision, and optionally gradient checkpointing."""
+    options = {option.strip() for option in text.split(",") if option.strip()}
+    if len(options & {"bf16", "fp32"}) != 1 or options - {"bf16", "fp32", "checkpointing"}:
+        raise ValueError(
+            f"--hf_options {text!r}: choose bf16 or fp32, optionally with checkpointing (bf16,checkpointing)"
+        )
+    return options
 
 
 def peak_rss_mb() -> float:
@@ -78,7 +93,10 @@ def training_step_function(model, engine: str, args: BenchmarkArguments, total_s
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: peak * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
     )
-    autocast = engine == "hf_attention" and args.hf_options == "bf16"
+    options = hf_options(args.hf_options) if engine == "hf_attention" else {"fp32"}
+    autocast = "bf16" in options
+    if "checkpointing" in options:  # recompute each layer's activations in the backward pass instead of keeping them
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     def step(batch: dict) -> int:
@@ -227,8 +245,10 @@ def plot_curves(results: dict, path: str) -> None:
 def main() -> None:
     parser = HfArgumentParser(BenchmarkArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses()
-    if args.hf_options not in ("bf16", "fp32"):
-        parser.error(f"--hf_options {args.hf_options!r}: choose bf16 or fp32")
+    try:
+        hf_options(args.hf_options)
+    except ValueError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 
@@ -50,23 +50,10 @@ def tokenize_pairs(
     """
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")
-    limits = {"input_ids": max_length, "attention_mask": max_length, "labels": max_target_length or max_length}
-    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": label_pad_token_id}
-
-    def tokenize(batch: dict) -> dict:
-        sources = [source_prefix + pair[source_lang] for pair in batch["translation"]]
-        targets = [pair[target_lang] for pair in batch["translation"]]
-        encoded = dict(tokenizer(sources, text_target=targets))
-        encoded["too_long"] = [
-            len(source) > limits["input_ids"] or len(target) > limits["labels"]
-            for source, target in zip(encoded["input_ids"], encoded["labels"], strict=True)
-        ]
-        for key, limit in limits.items():  # cut to the limit, keeping the final </s>
-            encoded[key] = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded[key]]
-            if pad_to_max_length:
-                encoded[key] = [ids + [pads[key]] * (limit - len(ids)) for ids in encoded[key]]
-        return encoded
-
+    tokenize = _tokenize_function(
+        tokenizer, source_lang, target_lang, max_length, max_target_length, source_prefix, pad_to_max_length,
+        label_pad_token_id,
+    )  # fmt: skip
     tokenized = dataset.map(
         tokenize,
         batched=True,
@@ -87,3 +74,60 @@ def tokenize_pairs(
         )
     report = LengthReport(kept=len(tokenized), too_long=too_long_count, policy=too_long)
     return tokenized.remove_columns("too_long"), report
+
+
+def _tokenize_function(
+    tokenizer: PreTrainedTokenizerBase,
+    source_lang: str,
+    target_lang: str,
+    max_length: int,
+    max_target_length: int | None,
+    source_prefix: str,
+    pad_to_max_length: bool,
+    label_pad_token_id: int,
+):
+    """The batched `map` function of `tokenize_pairs` and `tokenize_stream`; it marks over-long pairs `too_long`."""
+    limits = {"input_ids": max_length, "attention_mask": max_length, "labels": max_target_length or max_length}
+    pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": label_pad_token_id}
+
+    def tokenize(batch: dict) -> dict:
+        sources = [source_prefix + pair[source_lang] for pair in batch["translation"]]
+        targets = [pair[target_lang] for pair in batch["translation"]]
+        encoded = dict(tokenizer(sources, text_target=targets))
+        encoded["too_long"] = [
+            len(source) > limits["input_ids"] or len(target) > limits["labels"]
+            for source, target in zip(encoded["input_ids"], encoded["labels"], strict=True)
+        ]
+        for key, limit in limits.items():  # cut to the limit, keeping the final </s>
+            encoded[key] = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded[key]]
+            if pad_to_max_length:
+                encoded[key] = [ids + [pads[key]] * (limit - len(ids)) for ids in encoded[key]]
+        return encoded
+
+    return tokenize
+
+
+def tokenize_stream(
+    dataset: IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    source_lang: str,
+    target_lang: str,
+    max_length: int,
+    too_long: str = "truncate",
+    max_target_length: int | None = None,
+    source_prefix: str = "",
+    pad_to_max_length: bool = False,
+    label_pad_token_id: int = -100,
+) -> IterableDataset:
+    """`tokenize_pairs` for a stream (`--streaming`): tokenised on the fly as rows are read; nothing is counted or
+    cached, so over-long pairs are dropped (or truncated) silently."""
+    if too_long not in ("truncate", "drop"):
+        raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")
+    tokenize = _tokenize_function(
+        tokenizer, source_lang, target_lang, max_length, max_target_length, source_prefix, pad_to_max_length,
+        label_pad_token_id,
+    )  # fmt: skip
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=["translation"])
+    if too_long == "drop":
+        tokenized = tokenized.filter(lambda rows: [not row for row in rows], input_columns="too_long", batched=True)
+    return tokenized.remove_columns("too_long")

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, IterableDataset, Value
 from datasets.exceptions import DatasetGenerationError
 from transformers.utils import logging
 
@@ -168,3 +168,21 @@ def read_parallel_corpus(
     if dataset is None or len(dataset) == 0:
         raise ParallelDataError(f"{path}: no sentence pairs (the file is empty or every pair has an empty side).")
     return dataset
+
+
+def stream_parallel_corpus(path: str | Path, source_lang: str, target_lang: str) -> IterableDataset:
+    """`read_parallel_corpus` as a stream (`--streaming`): rows are read lazily, nothing is cached or held."""
+    path = Path(path)
+    files = [_existing(file) for file in _source_files(path, source_lang, target_lang)]
+    features = Features({"translation": {source_lang: Value("string"), target_lang: Value("string")}})
+    return IterableDataset.from_generator(
+        _rows,
+        features=features,
+        gen_kwargs={
+            "first_file": str(files[0]),
+            "second_file": str(files[1]) if len(files) > 1 else "",
+            "signature": "",
+            "source_lang": source_lang,
+            "target_lang": target_lang,
+        },
+    )

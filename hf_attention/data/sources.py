@@ -11,16 +11,17 @@ anything.
   `.tsv`, `.jsonl` and `PREFIX.SRC`/`PREFIX.TGT` text through this package's readers (their errors name the line).
 - Flat tables (a column per language) are read with `--source_column` / `--target_column`.
 - A missing validation split is cut from the training split (`--validation_split_percentage`).
+- `--streaming` gives `IterableDataset`s instead, read lazily (corpora larger than memory).
 """
 
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetNotFoundError
 
-from .readers import ParallelDataError, read_parallel_corpus
+from .readers import ParallelDataError, read_parallel_corpus, stream_parallel_corpus
 from .toy import toy_translation_dataset
 
 SPLITS = ("train", "validation", "test")
@@ -57,6 +58,7 @@ class CorpusRequest:
     token: str | None = None
     dataset_revision: str | None = None
     seed: int = 0
+    streaming: bool = False
 
     @property
     def files(self) -> dict[str, str]:
@@ -75,10 +77,18 @@ def _load_named_dataset(request: CorpusRequest) -> DatasetDict:
     name, config = request.dataset_name, request.dataset_config_name or None
     if _is_saved_to_disk(Path(name)):
         loaded = load_from_disk(name)
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        loaded = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        if request.streaming:
+            return IterableDatasetDict({split: dataset.to_iterable_dataset() for split, dataset in loaded.items()})
+        return loaded
     try:
         return load_dataset(
-            name, config, cache_dir=request.cache_dir, token=request.token, revision=request.dataset_revision
+            name,
+            config,
+            cache_dir=request.cache_dir,
+            token=request.token,
+            revision=request.dataset_revision,
+            streaming=request.streaming,
         )
     except (DatasetNotFoundError, FileNotFoundError) as error:  # FileNotFoundError: a local path
         reason = " ".join(str(error).split())
@@ -100,13 +110,17 @@ def _load_file(split: str, path: str, request: CorpusRequest) -> Dataset:
         if not Path(path).is_file():
             raise DataSourceError(f"{flag}: no such file.")
         try:
-            return load_dataset(kind, data_files={split: path}, split=split, cache_dir=request.cache_dir)
+            return load_dataset(
+                kind, data_files={split: path}, split=split, cache_dir=request.cache_dir, streaming=request.streaming
+            )
         except Exception as error:  # pyarrow and pandas raise many kinds; all mean "not a readable table"
             reason = " ".join(str(error).split())[:300]
             raise DataSourceError(f"{flag}: not a readable {kind} file ({type(error).__name__}: {reason}).") from None
     if Path(path).is_file() and kind not in READER_FORMATS:  # not a PREFIX either: PREFIX itself is no file
         known = ", ".join(f".{name}" for name in (*LOAD_DATASET_FORMATS, *READER_FORMATS))
         raise DataSourceError(f"{flag}: unknown format .{kind}; use {known}, or a PREFIX of PREFIX.SRC / PREFIX.TGT.")
+    if request.streaming:
+        return stream_parallel_corpus(path, request.source_lang, request.target_lang)
     return read_parallel_corpus(path, request.source_lang, request.target_lang, cache_dir=request.cache_dir)
 
 
@@ -114,6 +128,8 @@ def _as_translation_rows(dataset: Dataset, origin: str, request: CorpusRequest) 
     """The rows as `{"translation": {src: ..., tgt: ...}}`, from that schema or from two text columns."""
     languages = (request.source_lang, request.target_lang)
     columns = dataset.column_names
+    if columns is None:  # a stream whose features are not declared: the first row tells
+        columns = list(next(iter(dataset)).keys())
     if request.source_column or request.target_column:
         for flag, column in (("--source_column", request.source_column), ("--target_column", request.target_column)):
             if column not in columns:
@@ -137,7 +153,7 @@ def _as_translation_rows(dataset: Dataset, origin: str, request: CorpusRequest) 
             f"{origin}: the rows have the columns {', '.join(columns)}, not a 'translation' column; name the text "
             "columns with --source_column and --target_column."
         )
-    feature = dataset.features["translation"]
+    feature = dataset.features["translation"] if dataset.features else next(iter(dataset))["translation"]
     available = list(getattr(feature, "languages", None) or (feature.keys() if isinstance(feature, dict) else []))
     for flag, lang in (("--source_lang", languages[0]), ("--target_lang", languages[1])):
         if available and lang not in available:
@@ -167,7 +183,9 @@ def load_corpus(
             )
         sizes = {"train": request.toy_train_size, "validation": request.toy_eval_size, "test": request.toy_eval_size}
         seeds = {"train": request.seed, "validation": request.seed + 1, "test": request.seed + 2}
-        loaded = DatasetDict({split: toy_translation_dataset(sizes[split], seed=seeds[split]) for split in SPLITS})
+        loaded = {split: toy_translation_dataset(sizes[split], seed=seeds[split]) for split in SPLITS}
+        if request.streaming:
+            loaded = {split: dataset.to_iterable_dataset() for split, dataset in loaded.items()}
         return _limited(loaded, (*needed, *optional), request)
     if request.dataset_name and given_files:
         flags = ", ".join(FILE_FLAGS[split] for split in given_files)
@@ -175,7 +193,7 @@ def load_corpus(
     if request.dataset_name:
         loaded, origin = _load_named_dataset(request), f"--dataset_name {request.dataset_name}"
     elif given_files:
-        loaded = DatasetDict({split: _load_file(split, path, request) for split, path in given_files.items()})
+        loaded = {split: _load_file(split, path, request) for split, path in given_files.items()}
         origin = None
     else:
         raise DataSourceError(
@@ -195,24 +213,33 @@ def load_corpus(
                 have = ", ".join(sorted(loaded)) or "none"
                 raise DataSourceError(f"{origin}: no {split!r} split (it has: {have}).")
             raise DataSourceError(f"{FILE_FLAGS[split]}: needed for this run ({split} pairs), but not given.")
-    return _limited(DatasetDict(splits), (*needed, *optional), request)
+    return _limited(splits, (*needed, *optional), request)
 
 
-def _limited(splits: DatasetDict, wanted: tuple[str, ...], request: CorpusRequest) -> DatasetDict:
+def _limited(splits: dict, wanted: tuple[str, ...], request: CorpusRequest) -> DatasetDict | IterableDatasetDict:
     """The wanted splits the data has, cut to --max_train_samples / --max_eval_samples / --max_predict_samples."""
     limits = {"train": request.max_train_samples, "validation": request.max_eval_samples,
               "test": request.max_predict_samples}  # fmt: skip
-    corpus = DatasetDict()
+    corpus = IterableDatasetDict() if request.streaming else DatasetDict()
     for split in SPLITS:
         if split in wanted and split in splits:
             dataset, limit = splits[split], limits[split]
-            corpus[split] = dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+            if limit and request.streaming:
+                dataset = dataset.take(limit)
+            elif limit:
+                dataset = dataset.select(range(min(limit, len(dataset))))
+            corpus[split] = dataset
     return corpus
 
 
 def _cut_validation_split(train: Dataset, request: CorpusRequest) -> dict[str, Dataset]:
     percentage = request.validation_split_percentage
     flag = f"--validation_split_percentage {percentage}"
+    if request.streaming:
+        raise DataSourceError(
+            f"{flag}: holding out a percentage needs the corpus size, which --streaming does not know; give a "
+            "validation split (--validation_file, or a dataset that has one)."
+        )
     if not 0 < percentage < 100:
         raise DataSourceError(f"{flag}: the data has no validation split; give a percentage between 1 and 99.")
     held_out = max(1, len(train) * percentage // 100)
