@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention.data import toy_translation_corpus
 from hf_attention.run_translation import main, parse_arguments, run
 from hf_attention.training import STAGING_DIR, CheckpointSafeSeq2SeqTrainer
 
@@ -178,6 +179,37 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     for name, tensor in reference.items():
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="the accelerate launcher is not installed")  # fmt: skip
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streaming):
+    """The main process trains the tokenizer and tokenises; the other loads both from the cache. A stream is split
+    across the processes. Either way the two processes end with the same parameters."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = toy_translation_corpus(400, seed=4)
+    for name, part in (("train", rows[:360]), ("val", rows[360:380]), ("test", rows[380:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    arguments = ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "val.jsonl"),
+                 "--test_file", str(data / "test.jsonl"), "--vocab_size", "150",
+                 "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--save_strategy", "no",
+                 "--per_device_train_batch_size", "8",
+                 "--generation_max_length", "6", "--generation_num_beams", "1", "--test_before_training", "false",
+                 "--output_dir", str(tmp_path / "run"), *(["--streaming"] if streaming else [])]  # fmt: skip
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    log = tmp_path / "log.txt"
+    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519"]  # fmt: skip
+    finish(launch([*two_processes, "tests/distributed_train.py", str(tmp_path / "out"), *arguments], log), log)
+    work = [json.loads((tmp_path / "out" / f"work{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["tokenizer_trainings"] for rank in work] == [1, 0]
+    if not streaming:  # the stream is tokenised as it is read, by each process for its own part
+        assert work[0]["map_results_written"] > 0 and work[1]["map_results_written"] == 0
+    rank0, rank1 = (load_file(tmp_path / "out" / f"rank{rank}.safetensors") for rank in range(2))
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name
 
 
 def test_the_test_set_is_scored_before_training_only_when_asked(tmp_path, capsys):
