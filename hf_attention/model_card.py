@@ -108,8 +108,9 @@ class ModelCardFacts:
             source_lang=data_args.source_lang,
             target_lang=data_args.target_lang,
             license=license,
+            # a file's folder names its corpus better than the file does (multi30k/train, wmt14/train.tsv)
             dataset_name=data_args.dataset_name
-            or (Path(data_args.train_file).name if data_args.train_file else "toy"),
+            or (Path(data_args.train_file).resolve().parent.name if data_args.train_file else "toy"),
             dataset_description=data_args.dataset_name or data_args.train_file or "The toy numbers-as-words corpus",
             data_terms=terms,
             base_model=model_args.model_name_or_path or None,

@@ -544,7 +544,7 @@ def prepare_data(
                "label_pad_token_id": label_pad, "num_proc": data_args.preprocessing_num_workers,
                "load_from_cache_file": not data_args.overwrite_cache}  # fmt: skip
     languages = (data_args.source_lang, data_args.target_lang)
-    train_dataset = length_report = eval_dataset = None
+    train_dataset = length_report = None
     with training_args.main_process_first(local=False, desc="tokenizing the data"):
         if "train" in corpus:
             train_dataset, length_report = tokenize_pairs(
@@ -559,22 +559,7 @@ def prepare_data(
                 )
             logger.warning(f"Training data: {length_report}.")
             check_max_tokens(training_args.max_tokens, train_dataset)
-        if "validation" in corpus:
-            eval_dataset, _ = tokenize_pairs(
-                corpus["validation"], tokenizer, *languages, max_length=data_args.max_source_length,
-                max_target_length=data_args.val_max_target_length or data_args.max_target_length, **options,
-            )  # fmt: skip
-    scored_split = "test" if "test" in corpus else "validation" if "validation" in corpus else None
-    scored_pairs = corpus[scored_split]["translation"] if scored_split else []
-    return PreparedData(
-        tokenizer=tokenizer,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        length_report=length_report,
-        scored_split=scored_split,
-        scored_sources=[data_args.source_prefix + pair[languages[0]] for pair in scored_pairs],
-        scored_references=[pair[languages[1]] for pair in scored_pairs],
-    )
+        return held_out_data(corpus, tokenizer, train_dataset, length_report, data_args, options)
 
 
 def check_max_tokens(max_tokens: int | None, train_dataset: Dataset) -> None:
@@ -614,19 +599,28 @@ def prepare_stream(
         train_dataset = split_dataset_by_node(
             train_dataset, rank=training_args.process_index, world_size=training_args.world_size
         )
+    return held_out_data(held_out, tokenizer, train_dataset, STREAMED, data_args, options)
+
+
+def held_out_data(
+    splits, tokenizer, train_dataset, length_report, data_args: DataArguments, options: dict
+) -> PreparedData:
+    """The prepared data, with the validation pairs tokenised and the split to score at the end (test, else
+    validation) kept as text."""
+    languages = (data_args.source_lang, data_args.target_lang)
     eval_dataset = None
-    if "validation" in held_out:
+    if "validation" in splits:
         eval_dataset, _ = tokenize_pairs(
-            held_out["validation"], tokenizer, *languages, max_length=data_args.max_source_length,
+            splits["validation"], tokenizer, *languages, max_length=data_args.max_source_length,
             max_target_length=data_args.val_max_target_length or data_args.max_target_length, **options,
         )  # fmt: skip
-    scored_split = "test" if "test" in held_out else "validation" if "validation" in held_out else None
-    scored_pairs = held_out[scored_split]["translation"] if scored_split else []
+    scored_split = "test" if "test" in splits else "validation" if "validation" in splits else None
+    scored_pairs = splits[scored_split]["translation"] if scored_split else []
     return PreparedData(
         tokenizer=tokenizer,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        length_report=STREAMED,
+        length_report=length_report,
         scored_split=scored_split,
         scored_sources=[data_args.source_prefix + pair[languages[0]] for pair in scored_pairs],
         scored_references=[pair[languages[1]] for pair in scored_pairs],

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_attention import HfAttentionConfig
+from hf_attention import HfAttentionConfig, run_translation
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -53,3 +53,18 @@ def source_batch() -> dict:
 @pytest.fixture
 def target_batch() -> dict:
     return padded_batch([5, 3, 5], max_length=5, seed=1)
+
+
+@pytest.fixture
+def recorded_batches(monkeypatch):
+    """The source ids of every training batch the job collates, in order."""
+    batches = []
+    collator_call = run_translation.PaddingCounter.__call__
+
+    def recording(self, features):
+        batch = collator_call(self, features)
+        batches.append(batch["input_ids"].tolist())
+        return batch
+
+    monkeypatch.setattr(run_translation.PaddingCounter, "__call__", recording)
+    return batches

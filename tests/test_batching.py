@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from transformers import TrainerCallback
 
-from hf_attention import run_translation
 from hf_attention.data.batching import TokenBatchSampler, padded_tokens
 from hf_attention.run_translation import main, parse_arguments, run
 
@@ -53,21 +52,6 @@ def test_a_pair_longer_than_max_tokens_is_refused():
 RUN = ["--toy_corpus", "--toy_train_size", "200", "--toy_eval_size", "4", "--vocab_size", "120",
        "--generation_max_length", "8", "--generation_num_beams", "1", "--warmup_steps", "2", "--logging_steps", "1",
        "--test_before_training", "false", "--seed", "5"]  # fmt: skip
-
-
-@pytest.fixture
-def recorded_batches(monkeypatch):
-    """The source ids of every training batch the job collates, in order."""
-    batches = []
-    collator_call = run_translation.PaddingCounter.__call__
-
-    def recording(self, features):
-        batch = collator_call(self, features)
-        batches.append(batch["input_ids"].tolist())
-        return batch
-
-    monkeypatch.setattr(run_translation.PaddingCounter, "__call__", recording)
-    return batches
 
 
 def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path, recorded_batches):

@@ -50,16 +50,8 @@ def test_each_process_reads_its_own_part_of_the_stream(tmp_path, corpus_files, m
     assert sorted(first + second) == sorted(whole) and first != second
 
 
-def test_a_resumed_stream_sees_the_batches_of_an_uninterrupted_run(tmp_path, corpus_files, monkeypatch):
-    batches = []
-    collate = run_translation.PaddingCounter.__call__
-
-    def recording(self, features):
-        batch = collate(self, features)
-        batches.append(batch["input_ids"].tolist())
-        return batch
-
-    monkeypatch.setattr(run_translation.PaddingCounter, "__call__", recording)
+def test_a_resumed_stream_sees_the_batches_of_an_uninterrupted_run(tmp_path, corpus_files, recorded_batches):
+    batches = recorded_batches
     arguments = streaming_arguments(corpus_files, "--max_steps", "6", "--save_steps", "4", "--eval_strategy", "no")
     run(*parse_arguments([*arguments, "--output_dir", str(tmp_path / "whole")]))
     uninterrupted = batches[:6]

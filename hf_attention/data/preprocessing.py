@@ -81,10 +81,10 @@ def _tokenize_function(
     source_lang: str,
     target_lang: str,
     max_length: int,
-    max_target_length: int | None,
-    source_prefix: str,
-    pad_to_max_length: bool,
-    label_pad_token_id: int,
+    max_target_length: int | None = None,
+    source_prefix: str = "",
+    pad_to_max_length: bool = False,
+    label_pad_token_id: int = -100,
 ):
     """The batched `map` function of `tokenize_pairs` and `tokenize_stream`; it marks over-long pairs `too_long`."""
     limits = {"input_ids": max_length, "attention_mask": max_length, "labels": max_target_length or max_length}
@@ -114,19 +114,18 @@ def tokenize_stream(
     target_lang: str,
     max_length: int,
     too_long: str = "truncate",
-    max_target_length: int | None = None,
-    source_prefix: str = "",
-    pad_to_max_length: bool = False,
-    label_pad_token_id: int = -100,
+    **options,
 ) -> IterableDataset:
     """`tokenize_pairs` for a stream (`--streaming`): tokenised on the fly as rows are read; nothing is counted or
-    cached, so over-long pairs are dropped (or truncated) silently."""
+    cached, so over-long pairs are dropped (or truncated) silently.
+
+    Args:
+        options: `max_target_length`, `source_prefix`, `pad_to_max_length`, `label_pad_token_id`, as for
+            `tokenize_pairs`.
+    """
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")
-    tokenize = _tokenize_function(
-        tokenizer, source_lang, target_lang, max_length, max_target_length, source_prefix, pad_to_max_length,
-        label_pad_token_id,
-    )  # fmt: skip
+    tokenize = _tokenize_function(tokenizer, source_lang, target_lang, max_length, **options)
     tokenized = dataset.map(tokenize, batched=True, remove_columns=["translation"])
     if too_long == "drop":
         tokenized = tokenized.filter(lambda rows: [not row for row in rows], input_columns="too_long", batched=True)
