@@ -428,10 +428,16 @@ def load_tokenizer(
     folder = Path(model_args.cache_dir or datasets_config.HF_DATASETS_CACHE) / "hf_attention_tokenizers"
     folder /= hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     with training_args.main_process_first(local=False, desc="training the tokenizer"):
-        if folder.is_dir() and not data_args.overwrite_cache:
+        redo = data_args.overwrite_cache and training_args.process_index == 0  # the others load what it made
+        if folder.is_dir() and not redo:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
-            texts = (pair[lang] for pair in train_corpus["translation"] for lang in languages)
+            texts = (
+                pair[lang]
+                for rows in train_corpus.iter(batch_size=1000)  # a batch at a time: the corpus may not fit in memory
+                for pair in rows["translation"]
+                for lang in languages
+            )
             trained = train_tokenizer(texts, vocab_size=model_args.vocab_size, model=model_args.tokenizer_model)
             with replacing_folder(folder) as staging:
                 trained.save_pretrained(staging)

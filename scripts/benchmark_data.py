@@ -111,6 +111,7 @@ def main() -> None:
         print(json.dumps(figures))
         return
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="hf_attention-data-benchmark-"))
+    work.mkdir(parents=True, exist_ok=True)
     results = {"arguments": asdict(args), "corpora": {}, "batching": {}}
     print("| pairs | preprocessing cold (pairs/s) | cached (pairs/s) | peak RSS in-memory (MB) | --streaming (MB) |")
     print("| --- | --- | --- | --- | --- |")
