@@ -36,13 +36,19 @@ def run_curve(run: Path, offset_minutes: float) -> list[tuple[float, float]]:
 
 
 def main() -> None:
-    curves = dict(MEASURED)
+    curves, finals = dict(MEASURED), {}
     for argument in sys.argv[1:]:
         folder, _, offset = argument.partition("=")
-        curves[f"{Path(folder).name}: the recipe"] = run_curve(Path(folder), float(offset or 0))
+        curves[Path(folder).name] = run_curve(Path(folder), float(offset or 0))
+        results = Path(folder) / "results.json"
+        if results.is_file():  # the run's test BLEU, at the minute the whole job ended
+            summary = json.loads(results.read_text())
+            finals[Path(folder).name] = (summary["seconds"] / 60 + float(offset or 0), summary["bleu_after"])
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for label, points in curves.items():
-        axes.plot(*zip(*points, strict=True), "o-", label=label)
+        line = axes.plot(*zip(*points, strict=True), "o-", label=label)[0]
+        if label in finals:
+            axes.plot(*finals[label], "*", markersize=14, color=line.get_color(), label=f"{label}: test BLEU, end")
     axes.axhline(35, color="grey", linestyle=":", label="the goal: 35 BLEU (test set)")
     axes.axvline(60, color="grey", linestyle="--", linewidth=0.8)
     axes.set(xlabel="wall-clock minutes on 2 CPU cores", ylabel="validation BLEU (200 sentences, beam 4)")

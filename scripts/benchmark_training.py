@@ -44,7 +44,8 @@ class BenchmarkArguments:
     hf_options: str = field(
         default="bf16",
         metadata={
-            "help": "hf_attention's options: bf16 or fp32, optionally with checkpointing, e.g. bf16,checkpointing."
+            "help": "hf_attention's options: bf16 or fp32, optionally with checkpointing and compile, e.g. "
+            "bf16,checkpointing."
         },
     )
     threads: int = field(default=0, metadata={"help": "torch threads per engine (0: torch's default)."})
@@ -59,11 +60,13 @@ class BenchmarkArguments:
 
 
 def hf_options(text: str) -> set[str]:
-    """'bf16,checkpointing' -> {'bf16', 'checkpointing'}: one precision, and optionally gradient checkpointing."""
+    """'bf16,checkpointing' -> {'bf16', 'checkpointing'}: one precision, optionally gradient checkpointing and
+    torch.compile of the model (its compilation falls in the untimed warm-up steps)."""
     options = {option.strip() for option in text.split(",") if option.strip()}
-    if len(options & {"bf16", "fp32"}) != 1 or options - {"bf16", "fp32", "checkpointing"}:
+    if len(options & {"bf16", "fp32"}) != 1 or options - {"bf16", "fp32", "checkpointing", "compile"}:
         raise ValueError(
-            f"--hf_options {text!r}: choose bf16 or fp32, optionally with checkpointing (bf16,checkpointing)"
+            f"--hf_options {text!r}: choose bf16 or fp32, optionally with checkpointing and compile "
+            "(e.g. bf16,checkpointing)"
         )
     return options
 
@@ -98,10 +101,11 @@ def training_step_function(model, engine: str, args: BenchmarkArguments, total_s
     if "checkpointing" in options:  # recompute each layer's activations in the backward pass instead of keeping them
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    forward = torch.compile(model) if "compile" in options else model
 
     def step(batch: dict) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(
+            logits = forward(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 decoder_input_ids=batch["decoder_input_ids"],
