@@ -263,7 +263,7 @@ def test_a_run_killed_anywhere_resumes_to_the_parameters_of_an_uninterrupted_run
         ),
         (["--preset", "huge"], "--preset 'huge': choose one of base, big, tiny"),
         (["--too_long", "cut"], "--too_long 'cut': choose one of drop, truncate"),
-        (["--resume_from_checkpoint", "latest"], "holds no complete checkpoint to resume from"),
+        (["--resume_from_checkpoint", "latest"], "holds no complete checkpoint-N folder to resume from"),
         (["--generation_num_beams", "0"], "--generation_num_beams 0: must be at least 1"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
     ],
