@@ -1,13 +1,17 @@
 """Training speed and memory of hf_attention against transformers' MarianMTModel, measured in one run.
 
 Both models have the same sizes and weights (MarianMTModel is our random model converted with
-`hf_attention_to_marian`) and train on the same batches with the same recipe: the paper's Adam and warm-up schedule,
-label smoothing 0.1. Marian runs as its users run it (fp32, its default attention); hf_attention runs with the options
+`hf_attention_to_marian`) and train on the same batches with the same recipe: the paper's Adam, warm-up then
+inverse-square-root decay of the learning rate (peak --learning_rate, 1e-3 as in the Multi30k recipe), label
+smoothing 0.1. Marian runs as its users run it (fp32, its default attention); hf_attention runs with the options
 named by `--hf_options` (default: bf16 autocast with fp32 master weights). Each engine runs in its own process, so that
 its peak RSS is its own, in interleaved rounds; the figures are medians over rounds.
 
     python scripts/benchmark_training.py --quick                  # ≤ 5 minutes: speed and memory only
     python scripts/benchmark_training.py --minutes 10 --data ../shared/data/multi30k   # + BLEU at equal times
+    python scripts/benchmark_training.py --minutes 5 --data ../shared/data/multi30k --preset tiny --batch_size 64 \
+        --config_overrides d_model=256,encoder_layers=3,decoder_layers=3,encoder_ffn_dim=1024,decoder_ffn_dim=1024
+        # the Multi30k recipe's model
 
 --quick ends with the line `training speed vs Marian: R.RRx, peak memory vs Marian: M.MMx`. Without --quick each
 engine also trains for --minutes on real parallel text and its validation BLEU (greedy, --eval_sentences) is scored
@@ -41,6 +45,13 @@ class BenchmarkArguments:
     steps: int = field(default=6, metadata={"help": "Timed training steps per engine and round."})
     warmup: int = field(default=2, metadata={"help": "Untimed steps before them."})
     rounds: int = field(default=3, metadata={"help": "Interleaved rounds (hf_attention, Marian, hf_attention, ...)."})
+    config_overrides: str = field(
+        default="", metadata={"help": "Config fields over the preset, e.g. 'd_model=256,encoder_layers=3'."}
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate after warm-up (0: eq. 3's d_model^-0.5 * warmup^-0.5)."}
+    )
+    warmup_steps: int = field(default=300, metadata={"help": "Warm-up steps (0: a tenth of the steps)."})
     hf_options: str = field(
         default="bf16",
         metadata={
@@ -78,9 +89,11 @@ def peak_rss_mb() -> float:
 def build_models(args: BenchmarkArguments):
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
     from hf_attention.marian_conversion import hf_attention_to_marian
+    from hf_attention.run_translation import parse_config_overrides
 
     torch.manual_seed(0)
-    config = HfAttentionConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+    overrides = parse_config_overrides(args.config_overrides)
+    config = HfAttentionConfig.from_preset(args.preset, vocab_size=args.vocab_size, **overrides)
     ours = HfAttentionForConditionalGeneration(config)
     return ours, hf_attention_to_marian(ours)
 
@@ -90,9 +103,9 @@ def training_step_function(model, engine: str, args: BenchmarkArguments, total_s
     from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
     from hf_attention.training import paper_learning_rate
 
-    warmup = max(1, total_steps // 10)
+    warmup = args.warmup_steps or max(1, total_steps // 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
-    peak = paper_learning_rate(model.config.d_model, warmup)
+    peak = args.learning_rate or paper_learning_rate(model.config.d_model, warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: peak * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
     )
