@@ -12,6 +12,7 @@ import gzip
 import json
 import zlib
 from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
 
 from datasets import Dataset, Features, IterableDataset, Value
@@ -48,14 +49,19 @@ def _existing(path: Path) -> Path:
 
 
 def _pairs_from_files(source_file: Path, target_file: Path) -> Iterator[tuple[str, int, str, str]]:
-    source_lines, target_lines = list(_lines(_existing(source_file))), list(_lines(_existing(target_file)))
-    if len(source_lines) != len(target_lines):
+    """The files' lines in lockstep, one pair in memory at a time; files of different lengths raise at the end
+    (with both line counts), before a reader of the pairs has finished."""
+    source_count = target_count = 0
+    for source, target in zip_longest(_lines(_existing(source_file)), _lines(_existing(target_file))):
+        source_count += source is not None
+        target_count += target is not None
+        if source is not None and target is not None:
+            yield f"{source_file}/{target_file.name}", source[0], source[1], target[1]
+    if source_count != target_count:
         raise ParallelDataError(
-            f"{source_file} has {len(source_lines)} lines but {target_file} has {len(target_lines)}: "
+            f"{source_file} has {source_count} lines but {target_file} has {target_count}: "
             "the files must be aligned line by line."
         )
-    for (number, source), (_, target) in zip(source_lines, target_lines, strict=True):
-        yield f"{source_file}/{target_file.name}", number, source, target
 
 
 def _pairs_from_tsv(path: Path) -> Iterator[tuple[str, int, str, str]]:
