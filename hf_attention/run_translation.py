@@ -766,7 +766,7 @@ def evaluate_only(
             staging = output_dir / f".{name}.writing"
             staging.write_text(text, encoding="utf-8")
             staging.replace(output_dir / name)
-            print(f"{output_dir / name}")
+            logger.warning(f"Wrote {output_dir / name}.")
 
 
 def run(
