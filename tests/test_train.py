@@ -99,7 +99,7 @@ def test_bad_corpus_files_stop_the_run_with_the_file_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("options", [["--gradient_checkpointing"], ["--bf16"]], ids=["checkpointing", "bf16"])
+@pytest.mark.parametrize("options", [["--activation_checkpointing"], ["--bf16"]], ids=["checkpointing", "bf16"])
 def test_memory_and_precision_options_train(tmp_path, options):
     summary = run(*parse_arguments([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "5", "--save_strategy",
                                     "no", "--toy_eval_size", "4", *options]))  # fmt: skip
