@@ -43,7 +43,7 @@ class DataBenchmarkArguments:
     workers: int = field(default=2, metadata={"help": "--preprocessing_num_workers of the job."})
     work_dir: str = field(default="", metadata={"help": "Where corpora and caches go (default: a temporary folder)."})
     json: str = field(default="", metadata={"help": "Write the figures to this JSON file."})
-    worker: str = field(default="", metadata={"help": "Internal: preprocess, train or batching."})
+    worker: str = field(default="", metadata={"help": "Internal: preprocess or train."})
     worker_arguments: str = field(default="", metadata={"help": "Internal: the job's flags, as JSON."})
 
 
