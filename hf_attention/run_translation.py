@@ -36,11 +36,11 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .checkpoint_averaging import average_into_model, find_checkpoints
+from .checkpoint_averaging import find_checkpoints
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .data import LengthReport, ParallelDataError, tokenize_pairs
-from .data.batching import PaddingCounter, PaddingFractionCallback, token_lengths
+from .data.batching import PaddingCounter, PaddingFractionCallback, TokenBatchStream, token_lengths
 from .data.preprocessing import tokenize_stream
 from .data.sources import CorpusRequest, DataSourceError, load_corpus
 from .evaluation import build_compute_metrics, score_translations, translate
@@ -52,6 +52,7 @@ from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .tokenization import check_tokenizer_source, train_tokenizer
 from .training import (
     CheckpointSafeSeq2SeqTrainer,
+    FsdpUnsupportedError,
     PaperTrainingArguments,
     WallClockCallback,
     unsupported_speed_options,
@@ -128,7 +129,11 @@ class DataArguments:
         },  # fmt: skip
     )
     shuffle_buffer_size: int = field(
-        default=10000, metadata={"help": "--streaming: pairs held to shuffle the stream (datasets' buffer_size)."}
+        default=10000,
+        metadata={
+            "help": "--streaming: pairs held to shuffle the stream (datasets' buffer_size); with --max_tokens, also "
+            "the pairs sorted by length together to cut token batches from."
+        },  # fmt: skip
     )
     tokenizer_train_samples: int | None = field(
         default=None,
@@ -345,10 +350,11 @@ def validate_arguments(
     if data_args.streaming:
         if training_args.max_steps <= 0:
             raise TrainingArgumentError("--streaming: the number of pairs is unknown, so give --max_steps.")
-        if training_args.max_tokens:
+        longest = max(data_args.max_source_length, data_args.max_target_length or data_args.max_source_length)
+        if training_args.max_tokens and training_args.max_tokens < longest:
             raise TrainingArgumentError(
-                f"--max_tokens {training_args.max_tokens} with --streaming: token batches are cut from the lengths "
-                "of all pairs, which a stream does not know; use --per_device_train_batch_size."
+                f"--max_tokens {training_args.max_tokens} with --streaming: a streamed pair may have up to {longest} "
+                "tokens on one side (--max_source_length / --max_target_length); raise --max_tokens or lower those."
             )
         if training_args.train_sampling_strategy != "random":
             raise TrainingArgumentError(
@@ -605,6 +611,10 @@ def prepare_stream(
         train_dataset = split_dataset_by_node(
             train_dataset, rank=training_args.process_index, world_size=training_args.world_size
         )
+        if training_args.max_tokens:  # each process cuts its own part into token batches, a pool at a time
+            train_dataset = TokenBatchStream(
+                train_dataset, training_args.max_tokens, data_args.shuffle_buffer_size, training_args.seed
+            )
     return held_out_data(held_out, tokenizer, train_dataset, STREAMED, data_args, options)
 
 
@@ -699,12 +709,13 @@ def write_report(
     data: PreparedData,
     translations: list[str],
     trainer: CheckpointSafeSeq2SeqTrainer,
+    model: PreTrainedModel,
     model_args: ModelArguments,
     data_args: DataArguments,
 ) -> list[tuple[str, str, str]]:
     """results.json (with the card's facts, for publishing), the training curves and the model card."""
     examples = list(zip(data.scored_sources, translations, data.scored_references, strict=True))[:5]
-    facts = ModelCardFacts.from_run(summary, model_args, data_args, trainer.args, trainer.model.config)
+    facts = ModelCardFacts.from_run(summary, model_args, data_args, trainer.args, model.config)
     results = {**asdict(summary), "examples": examples, "model_card": asdict(facts)}
     (final_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot_training_curves(trainer.state.log_history, final_dir / "training_curves.png")
@@ -809,6 +820,12 @@ def run(
             folder.clear_unfinished_replacement()
     label_pad = -100 if data_args.ignore_pad_token_for_loss else data.tokenizer.pad_token_id
     trainer = build_trainer(model, data, training_args, folder, callbacks, started, label_pad)
+    if training_args.average_last_n_checkpoints and trainer.saves_sharded_checkpoints:
+        raise TrainingArgumentError(
+            f"--average_last_n_checkpoints {training_args.average_last_n_checkpoints}: averaging reads whole "
+            "weights, but FSDP saves one shard per process; set fsdp_state_dict_type: FULL_STATE_DICT in the "
+            "accelerate config (or state_dict_type in --fsdp_config), or pass --average_last_n_checkpoints 0."
+        )
     resume = folder.resume_from_checkpoint
     bleu_before = (
         held_out_scores(model, data, training_args)[0]["bleu"]
@@ -816,30 +833,31 @@ def run(
         else None
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    if not trainer.is_world_process_zero():
-        trainer.save_model(str(folder.work_dir))  # takes part in gathering sharded weights; writes nothing
+    # Every process takes part in averaging, evaluating and gathering the weights; then the main process alone.
+    if training_args.average_last_n_checkpoints:  # §6.1: the final model averages the last checkpoints
+        trainer.average_checkpoints_into_model(
+            find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
+        )
+    files = final_evaluation(trainer) if phases.evaluate else {}
+    model = trainer.whole_model()
+    if model is None:
         return None
 
-    if training_args.average_last_n_checkpoints:  # §6.1: the final model averages the last checkpoints
-        average_into_model(
-            trainer.model, find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
-        )
     # Saved as max_new_tokens, so callers that pass max_new_tokens (pipelines do) get no max_length clash.
-    generation_config = trainer.model.generation_config
+    generation_config = model.generation_config
     generation_config.max_new_tokens, generation_config.max_length = training_args.generation_max_length, None
     # The final model, tokenizer, results, curves and card appear together, or not at all.
     with replacing_folder(folder.work_dir) as final_dir:
-        trainer.save_model(str(final_dir))
-        files = final_evaluation(trainer) if phases.evaluate else {}
+        trainer.save_whole_model(model, final_dir)
         began = time.perf_counter()
-        scores, translations = held_out_scores(trainer.model, data, training_args)
+        scores, translations = held_out_scores(model, data, training_args)
         if phases.predict:
             files |= prediction_files(scores, translations, time.perf_counter() - began)
         for name, text in files.items():
             (final_dir / name).write_text(text, encoding="utf-8")
         summary = RunSummary(
             output_dir=str(folder.output_dir),
-            parameters=trainer.model.num_parameters(),
+            parameters=model.num_parameters(),
             train_pairs=None if data_args.streaming else len(data.train_dataset),
             steps=train_result.global_step,
             seconds=round(time.perf_counter() - started, 1),
@@ -853,7 +871,7 @@ def run(
             chrf_signature=scores["chrf_signature"],
             length_report=str(data.length_report),
         )
-        examples = write_report(final_dir, summary, data, translations, trainer, model_args, data_args)
+        examples = write_report(final_dir, summary, data, translations, trainer, model, model_args, data_args)
     folder.finish()
     if training_args.push_to_hub:  # what scripts/push_to_hub.py publishes: no checkpoints, no pickles, one commit
         repo_id = training_args.hub_model_id or folder.output_dir.name
@@ -885,7 +903,13 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_arguments(argv)
     try:
         summary = run(model_args, data_args, training_args)
-    except (DataSourceError, OutputFolderError, ParallelDataError, TrainingArgumentError) as error:
+    except (
+        DataSourceError,
+        FsdpUnsupportedError,
+        OutputFolderError,
+        ParallelDataError,
+        TrainingArgumentError,
+    ) as error:
         sys.exit(f"error: {error}")
     if summary is not None:
         print(describe(summary))

@@ -1,18 +1,29 @@
 """The paper's training recipe (§5.3, §5.4) as `Seq2SeqTrainingArguments` defaults, and a `Seq2SeqTrainer` whose
 checkpoints appear only once complete."""
 
+import copy
 import importlib.util
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import datasets
 import torch
 from accelerate.data_loader import prepare_data_loader
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
+from transformers import (
+    PreTrainedModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+    TrainerState,
+)
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -21,7 +32,8 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
-from .data.batching import TokenBatchSampler, token_lengths
+from .checkpoint_averaging import average_into_model, average_state_dicts
+from .data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
 from .modeling_hf_attention import label_smoothed_cross_entropy
 
 STAGING_DIR = ".checkpoint-staging"
@@ -179,6 +191,36 @@ class WallClockCallback(TrainerCallback):
             state.log_history[-1]["wall_seconds"] = round(time.perf_counter() - self.started, 1)
 
 
+class FsdpUnsupportedError(ValueError):
+    """A model that FSDP, as accelerate wraps it, cannot shard."""
+
+
+def share_embedding_modules(model: PreTrainedModel) -> None:
+    """Before FSDP2 shards the model: one embedding module where the model ties one matrix in several.
+
+    transformers ties the source and target embeddings and the pre-softmax projection (§3.4) as one parameter held by
+    several modules; accelerate shards the input embedding together with the output projection, and torch refuses a
+    parameter that another module outside that group holds too. Holding the same parameter, the embedding modules
+    compute the same function: using one of them in every place changes nothing but what FSDP sees.
+    """
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own
+    base = model.base_model  # the encoder-decoder, without the output projection
+    input_embeddings = base.get_input_embeddings()
+    for holder in (base, base.encoder, base.decoder):
+        for name, module in list(holder.named_children()):
+            if module is input_embeddings or type(module) is not type(input_embeddings):
+                continue
+            scales = (getattr(module, "embed_scale", None), getattr(input_embeddings, "embed_scale", None))
+            if module.weight is input_embeddings.weight and scales[0] == scales[1]:
+                setattr(holder, name, input_embeddings)
+    output_weight = getattr(model.get_output_embeddings(), "weight", None)
+    if output_weight is not None and base.decoder.embed_tokens.weight is output_weight is not input_embeddings.weight:
+        raise FsdpUnsupportedError(
+            "FSDP: this model ties its target embedding to the output projection but not to the source embedding "
+            "(separate vocabularies), which accelerate's FSDP2 wrapping cannot shard; train it with DDP."
+        )
+
+
 class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` that writes each checkpoint into a staging folder and renames it into place when complete.
 
@@ -193,6 +235,8 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         if self.label_smoother is not None:
             self.label_smoother = TokenLabelSmoother(self.label_smoother.epsilon)
+        if self.is_fsdp_enabled:
+            share_embedding_modules(self.model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """`Seq2SeqTrainer.train`, except that resuming a run that already did all its steps trains no further.
@@ -217,10 +261,11 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     def get_train_dataloader(self) -> DataLoader:
         """transformers' loader, or with `--max_tokens` one of token-based batches (`TokenBatchSampler`), or for a
         stream already split across processes (`--streaming`) one that accelerate neither dispatches nor re-splits."""
-        if isinstance(self.train_dataset, datasets.IterableDataset) and self.args.world_size > 1:
+        batched_stream = isinstance(self.train_dataset, TokenBatchStream)  # --streaming --max_tokens
+        if batched_stream or (isinstance(self.train_dataset, datasets.IterableDataset) and self.args.world_size > 1):
             loader = DataLoader(
                 self.train_dataset,
-                batch_size=self._train_batch_size,
+                batch_size=None if batched_stream else self._train_batch_size,  # its items are batches already
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
                 pin_memory=self.args.dataloader_pin_memory,
@@ -257,6 +302,47 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             shard.num_processes, shard.process_index = 1, 0
             shard.set_epoch = sampler.set_epoch
         return prepared
+
+    @property
+    def saves_sharded_checkpoints(self) -> bool:
+        """Under FSDP with a sharded state dict (accelerate's default for FSDP2), each process saves its own shard."""
+        return self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            self.accelerator.state.fsdp_plugin.state_dict_type
+        )
+
+    def average_checkpoints_into_model(self, checkpoints: list[Path]) -> None:
+        """§6.1's final model, on every process (each keeps its own shard under FSDP): all must call it."""
+        if not self.is_fsdp_enabled:
+            average_into_model(self.model, checkpoints)
+            return
+        averaged = average_state_dicts(checkpoints)
+        # One entry per tensor: torch would copy a tied parameter's other names unsharded into its shard.
+        names = [name for name, _ in (*self.model.named_parameters(), *self.model.named_buffers())]
+        averaged = {name: averaged[name] for name in names if name in averaged}
+        set_model_state_dict(self.model, averaged, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def whole_model(self) -> PreTrainedModel | None:
+        """The trained model with all its weights, on the main process (None on the others): what the job saves
+        and translates with there alone. Under FSDP it gathers the shards, so every process must call it."""
+        if not self.is_fsdp_enabled:
+            return self.model if self.is_world_process_zero() else None
+        state_dict = self.accelerator.get_state_dict(self.model)  # whole on the main process, empty elsewhere
+        if not self.is_world_process_zero():
+            return None
+        model_class = next(cls for cls in type(self.model).__mro__ if not issubclass(cls, FSDPModule))
+        model = model_class(self.model.config)
+        model.load_state_dict(state_dict, strict=False)
+        model.tie_weights()
+        model.generation_config = copy.deepcopy(self.model.generation_config)
+        return model.eval()
+
+    def save_whole_model(self, model: PreTrainedModel, output_dir: str | Path) -> None:
+        """What `save_model` writes (weights, config, tokenizer, training arguments), from `whole_model()`'s model,
+        by the main process alone."""
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial=trial)

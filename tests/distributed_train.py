@@ -1,7 +1,13 @@
 """Runs the training job (any launcher) and saves every process's final parameters as rank{N}.safetensors, and
-what preprocessing work the process did (tokenizer trainings, `map` results written) as work{N}.json.
+what preprocessing work the process did (tokenizer trainings, `map` results written) and how its model was sharded
+as work{N}.json.
 
 Used by the tests: `accelerate launch ... tests/distributed_train.py OUTPUT_DIR [train.py arguments]`.
+
+With HF_ATTENTION_FSDP_ON_CPU=1, an `accelerate launch --use_fsdp` run shards the model on CPU processes (gloo).
+accelerate turns FSDP on only for GPU-like devices, though torch's `fully_shard` runs on CPU too; the switch below
+makes accelerate treat a CPU run as it would a GPU one, so the job's FSDP path (Trainer, accelerate, torch) runs
+unchanged on a machine without GPUs.
 """
 
 import json
@@ -9,14 +15,31 @@ import os
 import sys
 from pathlib import Path
 
+from accelerate import state
+from accelerate.utils import DistributedType
 from datasets import arrow_dataset
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from hf_attention import run_translation
 from hf_attention.run_translation import parse_arguments, run
 
 WORK = {"tokenizer_trainings": 0, "map_results_written": 0}
+
+
+def fsdp_on_cpu_processes():
+    accelerator_state_init = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # Each `AcceleratorState()` copies the process state (MULTI_CPU) in again: switch back every time.
+        fsdp_plugin = fsdp_plugin or self.__dict__.get("fsdp_plugin")
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    state.AcceleratorState.__init__ = init
 
 
 class CountingWriter(arrow_dataset.ArrowWriter):  # `Dataset.map` writes what it computes through one
@@ -35,13 +58,22 @@ class SaveParametersOnEveryRank(TrainerCallback):
         self.folder = folder
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        parameters = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        WORK["sharded_modules"] = sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
+        WORK["local_parameters"] = sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters()
+        )
+        parameters = {  # a sharded parameter is gathered whole (every process takes part)
+            name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+            for name, tensor in model.state_dict().items()
+        }
         self.folder.mkdir(parents=True, exist_ok=True)
         save_file(parameters, self.folder / f"rank{args.process_index}.safetensors")
         (self.folder / f"work{args.process_index}.json").write_text(json.dumps(WORK))
 
 
 if __name__ == "__main__":
+    if os.environ.get("HF_ATTENTION_FSDP_ON_CPU") == "1":
+        fsdp_on_cpu_processes()
     train_tokenizer = run_translation.train_tokenizer
     run_translation.train_tokenizer = counting_train_tokenizer
     arrow_dataset.ArrowWriter = CountingWriter

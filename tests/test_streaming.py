@@ -63,11 +63,31 @@ def test_a_resumed_stream_sees_the_batches_of_an_uninterrupted_run(tmp_path, cor
     assert batches[start : start + 2] == uninterrupted[4:6] and start >= 4
 
 
+def test_token_batches_from_a_stream_hold_at_most_max_tokens_and_resume(tmp_path, corpus_files, recorded_batches):
+    """--streaming --max_tokens: batches cut from length-sorted pools of the stream; a resumed run sees the batches
+    an uninterrupted run would."""
+    batches = recorded_batches
+    arguments = streaming_arguments(corpus_files, "--max_steps", "6", "--save_steps", "4", "--eval_strategy", "no",
+                                    "--max_tokens", "160", "--max_source_length", "32",
+                                    "--logging_steps", "2")  # fmt: skip
+    run(*parse_arguments([*arguments, "--output_dir", str(tmp_path / "whole")]))
+    uninterrupted = batches[:6]
+    assert all(len(batch) * len(batch[0]) <= 160 for batch in uninterrupted)
+    assert len({len(batch) for batch in uninterrupted}) > 1  # the number of pairs follows their length
+    log = json.loads((tmp_path / "whole" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert any("padding_fraction" in entry for entry in log)
+    batches.clear()
+    run(*parse_arguments([*arguments, "--output_dir", str(tmp_path / "resumed"),
+                          "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-4")]))  # fmt: skip
+    start = batches.index(uninterrupted[4])
+    assert batches[start : start + 2] == uninterrupted[4:6] and start >= 4
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         ([], "--streaming: the number of pairs is unknown, so give --max_steps"),
-        (["--max_steps", "2", "--max_tokens", "500"], "--max_tokens 500 with --streaming: token batches are cut"),
+        (["--max_steps", "2", "--max_tokens", "100"], "--max_tokens 100 with --streaming: a streamed pair may have"),
         (["--max_steps", "2", "--train_sampling_strategy", "group_by_length"], "group_by_length with --streaming"),
     ],
 )

@@ -19,7 +19,14 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
 from hf_attention.run_translation import main, parse_arguments, run
-from hf_attention.training import STAGING_DIR, CheckpointSafeSeq2SeqTrainer
+from hf_attention.training import (
+    STAGING_DIR,
+    CheckpointSafeSeq2SeqTrainer,
+    FsdpUnsupportedError,
+    share_embedding_modules,
+)
+
+from .conftest import padded_batch
 
 ROOT = Path(__file__).parent.parent
 # A small, fast run: 4000 toy pairs, tiny model, short generations.
@@ -117,15 +124,26 @@ def test_a_failure_during_a_save_leaves_no_checkpoint_that_looks_complete(tmp_pa
     assert (tmp_path / STAGING_DIR / "checkpoint-5" / "model.safetensors").exists()
 
 
-def launch(arguments: list[str], log: Path) -> subprocess.Popen:
+def launch(arguments: list[str], log: Path, **environment: str) -> subprocess.Popen:
     """Start a run in a subprocess, its output going to `log` (a pipe could fill up and stall it)."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **environment}
     with open(log, "w") as output:
         return subprocess.Popen(arguments, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
 
 
 def finish(process: subprocess.Popen, log: Path) -> None:
     assert process.wait(timeout=300) == 0, log.read_text()[-5000:]
+
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_reshard_after_forward", "true"]  # fmt: skip
+
+
+def two_processes(port: int, *distribution: str) -> list[str]:
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", *distribution, "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            "tests/distributed_train.py"]  # fmt: skip
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
@@ -163,16 +181,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     arguments = [*QUICK, "--max_steps", "6", "--save_strategy", "no", "--toy_eval_size", "4", "--optim", "sgd",
                  "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
                  "--config_overrides", "dropout=0"]  # fmt: skip
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     # On a machine without GPUs `--multi_gpu` is how accelerate starts several (gloo, CPU) processes.
     log = tmp_path / "log.txt"
-    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]  # fmt: skip
-    runner = ["tests/distributed_train.py"]
     two = [str(tmp_path / "two"), *arguments, "--per_device_train_batch_size", "16", "--output_dir", f"{tmp_path}/2"]
     one = [str(tmp_path / "one"), *arguments, "--per_device_train_batch_size", "32", "--output_dir", f"{tmp_path}/1"]
-    finish(launch([*two_processes, *runner, *two], log), log)
-    finish(launch([sys.executable, *runner, *one], log), log)
+    finish(launch([*two_processes(29517, "--multi_gpu"), *two], log), log)
+    finish(launch([sys.executable, "tests/distributed_train.py", *one], log), log)
 
     rank0, rank1 = load_file(tmp_path / "two" / "rank0.safetensors"), load_file(tmp_path / "two" / "rank1.safetensors")
     reference = load_file(tmp_path / "one" / "rank0.safetensors")
@@ -183,10 +197,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")  # fmt: skip
-@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+@pytest.mark.parametrize(
+    "streaming", [[], ["--streaming"], ["--streaming", "--max_tokens", "64"]], ids=["cached", "streaming", "tokens"]
+)
 def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streaming):
     """The main process trains the tokenizer and tokenises; the other loads both from the cache. A stream is split
-    across the processes. Either way the two processes end with the same parameters."""
+    across the processes (and each cuts its part into token batches). Either way the two processes end with the same
+    parameters."""
     data = tmp_path / "data"
     data.mkdir()
     rows = toy_translation_corpus(400, seed=4)
@@ -197,12 +214,10 @@ def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streamin
                  "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--save_strategy", "no",
                  "--per_device_train_batch_size", "8",
                  "--generation_max_length", "6", "--generation_num_beams", "1", "--test_before_training", "false",
-                 "--output_dir", str(tmp_path / "run"), *(["--streaming"] if streaming else [])]  # fmt: skip
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+                 "--max_source_length", "64", "--max_target_length", "64", "--output_dir", str(tmp_path / "run"),
+                 *streaming]  # fmt: skip
     log = tmp_path / "log.txt"
-    two_processes = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519"]  # fmt: skip
-    finish(launch([*two_processes, "tests/distributed_train.py", str(tmp_path / "out"), *arguments], log), log)
+    finish(launch([*two_processes(29519, "--multi_gpu"), str(tmp_path / "out"), *arguments], log), log)
     work = [json.loads((tmp_path / "out" / f"work{rank}.json").read_text()) for rank in range(2)]
     assert [rank["tokenizer_trainings"] for rank in work] == [1, 0]
     if not streaming:  # the stream is tokenised as it is read, by each process for its own part
@@ -212,8 +227,85 @@ def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streamin
         assert torch.equal(tensor, rank1[name]), name
 
 
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="the accelerate launcher is not installed")  # fmt: skip
+def test_two_fsdp_processes_end_with_the_parameters_of_two_ddp_processes(tmp_path):
+    """FSDP2 through accelerate shards the model along `_no_split_modules` (gloo, on CPU: see distributed_train.py)
+    and trains, averages, evaluates and saves the same model as DDP."""
+    arguments = [*QUICK, "--max_steps", "6", "--save_steps", "2", "--average_last_n_checkpoints", "2",
+                 "--toy_eval_size", "4", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
+                 "--config_overrides", "dropout=0", "--per_device_train_batch_size", "16", "--eval_strategy", "no",
+                 "--do_train", "--do_eval", "--do_predict"]  # fmt: skip
+    log = tmp_path / "log.txt"
+    ddp = [*two_processes(29521, "--multi_gpu"), str(tmp_path / "ddp"), *arguments, "--output_dir", f"{tmp_path}/d"]
+    finish(launch(ddp, log), log)
+    fsdp = [*two_processes(29523, *FSDP, "--fsdp_state_dict_type", "FULL_STATE_DICT"), str(tmp_path / "fsdp"),
+            *arguments, "--output_dir", f"{tmp_path}/f"]  # fmt: skip
+    finish(launch(fsdp, log, HF_ATTENTION_FSDP_ON_CPU="1"), log)
+
+    work = [json.loads((tmp_path / "fsdp" / f"work{rank}.json").read_text()) for rank in range(2)]
+    assert {"FSDPEncoderLayer", "FSDPDecoderLayer"} <= set(work[0]["sharded_modules"])
+    whole = HfAttentionForConditionalGeneration.from_pretrained(tmp_path / "d").num_parameters()
+    assert [rank["local_parameters"] < whole for rank in work] == [True, True]
+    assert work[0]["local_parameters"] + work[1]["local_parameters"] == whole  # each holds its own half
+    for rank in range(2):  # the gathered parameters at the end of training
+        reference = load_file(tmp_path / "ddp" / f"rank{rank}.safetensors")
+        sharded = load_file(tmp_path / "fsdp" / f"rank{rank}.safetensors")
+        for name, tensor in reference.items():
+            torch.testing.assert_close(sharded[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    averaged_ddp, averaged_fsdp = (load_file(tmp_path / run / "model.safetensors") for run in ("d", "f"))
+    assert averaged_ddp.keys() == averaged_fsdp.keys()
+    for name, tensor in averaged_ddp.items():
+        torch.testing.assert_close(averaged_fsdp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    last = load_file(tmp_path / "ddp" / "rank0.safetensors")["model.shared.weight"]
+    assert not torch.equal(averaged_fsdp["model.shared.weight"], last)  # the saved model is the average
+    evaluated = [json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("d", "f")]
+    assert evaluated[1]["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-4)
+    predicted = [(tmp_path / run / "generated_predictions.txt").read_text() for run in ("d", "f")]
+    assert predicted[0] == predicted[1]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="the accelerate launcher is not installed")  # fmt: skip
+def test_fsdp_with_sharded_checkpoints_refuses_averaging_before_training(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    arguments = [*QUICK, "--max_steps", "4", "--save_steps", "2", "--average_last_n_checkpoints", "2",
+                 "--output_dir", str(output_dir), "--overwrite_output_dir"]  # fmt: skip
+    log = tmp_path / "log.txt"
+    sharded = [*two_processes(29525, *FSDP, "--fsdp_state_dict_type", "SHARDED_STATE_DICT"), str(tmp_path / "o")]
+    process = launch([*sharded, *arguments], log, HF_ATTENTION_FSDP_ON_CPU="1")
+    assert process.wait(timeout=300) != 0
+    assert "--average_last_n_checkpoints 2: averaging reads whole weights, but FSDP saves one shard" in log.read_text()
+    assert [path.name for path in output_dir.iterdir()] == ["notes.txt"]
+
+
 def test_the_test_set_is_scored_before_training_only_when_asked(tmp_path, capsys):
     run(*parse_arguments([*QUICK, "--output_dir", str(tmp_path), "--max_steps", "2", "--save_strategy", "no",
                           "--toy_eval_size", "4", "--test_before_training", "false"]))  # fmt: skip
     assert json.loads((tmp_path / "results.json").read_text())["bleu_before"] is None
     assert "BLEU before training" not in (tmp_path / "README.md").read_text()
+
+
+def test_before_fsdp_one_embedding_module_takes_every_place_of_the_tied_matrix(tiny_config):
+    model = HfAttentionForConditionalGeneration(tiny_config).eval()
+    batch = padded_batch([7, 4, 6], max_length=7)
+    with torch.no_grad():
+        before = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+        share_embedding_modules(model)
+        after = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    shared = model.model.shared
+    assert model.model.encoder.embed_tokens is shared and model.model.decoder.embed_tokens is shared
+    assert model.lm_head.weight is shared.weight
+    assert torch.equal(after, before)
+    assert set(model.state_dict()) == set(HfAttentionForConditionalGeneration(tiny_config).state_dict())
+
+
+def test_fsdp_refuses_a_target_embedding_tied_only_to_the_output_projection(tiny_config):
+    config = type(tiny_config)(**{**tiny_config.to_dict(), "share_encoder_decoder_embeddings": False,
+                                  "decoder_vocab_size": 77})  # fmt: skip
+    model = HfAttentionForConditionalGeneration(config)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    with pytest.raises(FsdpUnsupportedError, match="separate vocabularies"):
+        share_embedding_modules(model)

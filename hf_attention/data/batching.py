@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 from transformers import TrainerCallback
 
 
@@ -24,6 +24,29 @@ def token_lengths(dataset: Dataset, column: str) -> np.ndarray:
 def padded_tokens(source_lengths: Sequence[int], target_lengths: Sequence[int]) -> int:
     """Tokens of one padded batch on its longer side: rows × the longest row (what `--max_tokens` bounds)."""
     return len(source_lengths) * max(max(source_lengths), max(target_lengths))
+
+
+def cut_into_batches(
+    longer_side: np.ndarray, max_tokens: int, generator: np.random.Generator | None
+) -> list[list[int]]:
+    """Indices of `longer_side` (each pair's longer side, in tokens) in batches of at most `max_tokens` padded tokens:
+    shuffled (when a `generator` is given, so that it breaks ties between equal lengths), sorted by length, cut
+    greedily, and the batches shuffled, so that neighbouring steps see different lengths."""
+    order = generator.permutation(len(longer_side)) if generator is not None else np.arange(len(longer_side))
+    order = order[np.argsort(longer_side[order], kind="stable")]
+    batches, current, longest = [], [], 0
+    for index in order.tolist():
+        length = int(longer_side[index])
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    if generator is not None:
+        batches = [batches[position] for position in generator.permutation(len(batches))]
+    return batches
 
 
 class TokenBatchSampler(Sampler[list[int]]):
@@ -72,24 +95,8 @@ class TokenBatchSampler(Sampler[list[int]]):
         """This epoch's batches of every process, in order (process r takes items r, r + N, ...)."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
-        generator = np.random.default_rng([self.seed, self.epoch])
-        order = (
-            generator.permutation(len(self.source_lengths)) if self.shuffle else np.arange(len(self.source_lengths))
-        )
-        longer_side = np.maximum(self.source_lengths, self.target_lengths)[order]
-        order = order[np.argsort(longer_side, kind="stable")]
-        batches, current, longest = [], [], 0
-        for index in order.tolist():
-            length = max(int(self.source_lengths[index]), int(self.target_lengths[index]))
-            if current and max(longest, length) * (len(current) + 1) > self.max_tokens:
-                batches.append(current)
-                current, longest = [], 0
-            current.append(index)
-            longest = max(longest, length)
-        if current:
-            batches.append(current)
-        if self.shuffle:
-            batches = [batches[position] for position in generator.permutation(len(batches))]
+        generator = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        batches = cut_into_batches(np.maximum(self.source_lengths, self.target_lengths), self.max_tokens, generator)
         if len(batches) % self.num_replicas:  # every process takes the same number of steps
             batches += batches[: self.num_replicas - len(batches) % self.num_replicas]
         self._cache = (self.epoch, batches)
@@ -100,6 +107,51 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(len(self.all_batches()) / self.num_replicas)
+
+
+class TokenBatchStream(IterableDataset):
+    """`--max_tokens` for a stream (`--streaming`): token batches cut from pools of `pool_size` pairs at a time.
+
+    A stream's lengths are not known ahead, so, as OpenNMT-py does with its pools and fairseq with buffered
+    iterators, each pool of pairs read is sorted by length and cut into batches (`cut_into_batches`), which are
+    yielded in a shuffled order. Each item is one batch: a list of tokenised pairs, for the data collator. The order
+    depends only on the stream, `seed` and the epoch, so a resumed run that skips the batches it did sees the batches
+    an uninterrupted run would. Under data parallelism each process batches its own part of the stream.
+
+    Args:
+        stream: tokenised pairs (`input_ids`, `labels`), each side at most `max_tokens` tokens long.
+        max_tokens: most tokens of a padded batch on its source side and on its target side.
+        pool_size: pairs sorted together (`--shuffle_buffer_size`).
+        seed: the shuffles' seed.
+    """
+
+    def __init__(self, stream, max_tokens: int, pool_size: int, seed: int = 0):
+        self.stream, self.max_tokens, self.pool_size, self.seed = stream, max_tokens, pool_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        generator = np.random.default_rng([self.seed, self.epoch])
+        pool = []
+        for pair in self.stream:
+            pool.append(pair)
+            if len(pool) == self.pool_size:
+                yield from self._batches(pool, generator)
+                pool = []
+        if pool:
+            yield from self._batches(pool, generator)
+
+    def _batches(self, pool: list[dict], generator: np.random.Generator) -> Iterator[list[dict]]:
+        longer_side = np.array([max(len(pair["input_ids"]), len(pair["labels"])) for pair in pool])
+        longest = int(longer_side.max())
+        if longest > self.max_tokens:
+            raise ValueError(f"--max_tokens {self.max_tokens}: a streamed pair has {longest} tokens on one side.")
+        for batch in cut_into_batches(longer_side, self.max_tokens, generator):
+            yield [pool[index] for index in batch]
 
 
 class PaddingCounter:
