@@ -8,6 +8,7 @@ loadable with `trust_remote_code=True` where hf_attention is not installed.
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
+from .inference import optimize_for_inference
 from .modeling_hf_attention import (
     HfAttentionForConditionalGeneration,
     HfAttentionModel,
@@ -45,4 +46,5 @@ __all__ = [
     "Text2TextGenerationPipeline",
     "TranslationPipeline",
     "__version__",
+    "optimize_for_inference",
 ]

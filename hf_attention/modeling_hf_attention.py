@@ -349,6 +349,8 @@ class HfAttentionPreTrainedModel(CheckpointIOMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    # A static cache under torch.compile(fullgraph=True) decodes as eager decoding does (tests/test_inference.py).
+    _can_compile_fullgraph = True
 
     def __init__(self, config: HfAttentionConfig, *inputs, **kwargs):
         config.validate_architecture()  # fields may have been changed since the config was built
@@ -452,18 +454,19 @@ class TransformerStack(HfAttentionPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def embed(self, inputs_embeds: torch.Tensor, past_length: int, name: str) -> torch.Tensor:
+    def embed(self, inputs_embeds: torch.Tensor, past_length: int | torch.Tensor, name: str) -> torch.Tensor:
         """Add position encodings to token embeddings and apply dropout, §3.5 and §5.4: (B, L, D) -> (B, L, D)."""
         length = inputs_embeds.shape[1]
         if (
             self.config.position_embedding_type == "learned"
+            and isinstance(past_length, int)  # a static cache's count is a tensor: not read, see the decoder
             and past_length + length > self.config.max_position_embeddings
         ):
             raise ValueError(
                 f"`{name}` reaches position {past_length + length}, beyond max_position_embeddings="
                 f"{self.config.max_position_embeddings} of the learned position embeddings."
             )
-        position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
+        position_ids = past_length + torch.arange(length, device=inputs_embeds.device)
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)  # (B, L, D)
         return nn.functional.dropout(hidden_states, p=self.config.dropout, training=self.training)
 
@@ -565,10 +568,13 @@ class HfAttentionDecoder(TransformerStack):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds` to the decoder.")
         past_length = cache.get_seq_length() if cache is not None else 0
+        # A static cache counts its tokens in a tensor: reading that would stall every generated token on a GPU and
+        # break torch.compile's graph, so the checks that need the count run only while it is a Python int.
+        past_length_known = isinstance(past_length, int)
         if inputs_embeds is None:
             # Checked on the first step only: later steps feed back the model's own tokens, and the check's
             # device-to-host read would stall every generated token on a GPU.
-            if past_length == 0:
+            if past_length_known and past_length == 0:
                 _check_token_ids("decoder_input_ids", input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         _check_embeddings("decoder_inputs_embeds", inputs_embeds, self.config.d_model)
@@ -576,9 +582,11 @@ class HfAttentionDecoder(TransformerStack):
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         batch_size, target_length = inputs_embeds.shape[:2]
-        _check_padding_mask(
-            "decoder_attention_mask", attention_mask, batch_size, past_length + target_length, "cached + new targets"
-        )
+        if past_length_known:
+            expected_length = past_length + target_length
+            _check_padding_mask(
+                "decoder_attention_mask", attention_mask, batch_size, expected_length, "cached + new targets"
+            )
         if encoder_hidden_states is not None:
             if encoder_hidden_states.shape[0] != batch_size:
                 raise ValueError(

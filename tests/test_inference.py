@@ -1,0 +1,120 @@
+"""optimize_for_inference: int8 and bf16 models that generate, pipeline, save and reload; a static cache compiled with
+torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch._dynamo.utils import counters
+from transformers import AutoModelForSeq2SeqLM, pipeline
+
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
+from hf_attention.inference import HfAttentionInt8Config, Int8DynamicLinear
+
+from .conftest import padded_batch
+from .helpers import toy_tokenizer
+
+SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
+
+
+def random_model(tiny_config, seed: int = 0) -> HfAttentionForConditionalGeneration:
+    torch.manual_seed(seed)
+    return HfAttentionForConditionalGeneration(tiny_config).eval()
+
+
+def test_an_int8_layer_computes_the_product_with_its_dequantized_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8DynamicLinear.from_linear(linear)
+    assert quantized.weight.dtype == torch.int8
+    scale = quantized.weight_scale[:, None]
+    assert ((quantized.dequantized_weight() - linear.weight).abs() <= scale / 2 + 1e-7).all()  # round to nearest
+    inputs = torch.randn(5, 7, 64)
+    expected = torch.nn.functional.linear(inputs, quantized.dequantized_weight(), linear.bias)
+    with torch.no_grad():
+        output = quantized(inputs)
+    assert output.shape == (5, 7, 48)
+    # what is left is the inputs' own 8-bit quantisation
+    torch.testing.assert_close(output, expected, atol=0.05, rtol=0.05)
+    assert not torch.allclose(output, linear(inputs).detach(), atol=1e-6)
+
+
+def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tokens(tiny_config, tmp_path):
+    model = random_model(tiny_config)
+    batch = padded_batch([7, 4, 6], max_length=7)
+    with torch.no_grad():
+        reference = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    optimize_for_inference(model, "int8")
+    assert all(type(module) is not torch.nn.Linear for module in model.modules())
+    with torch.no_grad():
+        logits = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+    generated = model.generate(**batch, num_beams=4, max_new_tokens=8)
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "hf_attention_int8"}
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("model.encoder.layers.0.self_attn.q_proj.weight").dtype == torch.int8
+        assert weights.get_tensor("lm_head.weight").dtype == torch.int8
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded.lm_head, Int8DynamicLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch, decoder_input_ids=batch["input_ids"]).logits, logits)
+    assert torch.equal(reloaded.generate(**batch, num_beams=4, max_new_tokens=8), generated)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "bf16"])
+def test_the_translation_pipeline_runs_an_optimized_model_as_generate_does(quantization):
+    tokenizer = toy_tokenizer()
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer))
+    model = optimize_for_inference(random_model(config), quantization)
+    translator = pipeline("translation", model=model, tokenizer=tokenizer, device="cpu")
+    outputs = [item["translation_text"] for item in translator(SOURCES, num_beams=2, max_new_tokens=6)]
+    expected = []
+    for source in SOURCES:
+        encoded = tokenizer([source], return_tensors="pt")
+        generated = model.generate(**encoded, num_beams=2, max_new_tokens=6)
+        expected.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+    assert outputs == expected
+
+
+def test_bf16_model_holds_bf16_weights_and_stays_close_to_fp32(tiny_config):
+    model = random_model(tiny_config)
+    batch = padded_batch([7, 4, 6], max_length=7)
+    with torch.no_grad():
+        reference = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+        optimize_for_inference(model, "bf16")
+        logits = model(**batch, decoder_input_ids=batch["input_ids"]).logits
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+    assert model.generate(**batch, max_new_tokens=5).shape == (3, 6)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_config, num_beams):
+    model = random_model(tiny_config)
+    batch = padded_batch([7, 4, 6], max_length=7)
+    eager = model.generate(**batch, num_beams=num_beams, max_new_tokens=8)
+    static_eager = model.generate(**batch, num_beams=num_beams, max_new_tokens=8, cache_implementation="static")
+    assert torch.equal(static_eager, eager)
+    torch._dynamo.reset()
+    counters.clear()
+    optimize_for_inference(model, compile=True)
+    compiled = model.generate(**batch, num_beams=num_beams, max_new_tokens=8)
+    if num_beams == 1:  # transformers compiles the step of greedy search and sampling, not of beam search
+        assert counters["stats"]["unique_graphs"] > 0
+    assert torch.equal(compiled, eager)
+
+
+def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
+    model = random_model(tiny_config)
+    with pytest.raises(ValueError, match=r"quantization='int4': must be one of None, 'int8', 'bf16'"):
+        optimize_for_inference(model, "int4")
+    with pytest.raises(ValueError, match="compile=True with quantization='int8'"):
+        optimize_for_inference(model, "int8", compile=True)
+    assert all(type(module) is not Int8DynamicLinear for module in model.modules())  # nothing changed
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only loads models saved in int8; load the fp32 model"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=HfAttentionInt8Config())
