@@ -1,9 +1,11 @@
-"""CUDA-only checks: flash attention and SDPA against eager in half precision, generation on the GPU."""
+"""CUDA-only checks: flash attention and SDPA against eager in half precision, generation on the GPU, decoding
+steps that never wait for the GPU, and compiled static-cache decoding (CUDA graphs)."""
 
 import pytest
 import torch
+from transformers import EncoderDecoderCache, StaticCache
 
-from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention import HfAttentionForConditionalGeneration, optimize_for_inference
 
 from .conftest import padded_batch
 
@@ -41,3 +43,50 @@ def test_generation_on_gpu_matches_cpu(tiny_config):
     on_cpu = model.generate(**batch, num_beams=4, max_new_tokens=10)
     on_gpu = model.to("cuda").generate(**{k: v.cuda() for k, v in batch.items()}, num_beams=4, max_new_tokens=10)
     assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def test_static_cache_decoding_step_never_waits_for_the_gpu(tiny_config):
+    """After the first step, a decoding step with a static cache reads nothing back to the host (no stall)."""
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(tiny_config).eval().cuda()
+    batch = {k: v.cuda() for k, v in padded_batch([7, 4, 6], max_length=7).items()}
+    start = torch.full((3, 1), tiny_config.decoder_start_token_id, device="cuda")
+    cache = EncoderDecoderCache(
+        StaticCache(config=tiny_config, max_cache_len=16), StaticCache(config=tiny_config, max_cache_len=7)
+    )
+    with torch.no_grad():
+        first = model(**batch, decoder_input_ids=start, cache=cache, use_cache=True)
+        next_tokens = first.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(
+                encoder_outputs=(first.encoder_last_hidden_state,),
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=next_tokens,
+                cache=first.cache,
+                use_cache=True,
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("quantization", [None, "bf16"])
+def test_compiled_static_cache_on_cuda_generates_the_eager_tokens(tiny_config, quantization):
+    """transformers compiles the step with CUDA graphs ("reduce-overhead"); the tokens stay those of eager decoding."""
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(tiny_config).eval().cuda()
+    if quantization:
+        model.to(torch.bfloat16)
+    batch = {k: v.cuda() for k, v in padded_batch([7, 4, 6], max_length=7).items()}
+    eager = model.generate(**batch, max_new_tokens=10)
+    optimize_for_inference(model, quantization, compile=True)
+    assert model.generation_config.compile_config.mode == "reduce-overhead"
+    for _ in range(2):  # the second call replays the captured graphs
+        assert torch.equal(model.generate(**batch, max_new_tokens=10), eager)
+
+
+def test_int8_is_refused_on_cuda(tiny_config):
+    model = HfAttentionForConditionalGeneration(tiny_config).cuda()
+    with pytest.raises(ValueError, match="torch's dynamic int8 kernels run on the CPU"):
+        optimize_for_inference(model, "int8")
