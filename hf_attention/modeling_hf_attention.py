@@ -928,6 +928,24 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    def _maybe_prepare_encoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, model_input_name, config):
+        """transformers' encoding step of `generate`, then the source padding mask made into the decoder's
+        cross-attention mask once: built from the 2-D mask at every step, it would read the mask back to the host
+        each time (transformers checks whether it can skip it), a stall per generated token on a GPU."""
+        model_kwargs = super()._maybe_prepare_encoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, model_input_name, config
+        )
+        mask, encoded = model_kwargs.get("attention_mask"), model_kwargs.get("encoder_outputs")
+        if mask is not None and mask.dim() == 2 and encoded is not None:
+            hidden_states = encoded[0]
+            model_kwargs["attention_mask"] = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states[:, :1],  # one target position: every decoding step's query length
+                attention_mask=mask,
+                encoder_hidden_states=hidden_states,
+            )
+        return model_kwargs
+
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):

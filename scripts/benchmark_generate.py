@@ -10,8 +10,9 @@ the figures are medians over rounds.
     python scripts/benchmark_generate.py                          # CPU, all engines, 3 rounds
     python scripts/benchmark_generate.py --device cuda --engines marian,fp32,bf16,bf16+compile
 
-It prints a table of seconds per workload (and speed relative to Marian), then one line per workload:
-`WORKLOAD: R.RRx Marian` (greedy_b1, beam4_b1, greedy_b16, beam4_b16), the fastest hf_attention engine's speed relative to MarianMTModel fp32.
+It prints a table of seconds per workload (and speed relative to Marian), then one line per workload
+(greedy_b1, beam4_b1, greedy_b16, beam4_b16): `WORKLOAD: R.RRx Marian`, the fastest hf_attention engine's speed
+relative to MarianMTModel fp32.
 --json FILE writes every figure.
 """
 

@@ -46,7 +46,8 @@ def test_generation_on_gpu_matches_cpu(tiny_config):
 
 
 def test_static_cache_decoding_step_never_waits_for_the_gpu(tiny_config):
-    """After the first step, a decoding step with a static cache reads nothing back to the host (no stall)."""
+    """After the first step, a decoding step with a static cache, given what `generate` gives it (the encoder output
+    and the cross-attention mask prepared once), reads nothing back to the host (no stall)."""
     torch.manual_seed(0)
     model = HfAttentionForConditionalGeneration(tiny_config).eval().cuda()
     batch = {k: v.cuda() for k, v in padded_batch([7, 4, 6], max_length=7).items()}
@@ -55,18 +56,17 @@ def test_static_cache_decoding_step_never_waits_for_the_gpu(tiny_config):
         StaticCache(config=tiny_config, max_cache_len=16), StaticCache(config=tiny_config, max_cache_len=7)
     )
     with torch.no_grad():
-        first = model(**batch, decoder_input_ids=start, cache=cache, use_cache=True)
+        prepared = model._maybe_prepare_encoder_kwargs_for_generation(
+            batch["input_ids"], {"attention_mask": batch["attention_mask"]}, "input_ids", model.generation_config
+        )
+        assert prepared["attention_mask"].dim() == 4
+        step = {"encoder_outputs": prepared["encoder_outputs"], "attention_mask": prepared["attention_mask"]}
+        first = model(**step, decoder_input_ids=start, cache=cache, use_cache=True)
         next_tokens = first.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model(
-                encoder_outputs=(first.encoder_last_hidden_state,),
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=next_tokens,
-                cache=first.cache,
-                use_cache=True,
-            )
+            model(**step, decoder_input_ids=next_tokens, cache=first.cache, use_cache=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
