@@ -1,13 +1,16 @@
-"""Generation speed and memory, side by side in one run: hf_attention's inference engines against MarianMTModel fp32.
+"""Generation speed and memory, side by side in one run: hf_attention's inference engines against MarianMTModel fp32
+and CTranslate2.
 
 Every engine computes the same function: MarianMTModel is our random-weight model (Table 3's base by default)
-converted with `hf_attention_to_marian` (the same tokens are checked), and each hf_attention engine is that model
-after `optimize_for_inference` (int8, bf16, or a compiled static cache). Each engine generates exactly --new_tokens
-tokens per sentence, for four workloads: greedy and beam 4, at batch 1 and 16, from --source_length-token sources.
+converted with `hf_attention_to_marian` (the same tokens are checked), each hf_attention engine is that model after
+`optimize_for_inference` (int8, bf16, or a compiled static cache), and ct2-float32 / ct2-int8 are that model exported
+with `export_ctranslate2` (a vocabulary of placeholder tokens stands in for a tokenizer). Each engine generates
+exactly --new_tokens tokens per sentence, for four workloads: greedy and beam 4, at batch 1 and 16, from
+--source_length-token sources.
 Each engine runs in its own process, so that its peak RSS is its own; engines take turns in interleaved rounds, and
 the figures are medians over rounds.
 
-    python scripts/benchmark_generate.py                          # CPU, all engines, 3 rounds
+    python scripts/benchmark_generate.py                          # CPU: Marian, ours, CTranslate2, 3 rounds
     python scripts/benchmark_generate.py --device cuda --engines marian,fp32,bf16,bf16+compile
 
 It prints a table of seconds per workload (and speed relative to Marian), then one line per workload
@@ -33,13 +36,14 @@ WORKLOADS = {"greedy_b1": (1, 1), "beam4_b1": (1, 4), "greedy_b16": (16, 1), "be
 # engine name -> (quantization, compile); "marian" is MarianMTModel fp32, the baseline
 ENGINES = {"fp32": (None, False), "int8": ("int8", False), "bf16": ("bf16", False), "fp32+compile": (None, True),
            "bf16+compile": ("bf16", True)}  # fmt: skip
+BASELINES = ("marian", "ct2-float32", "ct2-int8")  # MarianMTModel fp32; CTranslate2 with float32 or int8 weights
 
 
 @dataclass
 class BenchmarkArguments:
     engines: str = field(
-        default="marian,fp32,int8,bf16",
-        metadata={"help": f"Comma-separated: marian and any of {', '.join(ENGINES)}."},
+        default="marian,ct2-float32,ct2-int8,fp32,int8,bf16",
+        metadata={"help": f"Comma-separated: marian and any of {', '.join(BASELINES[1:] + tuple(ENGINES))}."},
     )
     preset: str = field(default="base", metadata={"help": "Model size (Table 3's base)."})
     vocab_size: int = 8000
@@ -65,6 +69,8 @@ def build_engine(engine: str, args: BenchmarkArguments):
     config = HfAttentionConfig.from_preset(args.preset, vocab_size=args.vocab_size, dropout=0.0)
     model = HfAttentionForConditionalGeneration(config).eval()
     model.generation_config.forced_eos_token_id = None
+    if engine.startswith("ct2-"):
+        return ctranslate2_translator(model, engine.removeprefix("ct2-"), args)
     if engine == "marian":
         model = hf_attention_to_marian(model).eval()
         model.generation_config.forced_eos_token_id = None
@@ -74,12 +80,49 @@ def build_engine(engine: str, args: BenchmarkArguments):
     return optimize_for_inference(model, quantization, compile=compile_step)
 
 
+def ctranslate2_translator(model, compute_type: str, args: BenchmarkArguments):
+    """The model exported to CTranslate2, with token i written "t{i}" (the benchmark has no tokenizer)."""
+    import tempfile
+
+    import ctranslate2
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_attention.ctranslate2_export import export_ctranslate2
+
+    folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-"))
+    vocabulary = {f"t{index}": index for index in range(args.vocab_size)}
+    names = {"pad_token": model.config.pad_token_id, "bos_token": model.config.bos_token_id,
+             "eos_token": model.config.eos_token_id, "unk_token": 3}  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="t3")),
+        **{name: f"t{index}" for name, index in names.items()},
+    )
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    export_ctranslate2(folder / "model", folder / "ct2", quantization=compute_type)
+    return ctranslate2.Translator(
+        str(folder / "ct2"), device=args.device, compute_type=compute_type, intra_threads=torch.get_num_threads()
+    )
+
+
 def sources(batch_size: int, args: BenchmarkArguments) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch_size)
     return torch.randint(3, args.vocab_size, (batch_size, args.source_length), generator=generator).to(args.device)
 
 
 def generate(model, input_ids: torch.Tensor, beams: int, args: BenchmarkArguments) -> torch.Tensor:
+    if not isinstance(model, torch.nn.Module):  # a CTranslate2 translator: the same tokens, as strings
+        tokens = [[f"t{index}" for index in row] for row in input_ids.tolist()]
+        results = model.translate_batch(
+            tokens,
+            beam_size=beams,
+            max_decoding_length=args.new_tokens,
+            min_decoding_length=args.new_tokens,
+            max_batch_size=len(tokens),
+        )
+        return torch.tensor([[int(token[1:]) for token in result.hypotheses[0]] for result in results])
     with torch.inference_mode():
         output = model.generate(
             input_ids,
@@ -101,7 +144,8 @@ def measure(engine: str, args: BenchmarkArguments) -> dict:
     for workload in args.workloads.split(","):
         batch_size, beams = WORKLOADS[workload]
         input_ids = sources(batch_size, args)
-        first_tokens[workload] = generate(model, input_ids, beams, args)[0, :8].tolist()  # warm-up (and compile)
+        output = generate(model, input_ids, beams, args)  # warm-up (and compile)
+        first_tokens[workload] = output[0, -args.new_tokens :][:8].tolist()  # generated tokens (after the start)
         started = time.perf_counter()
         generate(model, input_ids, beams, args)
         seconds[workload] = time.perf_counter() - started
@@ -123,9 +167,15 @@ def main() -> None:
     parser = HfArgumentParser(BenchmarkArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses()
     engines = args.engines.split(",")
-    unknown = [name for name in engines if name != "marian" and name not in ENGINES]
+    unknown = [name for name in engines if name not in BASELINES and name not in ENGINES]
     if unknown or "marian" not in engines:
-        sys.exit(f"error: --engines {args.engines}: give marian and any of {', '.join(ENGINES)}.")
+        choices = ", ".join(BASELINES[1:] + tuple(ENGINES))
+        sys.exit(f"error: --engines {args.engines}: give marian and any of {choices}.")
+    if any(name.startswith("ct2-") for name in engines):
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            sys.exit("error: --engines ct2-*: needs the ctranslate2 package: pip install 'hf_attention[ctranslate2]'.")
     unknown = [name for name in args.workloads.split(",") if name not in WORKLOADS]
     if unknown:
         sys.exit(f"error: --workloads {unknown[0]!r}: must be among {', '.join(WORKLOADS)}.")
@@ -141,7 +191,7 @@ def main() -> None:
             rounds[engine].append(run_worker(engine, args))
     workloads = args.workloads.split(",")
     for engine in engines:  # the exact engines decode as Marian does; int8 and bf16 may differ
-        if ENGINES.get(engine, ("", False))[0] is None and engine != "marian":
+        if engine == "ct2-float32" or ENGINES.get(engine, ("", False))[0] is None and engine != "marian":
             if rounds[engine][0]["first_tokens"] != rounds["marian"][0]["first_tokens"]:
                 sys.exit(f"error: {engine} generated other tokens than MarianMTModel.")
     figures = {
@@ -161,13 +211,18 @@ def main() -> None:
             seconds = figures[engine]["seconds"][workload]
             ratio = figures["marian"]["seconds"][workload] / seconds
             cells.append(f"{seconds:.3f} s ({ratio:.2f}x)")
-        name = "MarianMTModel fp32" if engine == "marian" else f"hf_attention {engine}"
+        names = {"marian": "MarianMTModel fp32", "ct2-float32": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
+        name = names.get(engine, f"hf_attention {engine}")
         print(f"| {name} | " + " | ".join(cells) + f" | {figures[engine]['peak_rss_mb']:,.0f} |")
     print()
+    ours = [engine for engine in engines if engine in ENGINES]
     for workload in workloads:
-        best = min((e for e in engines if e != "marian"), key=lambda e: figures[e]["seconds"][workload])
+        best = min(ours, key=lambda engine: figures[engine]["seconds"][workload])
         ratio = figures["marian"]["seconds"][workload] / figures[best]["seconds"][workload]
-        print(f"{workload}: {ratio:.2f}x Marian ({best})")
+        line = f"{workload}: {ratio:.2f}x Marian ({best})"
+        for engine in (e for e in engines if e.startswith("ct2-")):
+            line += f", {engine} {figures['marian']['seconds'][workload] / figures[engine]['seconds'][workload]:.2f}x"
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"arguments": asdict(args), "figures": figures}, indent=2) + "\n")
 
