@@ -12,10 +12,7 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
-import torch
 from transformers import (
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     EvalPrediction,
     HfArgumentParser,
     PreTrainedModel,
@@ -24,6 +21,7 @@ from transformers import (
 
 from .data import read_parallel_corpus
 from .tokenization import check_tokenizer_source
+from .translation import DTYPES, TorchEngine, load_engine, translate_sentences
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 HELPER_MODULES = ("__init__", "sacrebleu_inputs")  # in metrics/, but not metrics
@@ -75,7 +73,7 @@ def translate(
     max_new_tokens: int = 128,
     batch_size: int = 32,
 ) -> list[str]:
-    """Beam-search translations of `sources`, in order, batched.
+    """Beam-search translations of `sources`, in order, from length-sorted batches (translation.py's path).
 
     Each batch stops at `max_new_tokens` or at twice its longest source plus 10 tokens, whichever is smaller (like
     Marian's and fairseq's length limits), so an untrained model does not generate at full length for every sentence.
@@ -83,18 +81,7 @@ def translate(
     for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"--{name} {value}: must be a positive integer.")
-    model.eval()
-    translations = []
-    for start in range(0, len(sources), batch_size):
-        batch = tokenizer(sources[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
-        length_limit = min(max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
-        with torch.no_grad():
-            # max_length=None: a `max_length` saved in the generation config must not clash with the limit
-            generated = model.generate(
-                **batch.to(model.device), num_beams=num_beams, max_new_tokens=length_limit, max_length=None
-            )
-        translations += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-    return translations
+    return translate_sentences(TorchEngine(model, tokenizer, num_beams, max_new_tokens), sources, batch_size)
 
 
 @dataclass
@@ -110,6 +97,10 @@ class EvaluationArguments:
     max_new_tokens: int = field(default=128, metadata={"help": "Longest translation, in tokens."})
     batch_size: int = field(default=32, metadata={"help": "Sentences per generate() call."})
     max_samples: int = field(default=0, metadata={"help": "Score only the first N pairs (0: all)."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": f"The model's dtype: {', '.join(DTYPES)}."})
+    quantization: str | None = field(default=None, metadata={"help": "int8 or bf16 (optimize_for_inference)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
 
 
 def evaluate_saved_model(args: EvaluationArguments) -> dict:
@@ -117,14 +108,17 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
     if args.max_samples < 0:
         raise ValueError(f"--max_samples {args.max_samples}: must be 0 (all) or more.")
     check_tokenizer_source("--model_dir", args.model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    for name in ("num_beams", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be a positive integer.")
+    engine = load_engine("torch", args.model_dir, args.quantization, args.device, args.dtype,
+                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
     test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
     if args.max_samples:
         test = test.select(range(min(args.max_samples, len(test))))
     sources = [pair[args.source_lang] for pair in test["translation"]]
     references = [pair[args.target_lang] for pair in test["translation"]]
-    translations = translate(model, tokenizer, sources, args.num_beams, args.max_new_tokens, args.batch_size)
+    translations = translate_sentences(engine, sources, args.batch_size, progress=args.progress)
     return {
         "model": args.model_dir,
         "test_file": args.test_file,
@@ -132,6 +126,7 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
         "sentences": len(sources),
         "num_beams": args.num_beams,
         **score_translations(translations, references),
+        "translations": translations,
         "examples": [
             {"source": s, "translation": t, "reference": r}
             for s, t, r in list(zip(sources, translations, references, strict=True))[:5]
@@ -146,9 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         report = evaluate_saved_model(args)
     except (OSError, ValueError) as error:  # ParallelDataError is a ValueError
         sys.exit(f"error: {error}")
+    translations = report.pop("translations")
     text = json.dumps(report, indent=2, ensure_ascii=False)
-    if output_file:
+    if output_file:  # the report, and every hypothesis beside it (one per line)
         output_file.parent.mkdir(parents=True, exist_ok=True)
         output_file.write_text(text + "\n", encoding="utf-8")
+        hypotheses = output_file.with_suffix(".translations.txt")
+        hypotheses.write_text("".join(f"{line}\n" for line in translations), encoding="utf-8")
+        print(f"translations in {hypotheses}", file=sys.stderr)
     print(text)
     print(f"BLEU {report['bleu']:.2f} ({report['bleu_signature']}), chrF {report['chrf']:.2f}", file=sys.stderr)

@@ -87,6 +87,8 @@ def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
     assert report["sentences"] == 6 and report["pair"] == "en-de" and report["num_beams"] == 2
     assert 0 <= report["bleu"] <= 100 and report["bleu_signature"].startswith("nrefs:1")
     assert report["examples"][0]["reference"] == rows[0]["translation"]["de"]
+    hypotheses = (tmp_path / "report" / "scores.translations.txt").read_text().splitlines()  # every one, in order
+    assert len(hypotheses) == 6 and hypotheses[:5] == [example["translation"] for example in report["examples"]]
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "missing.jsonl")])
 

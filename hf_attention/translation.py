@@ -1,0 +1,238 @@
+"""Translating a file: `scripts/translate.py --model M --input FILE --output FILE` (console `hf-attention-translate`).
+
+Sentences are sorted by length and cut into batches (`--batch_size` sentences, or `--max_tokens` padded tokens), so a
+batch wastes little on padding; the translations are written in input order. Engines:
+
+- `torch`: the model and transformers' `generate()`, optionally `optimize_for_inference`d (`--quantization int8`
+  or `bf16`), on `--device` in `--dtype`;
+- `ctranslate2`: the model exported with `export_ctranslate2` (done on the fly for an hf_attention folder), with
+  CTranslate2's weight type `--quantization` (`int8`, `float32`, ...).
+
+`scripts/evaluate_model.py` translates through the same path.
+"""
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+
+from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
+from .ctranslate2_export import ExportError, export_ctranslate2, import_ctranslate2
+from .inference import QUANTIZATIONS as TORCH_QUANTIZATIONS
+from .inference import optimize_for_inference
+
+ENGINES = ("torch", "ctranslate2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TranslationError(ValueError):
+    """Bad input to the translate command, named in one line."""
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of the sentences, longest first, in batches of at most `batch_size` sentences, or (with `max_tokens`)
+    of at most `max_tokens` padded tokens (sentences × the longest). A sentence longer than `max_tokens` goes alone."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches, current = [], []
+    for index in order:
+        full = (
+            len(current) * lengths[current[0]] + lengths[current[0]] > max_tokens
+            if max_tokens and current
+            else len(current) >= batch_size
+        )
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def read_lines(path: str) -> list[str]:
+    """The lines of `path` (`-`: standard input), without their line ends.
+
+    Raises:
+        TranslationError: the file is missing, or a line is not UTF-8 (its number named).
+    """
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise TranslationError(f"--input {path}: {error.strerror or error}.") from None
+    lines = data.splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TranslationError(
+                f"--input {path}: line {number} is not UTF-8 (byte {line[error.start]:#04x} at column "
+                f"{error.start + 1})."
+            ) from None
+    return [line.decode("utf-8") for line in lines]
+
+
+class TorchEngine:
+    """transformers' `generate()` on a PyTorch model."""
+
+    def __init__(self, model, tokenizer, num_beams: int | None = None, max_new_tokens: int = 256):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.num_beams = num_beams or model.generation_config.num_beams or 1
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "TorchEngine":
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+        return cls(optimize_for_inference(model, quantization), AutoTokenizer.from_pretrained(model_dir), **options)
+
+    def token_count(self, sentence: str) -> int:
+        return len(self.tokenizer(sentence, truncation=True)["input_ids"])
+
+    def translate(self, sentences: list[str]) -> list[str]:
+        batch = self.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
+        # Each batch stops at --max_new_tokens or twice its longest source + 10 tokens (Marian's and fairseq's
+        # limits), so an untrained model does not run to the full length for every sentence.
+        limit = min(self.max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
+        with torch.inference_mode():
+            # max_length=None: a `max_length` saved in the generation config must not clash with the limit
+            generated = self.model.generate(**batch, num_beams=self.num_beams, max_new_tokens=limit, max_length=None)
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+class CTranslate2Engine:
+    """A CTranslate2 `Translator` over the exported model, fed the tokenizer's tokens."""
+
+    def __init__(self, translator, tokenizer, num_beams: int, max_new_tokens: int):
+        self.translator, self.tokenizer = translator, tokenizer
+        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+
+    @classmethod
+    def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "CTranslate2Engine":
+        ctranslate2 = import_ctranslate2()
+        folder = Path(model_dir)
+        if not (folder / "model.bin").is_file():  # an hf_attention model: export it first
+            folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-")) / "model"
+            export_ctranslate2(model_dir, folder)
+        num_beams = options.get("num_beams") or 4
+        translator = ctranslate2.Translator(
+            str(folder), device=device, compute_type=quantization or "default", intra_threads=torch.get_num_threads()
+        )
+        return cls(translator, AutoTokenizer.from_pretrained(folder), num_beams, options.get("max_new_tokens", 256))
+
+    def token_count(self, sentence: str) -> int:
+        return len(self.tokenizer(sentence, truncation=True)["input_ids"])
+
+    def translate(self, sentences: list[str]) -> list[str]:
+        ids = self.tokenizer(sentences, truncation=True)["input_ids"]
+        tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in ids]
+        limit = min(self.max_new_tokens, 2 * max(map(len, tokens)) + 10)
+        results = self.translator.translate_batch(
+            tokens, beam_size=self.num_beams, max_decoding_length=limit, max_batch_size=len(tokens)
+        )
+        outputs = [self.tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
+        return [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+
+
+def translate_sentences(
+    engine, sentences: list[str], batch_size: int = 32, max_tokens: int | None = None, progress: bool = False
+) -> list[str]:
+    """Translations of `sentences`, in their order, from length-sorted batches."""
+    translations = [""] * len(sentences)
+    lengths = [engine.token_count(sentence) for sentence in sentences] if max_tokens else [len(s) for s in sentences]
+    with tqdm(total=len(sentences), disable=not progress, unit="sentence", file=sys.stderr) as bar:
+        for batch in length_sorted_batches(lengths, batch_size, max_tokens):
+            for index, text in zip(batch, engine.translate([sentences[i] for i in batch]), strict=True):
+                translations[index] = text
+            bar.update(len(batch))
+    return translations
+
+
+def load_engine(engine: str, model: str, quantization: str | None = None, device: str = "cpu",
+                dtype: str = "float32", **options):  # fmt: skip
+    """The engine, after every option is checked.
+
+    Raises:
+        TranslationError: an unknown engine, quantization or dtype, or a device this machine does not have.
+        ExportError: the engine's optional package is missing (the extra to install is named).
+    """
+    if engine not in ENGINES:
+        raise TranslationError(f"--engine {engine}: must be one of {', '.join(ENGINES)}.")
+    if engine == "torch" and quantization not in TORCH_QUANTIZATIONS:
+        raise TranslationError(f"--quantization {quantization}: the torch engine offers int8 and bf16.")
+    if engine == "ctranslate2" and quantization not in CTRANSLATE2_QUANTIZATIONS:
+        offered = ", ".join(name for name in CTRANSLATE2_QUANTIZATIONS if name)
+        raise TranslationError(f"--quantization {quantization}: the ctranslate2 engine offers {offered}.")
+    if dtype not in DTYPES:
+        raise TranslationError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TranslationError(f"--device {device}: this machine has no CUDA device.")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise TranslationError(f"--device {device}: must be cpu or cuda.")
+    loader = TorchEngine if engine == "torch" else CTranslate2Engine
+    return loader.load(model, quantization, device, dtype, **options)
+
+
+@dataclass
+class TranslateArguments:
+    model: str = field(metadata={"help": "An hf_attention model folder or Hub id (or, for ctranslate2, an export)."})
+    input: str = field(default="-", metadata={"help": "Source sentences, one per line (UTF-8); - for stdin."})
+    output: str = field(default="-", metadata={"help": "Where the translations go, one per line; - for stdout."})
+    engine: str = field(default="torch", metadata={"help": f"Inference engine: {', '.join(ENGINES)}."})
+    quantization: str | None = field(
+        default=None,
+        metadata={"help": "torch: int8 or bf16 (optimize_for_inference); ctranslate2: int8, float32, ... "},
+    )
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": f"torch engine: {', '.join(DTYPES)}."})
+    batch_size: int = field(default=32, metadata={"help": "Sentences per batch."})
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "Padded source tokens per batch, in place of --batch_size."}
+    )
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beam size (default: the model's; 4 with ctranslate2)."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest translation, in tokens."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
+
+
+def write_atomically(path: str, text: str) -> None:
+    """`text` into `path`, which appears whole or not at all (and may be the input file)."""
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(path)
+    staging = target.with_name(f".{target.name}.writing")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(TranslateArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        for name in ("batch_size", "max_tokens", "num_beams", "max_new_tokens"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise TranslationError(f"--{name} {value}: must be a positive integer.")
+        if args.output != "-" and not Path(args.output).parent.is_dir():
+            raise TranslationError(f"--output {args.output}: its folder does not exist.")
+        sentences = read_lines(args.input)
+        engine = load_engine(args.engine, args.model, args.quantization, args.device, args.dtype,
+                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+        started = time.perf_counter()
+        translations = translate_sentences(engine, sentences, args.batch_size, args.max_tokens, args.progress)
+        seconds = time.perf_counter() - started
+    except (ExportError, OSError, TranslationError) as error:
+        sys.exit(f"error: {error}")
+    write_atomically(args.output, "".join(f"{line}\n" for line in translations))
+    words = sum(len(line.split()) for line in translations)
+    print(f"translated {len(sentences)} sentences ({words} words) in {seconds:.1f} s: "
+          f"{len(sentences) / max(seconds, 1e-9):.1f} sentences/s, {words / max(seconds, 1e-9):.0f} words/s "
+          f"({args.engine}, {args.quantization or args.dtype}, {args.device})", file=sys.stderr)  # fmt: skip
