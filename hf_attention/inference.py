@@ -15,8 +15,10 @@ An int8 model saves and reloads through transformers' quantization config (`quan
 `from_pretrained` rebuilds the int8 layers; loading needs hf_attention installed. A bf16 model saves as any bf16 model.
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +28,17 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANTIZATIONS = (None, "int8", "bf16")
 INT8_METHOD = "hf_attention_int8"
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI). Without it, fbgemm adds
+    int8 products in 16 bits, which full-range activations can saturate; torch then quantises them to 7 bits."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
 class Int8DynamicLinear(nn.Module):
@@ -74,8 +87,10 @@ class Int8DynamicLinear(nn.Module):
         if self._packed is None:
             self._packed = self._pack()
         dtype = hidden_states.dtype
-        # reduce_range as torch's own dynamic linear: keeps fbgemm's 16-bit accumulation from saturating
-        output = torch.ops.quantized.linear_dynamic(hidden_states.float(), self._packed, reduce_range=True)
+        # Activations in 8 bits where the CPU accumulates in 32 (VNNI), else in 7 as torch's own dynamic linear does:
+        # on the Multi30k model 8 bits halve the log-probability error of 7.
+        reduce_range = not cpu_has_vnni()
+        output = torch.ops.quantized.linear_dynamic(hidden_states.float(), self._packed, reduce_range=reduce_range)
         return output.to(dtype)
 
     def extra_repr(self) -> str:
