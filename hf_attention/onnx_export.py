@@ -111,20 +111,18 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, overwrite: bool =
     mask = torch.ones_like(input_ids)
     mask[1, 3:] = 0
     with torch.no_grad():
-        hidden = EncoderGraph(model)(input_ids, mask)
-        first = DecoderGraph(model, with_past=False)(
-            torch.full((2, 1), config.decoder_start_token_id), hidden, mask
-        )
+        hidden = EncoderGraph(model).eval()(input_ids, mask)
+        first = DecoderGraph(model, with_past=False).eval()(torch.full((2, 1), config.decoder_start_token_id), hidden, mask)
     with replacing_folder(output_dir, carry_over=False) as staging:
         torch.onnx.export(
-            EncoderGraph(model), (input_ids, mask), staging / "encoder.onnx", dynamo=True,
+            EncoderGraph(model).eval(), (input_ids, mask), staging / "encoder.onnx", dynamo=True,
             input_names=["input_ids", "attention_mask"], output_names=["encoder_hidden_states"],
             dynamic_shapes={"input_ids": {0: batch, 1: source}, "attention_mask": {0: batch, 1: source}},
         )  # fmt: skip
         step_inputs = ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"]
         step_shapes = ({0: batch}, {0: batch, 1: source}, {0: batch, 1: source})
         torch.onnx.export(
-            DecoderGraph(model, with_past=False),
+            DecoderGraph(model, with_past=False).eval(),
             (torch.full((2, 1), config.decoder_start_token_id), hidden, mask),
             staging / "decoder.onnx", dynamo=True, input_names=step_inputs,
             output_names=["logits", *past_names(config.decoder_layers, "present", with_cross=True)],
@@ -132,12 +130,12 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, overwrite: bool =
         )  # fmt: skip
         past_shapes = [{0: batch, 2: past}, {0: batch, 2: past}, {0: batch, 2: source}, {0: batch, 2: source}]
         torch.onnx.export(
-            DecoderGraph(model, with_past=True),
+            DecoderGraph(model, with_past=True).eval(),
             (torch.full((2, 1), config.eos_token_id), hidden, mask, *first[1:]),
             staging / "decoder_with_past.onnx", dynamo=True,
             input_names=[*step_inputs, *past_names(config.decoder_layers, "past_key_values", with_cross=True)],
             output_names=["logits", *past_names(config.decoder_layers, "present", with_cross=False)],
-            dynamic_shapes=(*step_shapes, *past_shapes * config.decoder_layers),
+            dynamic_shapes=(*step_shapes, tuple(past_shapes * config.decoder_layers)),  # *past: one tuple
         )  # fmt: skip
         config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
@@ -161,30 +159,46 @@ class OnnxGreedyTranslator:
         self.generation_config = GenerationConfig.from_pretrained(folder)
         self.past_input_names = past_names(self.config.decoder_layers, "past_key_values", with_cross=True)
 
+    def first_step_outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray):
+        """Encode, then the first decoding step: (the inputs every step takes, logits, own and cross keys/values)."""
+        input_ids, attention_mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
+        (hidden,) = self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        step_inputs = {"encoder_hidden_states": hidden, "encoder_attention_mask": attention_mask}
+        logits, *present = self.first_step.run(None, {**step_inputs, "decoder_input_ids": decoder_input_ids})
+        layers = range(self.config.decoder_layers)
+        own = [tensor for layer in layers for tensor in present[4 * layer : 4 * layer + 2]]
+        cross = [tensor for layer in layers for tensor in present[4 * layer + 2 : 4 * layer + 4]]
+        return step_inputs, logits, own, cross
+
+    def next_step_outputs(self, step_inputs: dict, decoder_input_ids: np.ndarray, own: list, cross: list):
+        """One cached step: (logits, the own keys/values grown by one position)."""
+        values = [tensor for layer in range(self.config.decoder_layers)
+                  for tensor in (*own[2 * layer : 2 * layer + 2], *cross[2 * layer : 2 * layer + 2])]  # fmt: skip
+        past = dict(zip(self.past_input_names, values, strict=True))
+        logits, *own = self.next_step.run(None, {**step_inputs, "decoder_input_ids": decoder_input_ids, **past})
+        return logits, own
+
+    def forced_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray):
+        """The logits (batch, steps, vocabulary) of decoding `decoder_input_ids` one token at a time."""
+        tokens = decoder_input_ids.astype(np.int64)
+        step_inputs, logits, own, cross = self.first_step_outputs(input_ids, attention_mask, tokens[:, :1])
+        outputs = [logits]
+        for position in range(1, tokens.shape[1]):
+            logits, own = self.next_step_outputs(step_inputs, tokens[:, position : position + 1], own, cross)
+            outputs.append(logits)
+        return np.concatenate(outputs, axis=1)
+
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """(batch, 1 + new) token ids starting with the decoder start token, padded after `</s>`."""
         config = self.config
-        input_ids, attention_mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
-        (hidden,) = self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        batch = input_ids.shape[0]
-        tokens = np.full((batch, 1), config.decoder_start_token_id, dtype=np.int64)
-        step_inputs = {"decoder_input_ids": tokens, "encoder_hidden_states": hidden,
-                       "encoder_attention_mask": attention_mask}  # fmt: skip
-        logits, *present = self.first_step.run(None, step_inputs)
-        cross = [present[4 * layer + 2 : 4 * layer + 4] for layer in range(config.decoder_layers)]
-        own = [present[4 * layer : 4 * layer + 2] for layer in range(config.decoder_layers)]
-        finished = np.zeros(batch, dtype=bool)
+        tokens = np.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int64)
+        step_inputs, logits, own, cross = self.first_step_outputs(input_ids, attention_mask, tokens)
+        finished = np.zeros(input_ids.shape[0], dtype=bool)
         for step in range(max_new_tokens):
-            next_tokens = logits[:, -1].argmax(-1)
-            next_tokens = np.where(finished, config.pad_token_id, next_tokens)
+            next_tokens = np.where(finished, config.pad_token_id, logits[:, -1].argmax(-1))
             tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
             finished |= next_tokens == config.eos_token_id
             if finished.all() or step == max_new_tokens - 1:
                 break
-            values = [tensor for layer in range(config.decoder_layers) for tensor in (*own[layer], *cross[layer])]
-            past = dict(zip(self.past_input_names, values, strict=True))
-            logits, *present = self.next_step.run(
-                None, {**step_inputs, "decoder_input_ids": next_tokens[:, None], **past}
-            )
-            own = [present[2 * layer : 2 * layer + 2] for layer in range(config.decoder_layers)]
+            logits, own = self.next_step_outputs(step_inputs, next_tokens[:, None], own, cross)
         return tokens

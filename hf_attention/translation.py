@@ -6,7 +6,8 @@ batch wastes little on padding; the translations are written in input order. Eng
 - `torch`: the model and transformers' `generate()`, optionally `optimize_for_inference`d (`--quantization int8`
   or `bf16`), on `--device` in `--dtype`;
 - `ctranslate2`: the model exported with `export_ctranslate2` (done on the fly for an hf_attention folder), with
-  CTranslate2's weight type `--quantization` (`int8`, `float32`, ...).
+  CTranslate2's weight type `--quantization` (`int8`, `float32`, ...);
+- `onnx`: the graphs of `export_onnx` (exported on the fly likewise) run by onnxruntime, greedy decoding.
 
 `scripts/evaluate_model.py` translates through the same path.
 """
@@ -27,7 +28,7 @@ from .ctranslate2_export import ExportError, export_ctranslate2, import_ctransla
 from .inference import QUANTIZATIONS as TORCH_QUANTIZATIONS
 from .inference import optimize_for_inference
 
-ENGINES = ("torch", "ctranslate2")
+ENGINES = ("torch", "ctranslate2", "onnx")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,6 +142,38 @@ class CTranslate2Engine:
         return [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
 
 
+class OnnxEngine:
+    """onnxruntime's greedy decoding over the graphs of `export_onnx`."""
+
+    def __init__(self, translator, tokenizer, max_new_tokens: int):
+        self.translator, self.tokenizer, self.max_new_tokens = translator, tokenizer, max_new_tokens
+
+    @classmethod
+    def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "OnnxEngine":
+        from .onnx_export import OnnxGreedyTranslator, export_onnx
+
+        if options.get("num_beams") not in (None, 1):
+            raise TranslationError(f"--engine onnx decodes greedily: pass --num_beams 1 (not {options['num_beams']}).")
+        if quantization is not None:
+            raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
+        folder = Path(model_dir)
+        if not (folder / "encoder.onnx").is_file():  # an hf_attention model: export it first
+            folder = Path(tempfile.mkdtemp(prefix="hf_attention-onnx-")) / "model"
+            export_onnx(model_dir, folder)
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        translator = OnnxGreedyTranslator(folder, providers=providers)
+        return cls(translator, AutoTokenizer.from_pretrained(folder), options.get("max_new_tokens", 256))
+
+    def token_count(self, sentence: str) -> int:
+        return len(self.tokenizer(sentence, truncation=True)["input_ids"])
+
+    def translate(self, sentences: list[str]) -> list[str]:
+        batch = self.tokenizer(sentences, return_tensors="np", padding=True, truncation=True)
+        limit = min(self.max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
+        generated = self.translator.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=limit)
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
 def translate_sentences(
     engine, sentences: list[str], batch_size: int = 32, max_tokens: int | None = None, progress: bool = False
 ) -> list[str]:
@@ -176,7 +209,7 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
         raise TranslationError(f"--device {device}: this machine has no CUDA device.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise TranslationError(f"--device {device}: must be cpu or cuda.")
-    loader = TorchEngine if engine == "torch" else CTranslate2Engine
+    loader = {"torch": TorchEngine, "ctranslate2": CTranslate2Engine, "onnx": OnnxEngine}[engine]
     return loader.load(model, quantization, device, dtype, **options)
 
 
