@@ -112,7 +112,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, overwrite: bool =
     mask[1, 3:] = 0
     with torch.no_grad():
         hidden = EncoderGraph(model).eval()(input_ids, mask)
-        first = DecoderGraph(model, with_past=False).eval()(torch.full((2, 1), config.decoder_start_token_id), hidden, mask)
+        start = torch.full((2, 1), config.decoder_start_token_id)
+        first = DecoderGraph(model, with_past=False).eval()(start, hidden, mask)
     with replacing_folder(output_dir, carry_over=False) as staging:
         torch.onnx.export(
             EncoderGraph(model).eval(), (input_ids, mask), staging / "encoder.onnx", dynamo=True,
