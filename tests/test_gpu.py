@@ -90,3 +90,25 @@ def test_int8_is_refused_on_cuda(tiny_config):
     model = HfAttentionForConditionalGeneration(tiny_config).cuda()
     with pytest.raises(ValueError, match="torch's dynamic int8 kernels run on the CPU"):
         optimize_for_inference(model, "int8")
+
+
+def test_translate_command_on_cuda_gives_the_cpu_translations(tmp_path):
+    from hf_attention import HfAttentionConfig
+    from hf_attention.translation import main
+
+    from .helpers import toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    HfAttentionForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    source = tmp_path / "source.txt"
+    source.write_text("we buy two dogs\nthey sell ninety one trees\ni see cats\n")
+    outputs = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        outputs[device, dtype] = tmp_path / f"{device}-{dtype}.txt"
+        main(["--model", str(tmp_path / "model"), "--input", str(source), "--output", str(outputs[device, dtype]),
+              "--device", device, "--dtype", dtype, "--num_beams", "4", "--max_new_tokens", "12"])  # fmt: skip
+    assert outputs["cuda", "float32"].read_text() == outputs["cpu", "float32"].read_text()
+    assert len(outputs["cuda", "bfloat16"].read_text().splitlines()) == 3
