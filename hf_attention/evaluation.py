@@ -101,6 +101,7 @@ class EvaluationArguments:
     dtype: str = field(default="float32", metadata={"help": f"The model's dtype: {', '.join(DTYPES)}."})
     quantization: str | None = field(default=None, metadata={"help": "int8 or bf16 (optimize_for_inference)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
+    compile: bool = field(default=False, metadata={"help": "Decode with a static cache and a compiled step."})
 
 
 def evaluate_saved_model(args: EvaluationArguments) -> dict:
@@ -112,7 +113,8 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be a positive integer.")
     engine = load_engine("torch", args.model_dir, args.quantization, args.device, args.dtype,
-                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                         compile=args.compile)  # fmt: skip
     test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
     if args.max_samples:
         test = test.select(range(min(args.max_samples, len(test))))

@@ -91,8 +91,10 @@ class TorchEngine:
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "TorchEngine":
+        compile_step = options.pop("compile", False)
         model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
-        return cls(optimize_for_inference(model, quantization), AutoTokenizer.from_pretrained(model_dir), **options)
+        model = optimize_for_inference(model, quantization, compile=compile_step)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), **options)
 
     def token_count(self, sentence: str) -> int:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
@@ -209,6 +211,10 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
         raise TranslationError(f"--device {device}: this machine has no CUDA device.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise TranslationError(f"--device {device}: must be cpu or cuda.")
+    if options.get("compile") and engine != "torch":
+        raise TranslationError(f"--compile: compiles the torch engine's decoding step, not {engine}'s.")
+    if engine != "torch":
+        options.pop("compile", None)
     loader = {"torch": TorchEngine, "ctranslate2": CTranslate2Engine, "onnx": OnnxEngine}[engine]
     return loader.load(model, quantization, device, dtype, **options)
 
@@ -234,6 +240,10 @@ class TranslateArguments:
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Longest translation, in tokens."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch engine: decode with a static cache and a compiled step (optimize_for_inference)."},
+    )
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -258,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             raise TranslationError(f"--output {args.output}: its folder does not exist.")
         sentences = read_lines(args.input)
         engine = load_engine(args.engine, args.model, args.quantization, args.device, args.dtype,
-                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                             compile=args.compile)  # fmt: skip
         started = time.perf_counter()
         translations = translate_sentences(engine, sentences, args.batch_size, args.max_tokens, args.progress)
         seconds = time.perf_counter() - started

@@ -35,7 +35,7 @@ from transformers import HfArgumentParser
 WORKLOADS = {"greedy_b1": (1, 1), "beam4_b1": (1, 4), "greedy_b16": (16, 1), "beam4_b16": (16, 4)}
 # engine name -> (quantization, compile); "marian" is MarianMTModel fp32, the baseline
 ENGINES = {"fp32": (None, False), "int8": ("int8", False), "bf16": ("bf16", False), "fp32+compile": (None, True),
-           "bf16+compile": ("bf16", True)}  # fmt: skip
+           "int8+compile": ("int8", True), "bf16+compile": ("bf16", True)}  # fmt: skip
 BASELINES = ("marian", "ct2-float32", "ct2-int8")  # MarianMTModel fp32; CTranslate2 with float32 or int8 weights
 
 

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
-from hf_attention.inference import HfAttentionInt8Config, Int8DynamicLinear
+from hf_attention.inference import HfAttentionInt8Config, Int8Linear
 
 from .conftest import padded_batch
 from .helpers import toy_tokenizer
@@ -26,7 +26,7 @@ def random_model(tiny_config, seed: int = 0) -> HfAttentionForConditionalGenerat
 def test_an_int8_layer_computes_the_product_with_its_dequantized_weights():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    quantized = Int8DynamicLinear.from_linear(linear)
+    quantized = Int8Linear.from_linear(linear)
     assert quantized.weight.dtype == torch.int8
     scale = quantized.weight_scale[:, None]
     assert ((quantized.dequantized_weight() - linear.weight).abs() <= scale / 2 + 1e-7).all()  # round to nearest
@@ -54,12 +54,12 @@ def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tok
 
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "hf_attention_int8"}
+    assert config["quantization_config"] == {"quant_method": "hf_attention_int8", "kernel": "dynamic"}
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         assert weights.get_tensor("model.encoder.layers.0.self_attn.q_proj.weight").dtype == torch.int8
         assert weights.get_tensor("lm_head.weight").dtype == torch.int8
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
-    assert isinstance(reloaded.lm_head, Int8DynamicLinear)
+    assert isinstance(reloaded.lm_head, Int8Linear)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch, decoder_input_ids=batch["input_ids"]).logits, logits)
     assert torch.equal(reloaded.generate(**batch, num_beams=4, max_new_tokens=8), generated)
@@ -108,13 +108,29 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     assert torch.equal(compiled, eager)
 
 
+def test_compiled_int8_uses_weight_only_int8_and_generates_its_eager_tokens(tiny_config, tmp_path):
+    """fbgemm's packed weights cannot be compiled: with compile, the int8 weights multiply bf16 activations."""
+    batch = padded_batch([7, 4, 6], max_length=7)
+    torch._dynamo.reset()
+    counters.clear()
+    model = optimize_for_inference(random_model(tiny_config), "int8", compile=True)
+    assert {module.kernel for module in model.modules() if isinstance(module, Int8Linear)} == {"weight_only"}
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    eager = model.generate(**batch, max_new_tokens=8, disable_compile=True)
+    assert counters["stats"]["unique_graphs"] == 0
+    assert torch.equal(model.generate(**batch, max_new_tokens=8), eager)
+    assert counters["stats"]["unique_graphs"] > 0
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["kernel"] == "weight_only"
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert reloaded.lm_head.kernel == "weight_only"
+
+
 def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
     model = random_model(tiny_config)
     with pytest.raises(ValueError, match=r"quantization='int4': must be one of None, 'int8', 'bf16'"):
         optimize_for_inference(model, "int4")
-    with pytest.raises(ValueError, match="compile=True with quantization='int8'"):
-        optimize_for_inference(model, "int8", compile=True)
-    assert all(type(module) is not Int8DynamicLinear for module in model.modules())  # nothing changed
+    assert all(type(module) is not Int8Linear for module in model.modules())  # nothing changed
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="only loads models saved in int8; load the fp32 model"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=HfAttentionInt8Config())

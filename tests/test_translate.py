@@ -93,6 +93,7 @@ def test_stdin_to_stdout_through_the_script(model_dir):
         (["--quantization", "int4"], "--quantization int4: the torch engine offers int8 and bf16"),
         (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
         (["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
+        (["--engine", "ctranslate2", "--compile", "true"], "--compile: compiles the torch engine's decoding step"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, model_dir, extra, message):
