@@ -85,7 +85,7 @@ def check_expressible(model: HfAttentionForConditionalGeneration) -> None:
 
 def build_spec(model: HfAttentionForConditionalGeneration, tokenizer):
     """CTranslate2's `TransformerSpec` holding the model's weights."""
-    ctranslate2 = import_ctranslate2()
+    import_ctranslate2()
     from ctranslate2.converters import utils
     from ctranslate2.specs import common_spec, transformer_spec
 
@@ -151,7 +151,6 @@ def build_spec(model: HfAttentionForConditionalGeneration, tokenizer):
     spec.config.unk_token = tokenizer.unk_token or target_tokens[0]
     spec.config.decoder_start_token = target_tokens[config.decoder_start_token_id]
     spec.config.add_source_bos = spec.config.add_source_eos = False  # the tokenizer's tokens are passed as they are
-    del ctranslate2
     return spec
 
 
