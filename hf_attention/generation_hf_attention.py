@@ -1,0 +1,174 @@
+"""How hf_attention's `generate()` differs from transformers' own: the same search, with less memory traffic.
+
+transformers' `generate()` works unchanged; these are the model's hooks into it (`GenerationMixin`'s private methods,
+as RAG and others override them). Beam search of a batch of 16 sentences with 4 beams (Transformer-base, CPU, bf16)
+spent most of its time moving the key/value cache, not computing:
+
+- **The encoder output is not copied per hypothesis.** transformers repeats every source `num_beams` times; here each
+  source is kept once and the decoder's cross-attention lets a source's hypotheses attend to it together, as extra
+  query positions (`MultiHeadAttention`). The cross-attention cache is then a quarter of the size and is never
+  reordered: reordering moves hypotheses only among the beams of one source, which share it.
+- **The self-attention cache grows in place** (`GrowingCacheLayer`): a step writes its own position, where
+  `DynamicLayer` concatenates and copies every earlier position, and a beam reorder gathers into a spare buffer in
+  one pass.
+- §6.1's length limit (input length + 50) is applied by `generate` itself.
+
+With a static cache (`cache_implementation="static"`, `optimize_for_inference(compile=True)`), whose sizes are fixed
+in advance, the encoder output is expanded as transformers does.
+"""
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
+
+
+class GrowingCacheLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers with room to grow.
+
+    `update` writes the new positions in place and returns views of the filled part; `reorder_cache` gathers the
+    rows into a spare buffer, which becomes the current one. When the states were replaced from outside (`crop`,
+    `batch_select_indices`, offloading), the next `update` copies them into fresh buffers.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values), (B, H, capacity, Dh)
+        self._spare_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _owns_states(self) -> bool:
+        return self._buffers is not None and self.keys is self._key_view and self.values is self._value_view
+
+    def _use_buffers(self, buffers: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
+        self._buffers = buffers
+        self._key_view, self._value_view = buffers[0][:, :, :length], buffers[1][:, :, :length]
+        self.keys, self.values = self._key_view, self._value_view
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past = self.get_seq_length()
+        length = past + key_states.shape[-2]
+        if not self._owns_states() or length > self._buffers[0].shape[-2]:
+            capacity = max(length, 16, 2 * past)  # doubling: a cache of n positions is copied O(log n) times
+            buffers = []
+            for past_states, new_states in ((self.keys, key_states), (self.values, value_states)):
+                buffer = new_states.new_empty(*new_states.shape[:2], capacity, new_states.shape[-1])
+                if past:
+                    buffer[:, :, :past] = past_states
+                buffers.append(buffer)
+            self._spare_buffers = None
+            self._use_buffers(tuple(buffers), past)
+        self._buffers[0][:, :, past:length] = key_states
+        self._buffers[1][:, :, past:length] = value_states
+        self._use_buffers(self._buffers, length)
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        length = self.get_seq_length()
+        if length == 0:
+            return
+        if not self._owns_states():
+            super().reorder_cache(beam_idx)
+            return
+        beam_idx = beam_idx.to(self.keys.device)
+        if self._spare_buffers is None:
+            self._spare_buffers = (torch.empty_like(self._buffers[0]), torch.empty_like(self._buffers[1]))
+        for states, spare in zip((self.keys, self.values), self._spare_buffers, strict=True):
+            torch.index_select(states, 0, beam_idx, out=spare[:, :, :length])
+        self._buffers, self._spare_buffers = self._spare_buffers, self._buffers
+        self._use_buffers(self._buffers, length)
+
+    def reset(self) -> None:
+        self._buffers = self._spare_buffers = None
+        super().reset()
+
+
+class HfAttentionGenerationMixin(GenerationMixin):
+    """transformers' `GenerationMixin` with hf_attention's hooks; see the module's docstring."""
+
+    def _maybe_prepare_encoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, model_input_name, config):
+        """transformers' encoding step of `generate`, then the source padding mask made into the decoder's
+        cross-attention mask once: built from the 2-D mask at every step, it would read the mask back to the host
+        each time (transformers checks whether it can skip it), a stall per generated token on a GPU."""
+        model_kwargs = super()._maybe_prepare_encoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, model_input_name, config
+        )
+        mask, encoded = model_kwargs.get("attention_mask"), model_kwargs.get("encoder_outputs")
+        if mask is not None and mask.dim() == 2 and encoded is not None:
+            hidden_states = encoded[0]
+            model_kwargs["attention_mask"] = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states[:, :1],  # one target position: every decoding step's query length
+                attention_mask=mask,
+                encoder_hidden_states=hidden_states,
+            )
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers' expansion to `expand_size` hypotheses per source, except the encoder output and the source
+        mask: they stay one per source (the decoder attends from all of a source's hypotheses at once)."""
+        kept = {name: model_kwargs.pop(name) for name in ("encoder_outputs", "attention_mask") if name in model_kwargs}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        model_kwargs.update(kept)
+        return input_ids, model_kwargs
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict, generation_mode, batch_size, max_cache_length
+    ) -> None:
+        """transformers' cache, with `GrowingCacheLayer`s for its dynamic self-attention layers; a cache of fixed
+        sizes (static) gets the encoder output expanded to one copy per hypothesis, as transformers does."""
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+        cache = model_kwargs.get("cache")
+        if not isinstance(cache, EncoderDecoderCache):
+            return
+        self_attention, cross_attention = cache.self_attention_cache, cache.cross_attention_cache
+        if not getattr(cache, "_is_user_defined", False) and isinstance(self_attention, DynamicCache):
+            self_attention.layers = [
+                GrowingCacheLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
+                for layer in self_attention.layers
+            ]
+        expand_size = max(generation_config.num_beams, generation_config.num_return_sequences)
+        if not isinstance(cross_attention, DynamicCache) and expand_size > 1:
+            self._expand_encoder_output(model_kwargs, expand_size)
+
+    @staticmethod
+    def _expand_encoder_output(model_kwargs: dict, expand_size: int) -> None:
+        encoded = model_kwargs.get("encoder_outputs")
+        if encoded is None:
+            return
+        for name, value in encoded.items():
+            if isinstance(value, torch.Tensor):
+                encoded[name] = value.repeat_interleave(expand_size, dim=0)
+        if isinstance(model_kwargs.get("attention_mask"), torch.Tensor):
+            model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search's reordering, of the self-attention cache only: hypotheses move only among the beams of one
+        source, and those share their cross-attention keys and values."""
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        return cache
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """transformers' `generate`, plus §6.1's length limit: "maximum output length ... input length + 50".
+
+        A generation config with `max_new_tokens_over_source = k` (the training job saves k = 50) stops a batch at
+        its longest source + k new tokens, within `max_new_tokens` if that is set too, unless the call passes
+        `max_new_tokens` or `max_length` itself.
+        """
+        config = generation_config if generation_config is not None else self.generation_config
+        over_source = getattr(config, "max_new_tokens_over_source", None)
+        source = inputs if inputs is not None else kwargs.get("input_ids")
+        if over_source is not None and source is not None and not {"max_new_tokens", "max_length"} & kwargs.keys():
+            limit = source.shape[-1] + over_source
+            kwargs["max_new_tokens"] = min(limit, config.max_new_tokens) if config.max_new_tokens else limit
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
