@@ -2,6 +2,7 @@
 token log-probabilities agree to 1e-4, for each model variant the project trains or converts; bad input is refused
 before anything is written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +52,16 @@ def assert_ctranslate2_decodes_as_generate(model_dir: Path, exported: Path) -> N
     sources = [tokenizer.convert_ids_to_tokens(ids) for ids in tokenizer(SOURCES)["input_ids"]]
     results = translator.translate_batch(sources, beam_size=4, max_decoding_length=10)
     hypotheses = [result.hypotheses[0] for result in results]
+    target_ids = getattr(tokenizer, "target_encoder", tokenizer.get_vocab())  # a MarianTokenizer's second vocabulary
     special = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id}
     for sentence, hypothesis in zip(SOURCES, hypotheses, strict=True):
         generated = model.generate(**tokenizer([sentence], return_tensors="pt"), num_beams=4, max_new_tokens=10)
         assert [token for token in generated[0].tolist() if token not in special] == (
-            tokenizer.convert_tokens_to_ids(hypothesis)
+            [target_ids[token] for token in hypothesis]
         ), sentence
     scores = translator.score_batch(sources, hypotheses)
     for sentence, hypothesis, score in zip(SOURCES, hypotheses, scores, strict=True):
-        targets = [*tokenizer.convert_tokens_to_ids(hypothesis), tokenizer.eos_token_id]
+        targets = [*(target_ids[token] for token in hypothesis), tokenizer.eos_token_id]
         decoder_inputs = torch.tensor([[model.config.decoder_start_token_id, *targets[:-1]]])
         with torch.no_grad():
             logits = model(**tokenizer([sentence], return_tensors="pt"), decoder_input_ids=decoder_inputs).logits
@@ -75,18 +77,28 @@ def test_ctranslate2_beam_search_and_log_probabilities_equal_generate(tmp_path, 
     assert_ctranslate2_decodes_as_generate(model_dir, exported)
 
 
-def test_a_converted_opus_mt_model_exports_with_its_pad_token_last(tmp_path):
+@pytest.mark.parametrize("separate_vocabs", [False, True], ids=["joint vocabulary", "separate vocabularies"])
+def test_a_converted_opus_mt_model_exports_with_its_pad_token_last(tmp_path, separate_vocabs):
     """opus-mt's layout (pad last, decoding from pad, a final logits bias, MarianTokenizer): CTranslate2's own
-    converter drops the pad token from such vocabularies; this export keeps every row."""
+    converter drops the pad token from such vocabularies; this export keeps every row. With separate vocabularies
+    the target tokens come from the MarianTokenizer's target vocabulary."""
     pytest.importorskip("sentencepiece")
     from .test_opus_mt import opus_mt_checkpoint
 
-    opus_mt_checkpoint(tmp_path / "opus-mt-en-de")
+    opus_mt_checkpoint(tmp_path / "opus-mt-en-de", separate_vocabs=separate_vocabs)
     convert_checkpoint(str(tmp_path / "opus-mt-en-de"), str(tmp_path / "converted"))
     model = HfAttentionForConditionalGeneration.from_pretrained(tmp_path / "converted")
-    assert model.config.pad_token_id == model.config.vocab_size - 1 == model.config.decoder_start_token_id
+    if separate_vocabs:
+        assert model.config.target_vocab_size != model.config.vocab_size
+        assert model.config.pad_token_id == 2 == model.config.decoder_start_token_id
+    else:
+        assert model.config.pad_token_id == model.config.vocab_size - 1 == model.config.decoder_start_token_id
     exported = export_ctranslate2(tmp_path / "converted", tmp_path / "ct2")
     assert_ctranslate2_decodes_as_generate(tmp_path / "converted", exported)
+    if separate_vocabs:
+        target_vocab = json.loads((tmp_path / "opus-mt-en-de" / "target_vocab.json").read_text())
+        exported_tokens = json.loads((exported / "target_vocabulary.json").read_text())
+        assert exported_tokens == sorted(target_vocab, key=target_vocab.get)
 
 
 def test_int8_export_through_the_script_translates(tmp_path):

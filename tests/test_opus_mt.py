@@ -26,37 +26,50 @@ ROOT = Path(__file__).parent.parent
 SENTENCES = ["we buy two dogs", "they sell ninety one trees"]
 
 
-def opus_mt_checkpoint(folder: Path) -> None:
+def opus_mt_checkpoint(folder: Path, separate_vocabs: bool = False) -> None:
     """What an opus-mt repo holds: source.spm, target.spm, a joint vocab.json with </s> 0 and <pad> last, a
-    tokenizer_config.json without tokenizer_class, and a MarianMTModel whose decoding starts from <pad>."""
+    tokenizer_config.json without tokenizer_class, and a MarianMTModel whose decoding starts from <pad>.
+
+    With `separate_vocabs`, as some opus-mt pairs have: vocab.json for the source and target_vocab.json for the
+    target, of other sizes, each with <pad> at id 2, and separate embeddings."""
     folder.mkdir()
     corpus = toy_translation_corpus(300)
     vocab = {"</s>": 0, "<unk>": 1}
+    vocabs = {}
     for side, lang in (("source", "en"), ("target", "de")):
+        if separate_vocabs:
+            vocab = vocabs[side] = {"</s>": 0, "<unk>": 1, "<pad>": 2}
         text = folder.parent / f"{lang}.txt"
         text.write_text("\n".join(pair["translation"][lang] for pair in corpus) + "\n")
         sentencepiece.SentencePieceTrainer.train(
-            input=str(text), model_prefix=str(folder / side), vocab_size=50, model_type="unigram",
-            bos_id=-1, eos_id=2, unk_id=1, pad_id=-1, minloglevel=2,
+            input=str(text), model_prefix=str(folder / side), model_type="unigram",
+            vocab_size=50 + 8 * (separate_vocabs and side == "target"), bos_id=-1, eos_id=2, unk_id=1, pad_id=-1,
+            minloglevel=2,
         )  # fmt: skip
         (folder / f"{side}.model").rename(folder / f"{side}.spm")
         (folder / f"{side}.vocab").unlink()
         processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{side}.spm"))
         for piece in (processor.id_to_piece(i) for i in range(processor.get_piece_size())):
             vocab.setdefault(piece, len(vocab))
-    vocab["<pad>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
+    vocab.setdefault("<pad>", len(vocab))
+    source_vocab = vocabs.get("source", vocab)
+    (folder / "vocab.json").write_text(json.dumps(source_vocab))
     files = [str(folder / name) for name in ("source.spm", "target.spm", "vocab.json")]
-    tokenizer = MarianTokenizer(*files, source_lang="en", target_lang="de")
+    if separate_vocabs:
+        (folder / "target_vocab.json").write_text(json.dumps(vocabs["target"]))
+        files.append(str(folder / "target_vocab.json"))
+    tokenizer = MarianTokenizer(*files, source_lang="en", target_lang="de", separate_vocabs=separate_vocabs)
     tokenizer.save_pretrained(folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings.pop("tokenizer_class", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     torch.manual_seed(0)
     config = MarianConfig(
-        vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-        pad_token_id=vocab["<pad>"], decoder_start_token_id=vocab["<pad>"], eos_token_id=0, forced_eos_token_id=0,
+        vocab_size=len(source_vocab), decoder_vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, share_encoder_decoder_embeddings=not separate_vocabs,
+        pad_token_id=source_vocab["<pad>"], decoder_start_token_id=vocab["<pad>"], eos_token_id=0,
+        forced_eos_token_id=0,
     )  # fmt: skip
     MarianMTModel(config).save_pretrained(folder)
 
