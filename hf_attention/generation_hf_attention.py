@@ -14,7 +14,8 @@ spent most of its time moving the key/value cache, not computing:
 - §6.1's length limit (input length + 50) is applied by `generate` itself.
 
 With a static cache (`cache_implementation="static"`, `optimize_for_inference(compile=True)`), whose sizes are fixed
-in advance, the encoder output is expanded as transformers does.
+in advance, the encoder output is expanded as transformers does. Otherwise the `encoder_hidden_states` and
+`encoder_attentions` that `generate(return_dict_in_generate=True)` returns hold one row per source, not per beam.
 """
 
 import torch

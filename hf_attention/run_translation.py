@@ -840,7 +840,9 @@ def run(
         )
     files = final_evaluation(trainer) if phases.evaluate else {}
     model = trainer.whole_model()
-    if model is None:
+    if model is None:  # not the main process: its part is done
+        # Leaving the process group now, not at interpreter exit, where tearing gloo down can abort the process.
+        trainer.accelerator.end_training()
         return None
 
     # Saved as max_new_tokens, so callers that pass max_new_tokens (pipelines do) get no max_length clash.
@@ -873,6 +875,7 @@ def run(
         )
         examples = write_report(final_dir, summary, data, translations, trainer, model, model_args, data_args)
     folder.finish()
+    trainer.accelerator.end_training()
     if training_args.push_to_hub:  # what scripts/push_to_hub.py publishes: no checkpoints, no pickles, one commit
         repo_id = training_args.hub_model_id or folder.output_dir.name
         publish(
