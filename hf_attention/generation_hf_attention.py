@@ -11,6 +11,10 @@ spent most of its time moving the key/value cache, not computing:
 - **The self-attention cache grows in place** (`GrowingCacheLayer`): a step writes its own position, where
   `DynamicLayer` concatenates and copies every earlier position, and a beam reorder gathers into a spare buffer in
   one pass.
+- **Each step's inputs are prepared in a few lines** (`prepare_inputs_for_generation`): transformers' general
+  preparation takes 0.12 ms per token here (it reads the model's device and dtype by walking its parameters, and
+  builds the static cache's mask, which the compiled decoder builds itself), a twentieth of a compiled int8 step of
+  one sentence. Inputs it does not cover (a decoder mask, position ids, embeddings) go to transformers' own.
 - §6.1's length limit (input length + 50) is applied by `generate` itself.
 
 With a static cache (`cache_implementation="static"`, `optimize_for_inference(compile=True)`), whose sizes are fixed
@@ -22,6 +26,10 @@ import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils.deprecation import deprecate_kwarg
+
+# The step inputs `prepare_inputs_for_generation` passes on as they are; any other goes to transformers' preparation.
+PLAIN_STEP_INPUTS = frozenset({"encoder_outputs", "use_cache", "output_attentions", "output_hidden_states"})
 
 
 class GrowingCacheLayer(DynamicLayer):
@@ -147,6 +155,33 @@ class HfAttentionGenerationMixin(GenerationMixin):
                 encoded[name] = value.repeat_interleave(expand_size, dim=0)
         if isinstance(model_kwargs.get("attention_mask"), torch.Tensor):
             model_kwargs["attention_mask"] = model_kwargs["attention_mask"].repeat_interleave(expand_size, dim=0)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: EncoderDecoderCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """One decoding step's inputs: the new target tokens, the cache, the encoder output and its mask. What
+        transformers' preparation does beyond that (decoder masks, position ids, embeddings) is left to it."""
+        kwargs.pop("is_first_iteration", None)  # no inputs here differ between the first step and later ones
+        if kwargs.keys() - PLAIN_STEP_INPUTS:
+            return super().prepare_inputs_for_generation(
+                input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+                **kwargs,
+            )  # fmt: skip
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+        device = self.get_decoder().embed_tokens.weight.device
+        # Contiguous: a slice's strides change with the sequence length, and would recompile a compiled step.
+        decoder_input_ids = input_ids.to(device).clone(memory_format=torch.contiguous_format)
+        model_inputs = {"decoder_input_ids": decoder_input_ids, "cache": cache, **kwargs}
+        if attention_mask is not None:
+            model_inputs["attention_mask"] = attention_mask.to(device)
+        return model_inputs
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """Beam search's reordering, of the self-attention cache only: hypotheses move only among the beams of one
