@@ -83,7 +83,7 @@ def test_cross_attention_keys_are_projected_once_per_generation(model):
 def stock_transformers_generation(model):
     """The model with transformers' own expansion, cache and beam reordering: one encoder output per hypothesis."""
     stock = copy.deepcopy(model)
-    for name in ("_expand_inputs_for_generation", "_prepare_cache_for_generation"):
+    for name in ("_expand_inputs_for_generation", "_prepare_cache_for_generation", "prepare_inputs_for_generation"):
         setattr(stock, name, types.MethodType(getattr(GenerationMixin, name), stock))
 
     def reorder_every_cache(cache, beam_idx):
@@ -112,6 +112,35 @@ def test_hypotheses_sharing_one_encoder_output_generate_what_stock_transformers_
     assert ours.cache.cross_attention_cache.layers[0].keys.shape[0] == sources
     assert theirs.cache.cross_attention_cache.layers[0].keys.shape[0] == hypotheses
     assert all(isinstance(layer, GrowingCacheLayer) for layer in ours.cache.self_attention_cache.layers)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam_search", "constrained_lengths_and_words"])
+def test_step_inputs_prepared_here_give_what_transformers_preparation_gives(model, strategy, cache_implementation):
+    stock = stock_transformers_generation(model)
+    settings = {"return_dict_in_generate": True, "output_scores": True, "cache_implementation": cache_implementation}
+    settings.update(STRATEGIES[strategy])
+    ours, theirs = generate(model, True, **settings), generate(stock, True, **settings)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(theirs.scores), atol=1e-5, rtol=1e-5)
+
+
+def test_step_inputs_not_prepared_here_go_to_transformers_preparation(model, monkeypatch):
+    """A decoder mask (here, with a decoder prompt) is left to transformers, which extends it at every step."""
+    calls = []
+    general = GenerationMixin.prepare_inputs_for_generation
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("decoder_attention_mask"))
+        return general(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "prepare_inputs_for_generation", spy)
+    prompt = torch.tensor([[BOS, 5], [BOS, 6], [BOS, 7]])
+    with_mask = generate(model, True, decoder_input_ids=prompt, decoder_attention_mask=torch.ones_like(prompt))
+    assert len(calls) == 12 and [mask.shape[1] for mask in calls] == list(range(2, 14))
+    calls.clear()
+    assert torch.equal(generate(model, True, decoder_input_ids=prompt), with_mask)
+    assert calls == []
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
