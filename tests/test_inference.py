@@ -63,6 +63,32 @@ def test_a_weight_only_int8_layer_multiplies_bf16_inputs_by_its_dequantized_weig
     torch.testing.assert_close(output.float(), expected, atol=0.03, rtol=0.02)
 
 
+@pytest.mark.skipif(not can_prepack_bf16(), reason="oneDNN has no bf16 products on this CPU")
+def test_a_weight_only_int8_layer_multiplies_many_rows_by_a_packed_copy_rebuilt_when_the_weights_change():
+    """Outside torch.compile, from DEQUANTIZE_FROM_ROWS rows on: the compiled graph's product (bf16 weights made for
+    the call), by a copy that oneDNN packed once."""
+    torch.manual_seed(0)
+    quantized = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel="weight_only")
+    inputs = torch.randn(DEQUANTIZE_FROM_ROWS + 5, 64).to(torch.bfloat16)
+
+    def compiled_graphs_product():
+        scale, bias = quantized.weight_scale.to(torch.bfloat16), quantized.bias.to(torch.bfloat16)
+        return (inputs @ quantized.weight.to(torch.bfloat16).t()) * scale + bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(inputs), compiled_graphs_product(), atol=0, rtol=0)
+        packed = quantized._prepacked_bf16
+        assert packed is not None
+        quantized(inputs)
+        assert quantized._prepacked_bf16 is packed
+        quantized.weight.copy_(-quantized.weight)
+        torch.testing.assert_close(quantized(inputs), compiled_graphs_product(), atol=0, rtol=0)
+        assert quantized._prepacked_bf16 is not packed
+        copied = copy.deepcopy(quantized)
+        assert copied._prepacked_bf16 is None
+        torch.testing.assert_close(copied(inputs), compiled_graphs_product(), atol=0, rtol=0)
+
+
 def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tokens(tiny_config, tmp_path):
     model = random_model(tiny_config)
     batch = padded_batch([7, 4, 6], max_length=7)
