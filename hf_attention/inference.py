@@ -263,7 +263,9 @@ def optimize_for_inference(
         compile: decode with a static cache and a `torch.compile`d forward (`generation_config.cache_implementation
             = "static"`; transformers compiles greedy search and sampling on the first `generate()`). Pays off where
             the per-token overhead dominates (small batches); compiling takes tens of seconds. With `"int8"`, the
-            int8 weights multiply bf16 activations (the "weight_only" kernel), which torch.compile can capture.
+            int8 weights multiply bf16 activations (the "weight_only" kernel), which torch.compile can capture. On a
+            CPU the compiled step does not check the model's modules for changes (`compile_without_module_guards`):
+            change the model after its first `generate()` only with `disable_compile=True`.
 
     Raises:
         ValueError: an unknown `quantization`, or `"int8"` for a model that is not on the CPU.
@@ -298,4 +300,25 @@ def optimize_for_inference(
         compile_config = CompileConfig(fullgraph=True)
         compile_config._compile_all_devices = True  # transformers compiles only on GPUs unless told
         generation_config.compile_config = compile_config
+        if model.device.type == "cpu":
+            # transformers compiles `model.__call__` on the first generate() and keeps it (`get_compiled_call`,
+            # which reuses `_compiled_call` while the compile config is `_last_compile_config`); this one skips
+            # dynamo's guards on the model's modules.
+            model._compiled_call = compile_without_module_guards(model.__call__, compile_config)
+            model._last_compile_config = compile_config
     return model
+
+
+def compile_without_module_guards(function, compile_config: CompileConfig):
+    """`torch.compile(function)` as `compile_config` says, without dynamo's guards on nn.Modules' attributes.
+
+    Before every token dynamo checks ~1,300 guards, most on the model's modules (their flags, configs, parameters'
+    shapes): without those, a compiled int8 step of one sentence takes 0.2 ms less (2.4 ms). The guards on the
+    inputs stay, so a batch of another shape compiles its own step; a change to the model's modules after the first
+    call goes unseen (`torch.compiler.reset()` forgets the compiled steps).
+    """
+    kwargs = compile_config.to_dict()
+    options = torch._inductor.list_mode_options(kwargs.pop("mode"))  # torch.compile takes a mode or options
+    kwargs["options"] = {**options, **(kwargs["options"] or {})}
+    kwargs["options"]["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    return torch.compile(function, **kwargs)

@@ -182,6 +182,36 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     assert torch.equal(compiled, eager)
 
 
+def test_a_compiled_step_on_a_cpu_skips_the_module_guards_and_still_recompiles_for_new_inputs(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Dynamo's guards on the model's modules are left out on a CPU; those on the inputs stay: a batch of another
+    size or length compiles its own step, and every batch generates its eager tokens."""
+    model = random_model(tiny_config)
+    batches = [padded_batch([7, 4, 6], max_length=7), padded_batch([5, 3], max_length=5)]
+    eager = [model.generate(**batch, max_new_tokens=8) for batch in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    kept = []
+    module_guard_filter = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+
+    def spy(entries):
+        kept.append(module_guard_filter(entries))
+        return kept[-1]
+
+    monkeypatch.setattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", spy)
+    optimize_for_inference(model, compile=True)
+    compiled_call = model._compiled_call
+    compiled = [model.generate(**batch, max_new_tokens=8) for batch in batches]
+    assert model._compiled_call is compiled_call  # transformers decoded with it
+    model.save_pretrained(tmp_path)  # the generation config holds nothing that JSON cannot write
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert len(kept) == counters["stats"]["unique_graphs"] and all(sum(k) < len(k) / 2 for k in kept)
+    for ours, reference in zip(compiled, eager, strict=True):
+        assert torch.equal(ours, reference)
+    assert torch.equal(model.generate(**batches[0], max_new_tokens=8), eager[0])
+
+
 def test_compiled_int8_uses_weight_only_int8_and_generates_its_eager_tokens(tiny_config, tmp_path):
     """fbgemm's packed weights cannot be compiled: with compile, the int8 weights multiply bf16 activations."""
     batch = padded_batch([7, 4, 6], max_length=7)
