@@ -318,7 +318,8 @@ def compile_without_module_guards(function, compile_config: CompileConfig):
     call goes unseen (`torch.compiler.reset()` forgets the compiled steps).
     """
     kwargs = compile_config.to_dict()
-    options = torch._inductor.list_mode_options(kwargs.pop("mode"))  # torch.compile takes a mode or options
+    mode = kwargs.pop("mode")  # torch.compile takes a mode or options: the mode's options, then the config's
+    options = torch._inductor.list_mode_options(mode) if mode is not None else {}
     kwargs["options"] = {**options, **(kwargs["options"] or {})}
     kwargs["options"]["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     return torch.compile(function, **kwargs)

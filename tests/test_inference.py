@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch._dynamo.utils import counters
-from transformers import AutoModelForSeq2SeqLM, pipeline
+from transformers import AutoModelForSeq2SeqLM, CompileConfig, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
 from hf_attention.inference import (
@@ -18,6 +18,7 @@ from hf_attention.inference import (
     Int8Linear,
     PrepackedLinear,
     can_prepack_bf16,
+    compile_without_module_guards,
 )
 
 from .conftest import padded_batch
@@ -210,6 +211,17 @@ def test_a_compiled_step_on_a_cpu_skips_the_module_guards_and_still_recompiles_f
     for ours, reference in zip(compiled, eager, strict=True):
         assert torch.equal(ours, reference)
     assert torch.equal(model.generate(**batches[0], max_new_tokens=8), eager[0])
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_without_module_guards_takes_the_modes_options_with_the_guard_filter(mode, monkeypatch):
+    compiled_with = {}
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compiled_with.update(kwargs) or function)
+    compile_without_module_guards(print, CompileConfig(mode=mode, options={"cpp_wrapper": True}))
+    assert "mode" not in compiled_with and compiled_with["fullgraph"] is False
+    expected = {**(torch._inductor.list_mode_options(mode) if mode else {}), "cpp_wrapper": True}
+    expected["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert compiled_with["options"] == expected
 
 
 def test_compiled_int8_uses_weight_only_int8_and_generates_its_eager_tokens(tiny_config, tmp_path):
