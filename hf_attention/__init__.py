@@ -8,12 +8,14 @@ loadable with `trust_remote_code=True` where hf_attention is not installed.
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
+from .ctranslate2_export import export_ctranslate2
 from .inference import optimize_for_inference
 from .modeling_hf_attention import (
     HfAttentionForConditionalGeneration,
     HfAttentionModel,
     HfAttentionPreTrainedModel,
 )
+from .onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 from .peft_defaults import register_peft_defaults
 from .pipeline_hf_attention import (
     SummarizationPipeline,
@@ -42,9 +44,12 @@ __all__ = [
     "HfAttentionForConditionalGeneration",
     "HfAttentionModel",
     "HfAttentionPreTrainedModel",
+    "OnnxModelForSeq2SeqLM",
     "SummarizationPipeline",
     "Text2TextGenerationPipeline",
     "TranslationPipeline",
     "__version__",
+    "export_ctranslate2",
+    "export_onnx",
     "optimize_for_inference",
 ]

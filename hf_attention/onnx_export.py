@@ -1,5 +1,6 @@
 """Export to ONNX with torch.onnx (the dynamo exporter): `export_onnx(model_dir, output_dir)` or
-`scripts/export.py onnx SRC DST`, and `OnnxGreedyTranslator`, which decodes with onnxruntime.
+`scripts/export.py onnx SRC DST`, and `OnnxModelForSeq2SeqLM`, which runs the graphs with onnxruntime under
+transformers' `generate()`.
 
 Three graphs, as optimum lays out seq2seq models, so that decoding reuses the keys and values of earlier steps:
 - `encoder.onnx`: (input_ids, attention_mask) -> encoder_hidden_states;
@@ -17,9 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache, EncoderDecoderCache
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from .checkpoint_io_hf_attention import replacing_folder
+from .configuration_hf_attention import HfAttentionConfig
 from .ctranslate2_export import ExportError
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
 
@@ -144,62 +156,126 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, overwrite: bool =
     return output_dir
 
 
-class OnnxGreedyTranslator:
-    """Greedy decoding with onnxruntime over an `export_onnx` folder: the tokens `generate(num_beams=1)` gives."""
+class OnnxEncoder(nn.Module):
+    """`encoder.onnx` behind the encoder interface `generate()` calls."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None):
+    main_input_name = "input_ids"
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = {"input_ids": to_numpy(input_ids, np.int64), "attention_mask": to_numpy(attention_mask, np.int64)}
+        (hidden,) = self.session.run(None, inputs)
+        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+
+
+def to_numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
+    return tensor.detach().cpu().numpy().astype(dtype, copy=False)
+
+
+class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
+    """The graphs of `export_onnx`, run by onnxruntime, as a transformers model (as optimum's
+    `ORTModelForSeq2SeqLM`): transformers' own `generate()` decodes with them, so greedy search, beam search,
+    sampling and every generation option give the tokens of the PyTorch model.
+
+    The keys and values of earlier steps live in transformers' `EncoderDecoderCache`, which beam search reorders as
+    usual; each step hands them to `decoder_with_past.onnx`. The graphs decode one token per step, from the decoder
+    start token.
+
+    Example: `OnnxModelForSeq2SeqLM.from_pretrained("runs/en-de-onnx").generate(**batch, num_beams=4)`.
+    """
+
+    config_class = HfAttentionConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: HfAttentionConfig, sessions: dict, generation_config: GenerationConfig | None = None):
+        super().__init__(config)
+        self.encoder = OnnxEncoder(sessions["encoder.onnx"])
+        self.first_step, self.next_step = sessions["decoder.onnx"], sessions["decoder_with_past.onnx"]
+        self.past_input_names = past_names(config.decoder_layers, "past_key_values", with_cross=True)
+        if generation_config is not None:
+            self.generation_config = generation_config
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, providers: list[str] | None = None) -> "OnnxModelForSeq2SeqLM":
+        """The model in an `export_onnx` folder; `providers`: onnxruntime's execution providers (default: CPU)."""
         onnxruntime = import_onnx_runtime()
         folder = Path(folder)
+        missing = [name for name in GRAPHS if not (folder / name).is_file()]
+        if missing:
+            raise ExportError(f"{folder} holds no {', '.join(missing)}: export it with scripts/export.py onnx.")
         providers = providers or ["CPUExecutionProvider"]
-        self.encoder, self.first_step, self.next_step = (
-            onnxruntime.InferenceSession(str(folder / name), providers=providers) for name in GRAPHS
-        )
-        from transformers import AutoConfig, GenerationConfig
+        sessions = {name: onnxruntime.InferenceSession(str(folder / name), providers=providers) for name in GRAPHS}
+        model = cls(AutoConfig.from_pretrained(folder), sessions, GenerationConfig.from_pretrained(folder))
+        return model.eval()
 
-        self.config = AutoConfig.from_pretrained(folder)
-        self.generation_config = GenerationConfig.from_pretrained(folder)
-        self.past_input_names = past_names(self.config.decoder_layers, "past_key_values", with_cross=True)
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # inputs and outputs cross to onnxruntime as CPU arrays
 
-    def first_step_outputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray):
-        """Encode, then the first decoding step: (the inputs every step takes, logits, own and cross keys/values)."""
-        input_ids, attention_mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
-        (hidden,) = self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        step_inputs = {"encoder_hidden_states": hidden, "encoder_attention_mask": attention_mask}
-        logits, *present = self.first_step.run(None, {**step_inputs, "decoder_input_ids": decoder_input_ids})
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def get_encoder(self, modality: str | None = None) -> OnnxEncoder:
+        return self.encoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: EncoderDecoderCache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        """One decoding step of one token per sequence: its logits, and `cache` holding every step's keys and values.
+
+        Raises:
+            ValueError: more than one new target token per sequence, or `use_cache=False` (the graphs decode one
+                token per step from the cache).
+        """
+        if decoder_input_ids is None or decoder_input_ids.shape[1] != 1 or use_cache is False:
+            raise ValueError(
+                "The ONNX graphs decode one token per step with the cache: decoder_input_ids must be (batch, 1) "
+                "and use_cache must not be False."
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden_states = encoder_outputs[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long)
+        step_inputs = {
+            "decoder_input_ids": to_numpy(decoder_input_ids, np.int64),
+            "encoder_hidden_states": to_numpy(hidden_states, np.float32),
+            "encoder_attention_mask": to_numpy(attention_mask, np.int64),
+        }
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         layers = range(self.config.decoder_layers)
-        own = [tensor for layer in layers for tensor in present[4 * layer : 4 * layer + 2]]
-        cross = [tensor for layer in layers for tensor in present[4 * layer + 2 : 4 * layer + 4]]
-        return step_inputs, logits, own, cross
-
-    def next_step_outputs(self, step_inputs: dict, decoder_input_ids: np.ndarray, own: list, cross: list):
-        """One cached step: (logits, the own keys/values grown by one position)."""
-        values = [tensor for layer in range(self.config.decoder_layers)
-                  for tensor in (*own[2 * layer : 2 * layer + 2], *cross[2 * layer : 2 * layer + 2])]  # fmt: skip
-        past = dict(zip(self.past_input_names, values, strict=True))
-        logits, *own = self.next_step.run(None, {**step_inputs, "decoder_input_ids": decoder_input_ids, **past})
-        return logits, own
-
-    def forced_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray):
-        """The logits (batch, steps, vocabulary) of decoding `decoder_input_ids` one token at a time."""
-        tokens = decoder_input_ids.astype(np.int64)
-        step_inputs, logits, own, cross = self.first_step_outputs(input_ids, attention_mask, tokens[:, :1])
-        outputs = [logits]
-        for position in range(1, tokens.shape[1]):
-            logits, own = self.next_step_outputs(step_inputs, tokens[:, position : position + 1], own, cross)
-            outputs.append(logits)
-        return np.concatenate(outputs, axis=1)
-
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        """(batch, 1 + new) token ids starting with the decoder start token, padded after `</s>`."""
-        config = self.config
-        tokens = np.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int64)
-        step_inputs, logits, own, cross = self.first_step_outputs(input_ids, attention_mask, tokens)
-        finished = np.zeros(input_ids.shape[0], dtype=bool)
-        for step in range(max_new_tokens):
-            next_tokens = np.where(finished, config.pad_token_id, logits[:, -1].argmax(-1))
-            tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
-            finished |= next_tokens == config.eos_token_id
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            logits, own = self.next_step_outputs(step_inputs, next_tokens[:, None], own, cross)
-        return tokens
+        if cache.get_seq_length() == 0:
+            logits, *present = self.first_step.run(None, step_inputs)
+            for layer in layers:
+                own_key, own_value, cross_key, cross_value = map(torch.from_numpy, present[4 * layer : 4 * layer + 4])
+                cache.self_attention_cache.update(own_key, own_value, layer)
+                cache.cross_attention_cache.update(cross_key, cross_value, layer)
+                cache.is_updated[layer] = True
+        else:
+            past = []
+            for layer in layers:
+                own, cross = cache.self_attention_cache.layers[layer], cache.cross_attention_cache.layers[layer]
+                past += [to_numpy(states, np.float32) for states in (own.keys, own.values, cross.keys, cross.values)]
+            logits, *present = self.next_step.run(
+                None, {**step_inputs, **dict(zip(self.past_input_names, past, strict=True))}
+            )
+            for layer in layers:  # the graph returns the self-attention keys and values grown by this position
+                own = cache.self_attention_cache.layers[layer]
+                own.keys, own.values = map(torch.from_numpy, present[2 * layer : 2 * layer + 2])
+        return Seq2SeqLMOutput(logits=torch.from_numpy(logits), cache=cache)

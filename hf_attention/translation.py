@@ -7,7 +7,8 @@ batch wastes little on padding; the translations are written in input order. Eng
   or `bf16`), on `--device` in `--dtype`;
 - `ctranslate2`: the model exported with `export_ctranslate2` (done on the fly for an hf_attention folder), with
   CTranslate2's weight type `--quantization` (`int8`, `float32`, ...);
-- `onnx`: the graphs of `export_onnx` (exported on the fly likewise) run by onnxruntime, greedy decoding.
+- `onnx`: the graphs of `export_onnx` (exported on the fly likewise) run by onnxruntime, under transformers'
+  `generate()` (`OnnxModelForSeq2SeqLM`).
 
 `scripts/evaluate_model.py` translates through the same path.
 """
@@ -144,18 +145,13 @@ class CTranslate2Engine:
         return [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
 
 
-class OnnxEngine:
-    """onnxruntime's greedy decoding over the graphs of `export_onnx`."""
-
-    def __init__(self, translator, tokenizer, max_new_tokens: int):
-        self.translator, self.tokenizer, self.max_new_tokens = translator, tokenizer, max_new_tokens
+class OnnxEngine(TorchEngine):
+    """transformers' `generate()` over the graphs of `export_onnx`, run by onnxruntime (`OnnxModelForSeq2SeqLM`)."""
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "OnnxEngine":
-        from .onnx_export import OnnxGreedyTranslator, export_onnx
+        from .onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 
-        if options.get("num_beams") not in (None, 1):
-            raise TranslationError(f"--engine onnx decodes greedily: pass --num_beams 1 (not {options['num_beams']}).")
         if quantization is not None:
             raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
         folder = Path(model_dir)
@@ -163,17 +159,8 @@ class OnnxEngine:
             folder = Path(tempfile.mkdtemp(prefix="hf_attention-onnx-")) / "model"
             export_onnx(model_dir, folder)
         providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-        translator = OnnxGreedyTranslator(folder, providers=providers)
-        return cls(translator, AutoTokenizer.from_pretrained(folder), options.get("max_new_tokens", 256))
-
-    def token_count(self, sentence: str) -> int:
-        return len(self.tokenizer(sentence, truncation=True)["input_ids"])
-
-    def translate(self, sentences: list[str]) -> list[str]:
-        batch = self.tokenizer(sentences, return_tensors="np", padding=True, truncation=True)
-        limit = min(self.max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
-        generated = self.translator.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=limit)
-        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        model = OnnxModelForSeq2SeqLM.from_pretrained(folder, providers=providers)
+        return cls(model, AutoTokenizer.from_pretrained(folder), **options)
 
 
 def translate_sentences(

@@ -1,6 +1,7 @@
 """export_onnx / scripts/export.py onnx: the encoder, first-step and cached-step graphs give the logits of the model at
-every step (teacher-forced, padded batch, shapes other than the export's), onnxruntime's greedy decoding gives
-generate()'s tokens, and translate.py's onnx engine gives the torch engine's translations."""
+every step (teacher-forced, padded batch, shapes other than the export's); transformers' generate() over them
+(OnnxModelForSeq2SeqLM) gives the PyTorch model's tokens for greedy search, beam search and sampling; translate.py's
+onnx engine gives the torch engine's translations."""
 
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.ctranslate2_export import ExportError
-from hf_attention.onnx_export import OnnxGreedyTranslator, export_onnx
+from hf_attention.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 
 from .helpers import toy_tokenizer
 
@@ -39,23 +40,43 @@ def exported(tmp_path_factory):
 
 def test_the_cached_graphs_give_the_model_s_logits_at_every_step(exported):
     _, onnx_dir, model, tokenizer = exported
-    translator = OnnxGreedyTranslator(onnx_dir)
-    batch = tokenizer(SOURCES, return_tensors="np", padding=True)
-    targets = np.random.default_rng(0).integers(3, len(tokenizer), size=(3, 6))
-    decoder_inputs = np.concatenate([np.full((3, 1), model.config.decoder_start_token_id), targets], axis=1)
+    onnx_model = OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    targets = torch.from_numpy(np.random.default_rng(0).integers(3, len(tokenizer), size=(3, 6)))
+    decoder_inputs = torch.cat([torch.full((3, 1), model.config.decoder_start_token_id), targets], dim=1)
     with torch.no_grad():
-        expected = model(**tokenizer(SOURCES, return_tensors="pt", padding=True),
-                         decoder_input_ids=torch.from_numpy(decoder_inputs)).logits.numpy()  # fmt: skip
-    logits = translator.forced_logits(batch["input_ids"], batch["attention_mask"], decoder_inputs)
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+        expected = model(**batch, decoder_input_ids=decoder_inputs).logits
+    encoded, cache, logits = onnx_model.get_encoder()(**batch), None, []
+    for position in range(decoder_inputs.shape[1]):
+        step = onnx_model(encoder_outputs=encoded, attention_mask=batch["attention_mask"],
+                          decoder_input_ids=decoder_inputs[:, position : position + 1], cache=cache)  # fmt: skip
+        cache = step.cache
+        logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one token per step"):
+        onnx_model(**batch, decoder_input_ids=decoder_inputs)
 
 
-def test_onnxruntime_greedy_decoding_gives_generate_s_tokens(exported):
+GENERATION = {
+    "greedy": {},
+    "beam_search": {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.6},
+    "sampling": {"do_sample": True, "top_k": 20, "temperature": 0.8},
+}
+
+
+@pytest.mark.parametrize("strategy", GENERATION)
+def test_generate_over_the_onnx_graphs_gives_the_pytorch_model_s_tokens(exported, strategy):
     _, onnx_dir, model, tokenizer = exported
-    batch = tokenizer(SOURCES, return_tensors="np", padding=True)
-    tokens = OnnxGreedyTranslator(onnx_dir).generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
-    expected = model.generate(**tokenizer(SOURCES, return_tensors="pt", padding=True), max_new_tokens=12)
-    np.testing.assert_array_equal(tokens, expected.numpy())
+    onnx_model = OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    settings = {"max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True, **GENERATION[strategy]}
+    outputs = []
+    for candidate in (onnx_model, model):
+        torch.manual_seed(3)  # sampling draws the same numbers for both
+        outputs.append(candidate.generate(**batch, **settings))
+    ours, expected = outputs
+    assert torch.equal(ours.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), atol=1e-4, rtol=1e-4)
 
 
 def test_translate_py_onnx_engine_matches_the_torch_engine(tmp_path, exported):
@@ -66,15 +87,11 @@ def test_translate_py_onnx_engine_matches_the_torch_engine(tmp_path, exported):
     for engine, model in (("torch", model_dir), ("onnx", onnx_dir)):
         outputs[engine] = tmp_path / f"{engine}.txt"
         command = [sys.executable, "scripts/translate.py", "--model", str(model), "--engine", engine, "--input",
-                   str(source), "--output", str(outputs[engine]), "--num_beams", "1",
+                   str(source), "--output", str(outputs[engine]), "--num_beams", "4",
                    "--max_new_tokens", "12"]  # fmt: skip
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
     assert outputs["onnx"].read_text() == outputs["torch"].read_text()
-    with pytest.raises(SystemExit, match="--engine onnx decodes greedily: pass --num_beams 1"):
-        from hf_attention.translation import main
-
-        main(["--model", str(onnx_dir), "--engine", "onnx", "--input", str(source), "--num_beams", "4"])
 
 
 def test_export_refuses_an_existing_folder_and_names_the_missing_extra(tmp_path, exported, monkeypatch):
@@ -83,6 +100,8 @@ def test_export_refuses_an_existing_folder_and_names_the_missing_extra(tmp_path,
     existing.mkdir()
     with pytest.raises(ExportError, match="already exists; pass --overwrite"):
         export_onnx(model_dir, existing)
+    with pytest.raises(ExportError, match="holds no encoder.onnx, decoder.onnx, decoder_with_past.onnx"):
+        OnnxModelForSeq2SeqLM.from_pretrained(model_dir)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ExportError, match=r"pip install 'hf_attention\[onnx\]'"):
         export_onnx(model_dir, tmp_path / "out")
