@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.ctranslate2_export import ExportError
@@ -77,6 +78,15 @@ def test_generate_over_the_onnx_graphs_gives_the_pytorch_model_s_tokens(exported
     ours, expected = outputs
     assert torch.equal(ours.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_the_translation_pipeline_runs_on_the_onnx_model(exported):
+    _, onnx_dir, model, tokenizer = exported
+    translations = [
+        pipeline("translation", model=candidate, tokenizer=tokenizer)(SOURCES, max_new_tokens=12, num_beams=3)
+        for candidate in (OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir), model)
+    ]
+    assert translations[0] == translations[1] and len(translations[0]) == len(SOURCES)
 
 
 def test_translate_py_onnx_engine_matches_the_torch_engine(tmp_path, exported):
