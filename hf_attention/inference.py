@@ -13,7 +13,7 @@ one matrix product per call (`scripts/benchmark_generate.py` measures whole deco
   (1.5–2× per product; beam 4 over 16 sentences went from 1.75 s to 1.58 s).
 - `"int8"` with `compile=True`: fbgemm's packed weights cannot be compiled, so the int8 weights multiply bf16
   activations instead (`torch._weight_int8pack_mm`, as fast as fbgemm at one row) in a compiled static-cache step:
-  the fastest at batch 1 (greedy decoding 2.4× MarianMTModel fp32 against 1.5× for eager int8).
+  the fastest at batch 1 (greedy decoding 2.55× MarianMTModel fp32 against 1.49× for eager int8).
 
 An int8 model saves and reloads through transformers' quantization config (`quant_method: "hf_attention_int8"`):
 `save_pretrained` stores the int8 weights and scales in safetensors (a quarter of the fp32 size) and
