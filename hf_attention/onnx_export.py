@@ -226,6 +226,12 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
     def get_encoder(self, modality: str | None = None) -> OnnxEncoder:
         return self.encoder
 
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search's reordering, of the self-attention cache only: beams move only among those of one source,
+        whose cross-attention keys and values are equal (transformers repeats the encoder output per beam)."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
