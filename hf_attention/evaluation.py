@@ -21,7 +21,7 @@ from transformers import (
 
 from .data import read_parallel_corpus
 from .tokenization import check_tokenizer_source
-from .translation import DTYPES, TorchEngine, load_engine, translate_sentences
+from .translation import DTYPES, ENGINES, TorchEngine, load_engine, translate_sentences
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 HELPER_MODULES = ("__init__", "sacrebleu_inputs")  # in metrics/, but not metrics
@@ -93,13 +93,16 @@ class EvaluationArguments:
     source_lang: str = field(default="en", metadata={"help": "Source language code."})
     target_lang: str = field(default="de", metadata={"help": "Target language code."})
     output_file: str = field(default="", metadata={"help": "Where the JSON report goes (default: stdout only)."})
+    engine: str = field(default="torch", metadata={"help": f"Inference engine: {', '.join(ENGINES)}."})
     num_beams: int = field(default=4, metadata={"help": "Beam size."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest translation, in tokens."})
     batch_size: int = field(default=32, metadata={"help": "Sentences per generate() call."})
     max_samples: int = field(default=0, metadata={"help": "Score only the first N pairs (0: all)."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": f"The model's dtype: {', '.join(DTYPES)}."})
-    quantization: str | None = field(default=None, metadata={"help": "int8 or bf16 (optimize_for_inference)."})
+    quantization: str | None = field(
+        default=None, metadata={"help": "torch: int8 or bf16 (optimize_for_inference); ctranslate2: its weight type."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
     compile: bool = field(default=False, metadata={"help": "Decode with a static cache and a compiled step."})
 
@@ -112,7 +115,7 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
     for name in ("num_beams", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be a positive integer.")
-    engine = load_engine("torch", args.model_dir, args.quantization, args.device, args.dtype,
+    engine = load_engine(args.engine, args.model_dir, args.quantization, args.device, args.dtype,
                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                          compile=args.compile)  # fmt: skip
     test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
@@ -125,6 +128,7 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
         "model": args.model_dir,
         "test_file": args.test_file,
         "pair": f"{args.source_lang}-{args.target_lang}",
+        "engine": args.engine,
         "sentences": len(sources),
         "num_beams": args.num_beams,
         **score_translations(translations, references),

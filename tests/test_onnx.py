@@ -14,6 +14,7 @@ from transformers import pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.ctranslate2_export import ExportError
+from hf_attention.evaluation import EvaluationArguments, evaluate_saved_model
 from hf_attention.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 
 from .helpers import toy_tokenizer
@@ -102,6 +103,20 @@ def test_translate_py_onnx_engine_matches_the_torch_engine(tmp_path, exported):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
     assert outputs["onnx"].read_text() == outputs["torch"].read_text()
+
+
+def test_evaluate_model_scores_the_onnx_engine_as_the_torch_engine(tmp_path, exported):
+    model_dir, onnx_dir, _, _ = exported
+    test_file = tmp_path / "test.tsv"
+    test_file.write_text("".join(f"{source}\t{source}\n" for source in SOURCES))
+    reports = {}
+    for engine, folder in (("torch", model_dir), ("onnx", onnx_dir)):
+        arguments = EvaluationArguments(
+            model_dir=str(folder), test_file=str(test_file), engine=engine, max_new_tokens=12, progress=False
+        )
+        reports[engine] = evaluate_saved_model(arguments)
+    assert reports["onnx"]["translations"] == reports["torch"]["translations"]
+    assert reports["onnx"]["bleu"] == reports["torch"]["bleu"] and reports["onnx"]["engine"] == "onnx"
 
 
 def test_export_refuses_an_existing_folder_and_names_the_missing_extra(tmp_path, exported, monkeypatch):
