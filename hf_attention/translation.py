@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
 from .ctranslate2_export import ExportError, export_ctranslate2, import_ctranslate2
@@ -112,11 +112,12 @@ class TorchEngine:
 
 
 class CTranslate2Engine:
-    """A CTranslate2 `Translator` over the exported model, fed the tokenizer's tokens."""
+    """A CTranslate2 `Translator` over the exported model, fed the tokenizer's tokens, with the beam size and length
+    penalty of the model's generation config (α = 0.6 in the paper's), as `generate()` uses them."""
 
-    def __init__(self, translator, tokenizer, num_beams: int, max_new_tokens: int):
+    def __init__(self, translator, tokenizer, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0):
         self.translator, self.tokenizer = translator, tokenizer
-        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        self.num_beams, self.max_new_tokens, self.length_penalty = num_beams, max_new_tokens, length_penalty
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "CTranslate2Engine":
@@ -125,11 +126,15 @@ class CTranslate2Engine:
         if not (folder / "model.bin").is_file():  # an hf_attention model: export it first
             folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-")) / "model"
             export_ctranslate2(model_dir, folder)
-        num_beams = options.get("num_beams") or 4
+        saved = folder / "generation_config.json"  # export_ctranslate2 copies the model's
+        generation_config = GenerationConfig.from_pretrained(folder) if saved.is_file() else GenerationConfig()
+        num_beams = options.get("num_beams") or (generation_config.num_beams if saved.is_file() else 4)
         translator = ctranslate2.Translator(
             str(folder), device=device, compute_type=quantization or "default", intra_threads=torch.get_num_threads()
         )
-        return cls(translator, AutoTokenizer.from_pretrained(folder), num_beams, options.get("max_new_tokens", 256))
+        tokenizer, max_new_tokens = AutoTokenizer.from_pretrained(folder), options.get("max_new_tokens", 256)
+        length_penalty = generation_config.length_penalty
+        return cls(translator, tokenizer, num_beams, max_new_tokens, 1.0 if length_penalty is None else length_penalty)
 
     def token_count(self, sentence: str) -> int:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
@@ -139,8 +144,9 @@ class CTranslate2Engine:
         tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in ids]
         limit = min(self.max_new_tokens, 2 * max(map(len, tokens)) + 10)
         results = self.translator.translate_batch(
-            tokens, beam_size=self.num_beams, max_decoding_length=limit, max_batch_size=len(tokens)
-        )
+            tokens, beam_size=self.num_beams, max_decoding_length=limit, max_batch_size=len(tokens),
+            length_penalty=self.length_penalty,
+        )  # fmt: skip
         outputs = [self.tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
         return [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
 

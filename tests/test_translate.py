@@ -76,6 +76,32 @@ def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_d
     assert len(int8.read_text().splitlines()) == len(SOURCES)
 
 
+def test_the_ctranslate2_engine_decodes_with_the_generation_config_s_beams_and_length_penalty(tmp_path, model_dir):
+    """The paper's α = 0.6 (the training job saves it): without it, CTranslate2 scored 37.50 BLEU on Multi30k where
+    generate() scores 37.73."""
+    pytest.importorskip("ctranslate2")
+    from transformers import GenerationConfig
+
+    from hf_attention import export_ctranslate2
+    from hf_attention.translation import load_engine
+
+    exported = export_ctranslate2(model_dir, tmp_path / "ct2")
+    GenerationConfig(num_beams=3, length_penalty=0.6).save_pretrained(exported)
+    engine = load_engine("ctranslate2", str(exported))
+    assert (engine.num_beams, engine.length_penalty) == (3, 0.6)
+    calls, translator = [], engine.translator
+
+    class SpyTranslator:
+        def translate_batch(self, *args, **kwargs):
+            calls.append(kwargs)
+            return translator.translate_batch(*args, **kwargs)
+
+    engine.translator = SpyTranslator()
+    assert len(engine.translate(SOURCES[:2])) == 2
+    assert calls[0]["length_penalty"] == 0.6 and calls[0]["beam_size"] == 3
+    assert load_engine("ctranslate2", str(exported), num_beams=5).num_beams == 5
+
+
 def test_stdin_to_stdout_through_the_script(model_dir):
     result = subprocess.run(
         [sys.executable, "scripts/translate.py", "--model", str(model_dir), "--num_beams", "2", "--max_new_tokens",
