@@ -126,15 +126,20 @@ class CTranslate2Engine:
         if not (folder / "model.bin").is_file():  # an hf_attention model: export it first
             folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-")) / "model"
             export_ctranslate2(model_dir, folder)
-        saved = folder / "generation_config.json"  # export_ctranslate2 copies the model's
-        generation_config = GenerationConfig.from_pretrained(folder) if saved.is_file() else GenerationConfig()
-        num_beams = options.get("num_beams") or (generation_config.num_beams if saved.is_file() else 4)
+        if (folder / "generation_config.json").is_file():  # export_ctranslate2 copies the model's
+            generation_config = GenerationConfig.from_pretrained(folder)
+        else:
+            generation_config = GenerationConfig(num_beams=4)
         translator = ctranslate2.Translator(
             str(folder), device=device, compute_type=quantization or "default", intra_threads=torch.get_num_threads()
         )
-        tokenizer, max_new_tokens = AutoTokenizer.from_pretrained(folder), options.get("max_new_tokens", 256)
-        length_penalty = generation_config.length_penalty
-        return cls(translator, tokenizer, num_beams, max_new_tokens, 1.0 if length_penalty is None else length_penalty)
+        return cls(
+            translator,
+            AutoTokenizer.from_pretrained(folder),
+            num_beams=options.get("num_beams") or generation_config.num_beams,
+            max_new_tokens=options.get("max_new_tokens", 256),
+            length_penalty=generation_config.length_penalty if generation_config.length_penalty is not None else 1.0,
+        )
 
     def token_count(self, sentence: str) -> int:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
