@@ -195,16 +195,22 @@ class HfAttentionGenerationMixin(GenerationMixin):
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
-        """transformers' `generate`, plus §6.1's length limit: "maximum output length ... input length + 50".
-
-        A generation config with `max_new_tokens_over_source = k` (the training job saves k = 50) stops a batch at
-        its longest source + k new tokens, within `max_new_tokens` if that is set too, unless the call passes
-        `max_new_tokens` or `max_length` itself.
-        """
-        config = generation_config if generation_config is not None else self.generation_config
-        over_source = getattr(config, "max_new_tokens_over_source", None)
-        source = inputs if inputs is not None else kwargs.get("input_ids")
-        if over_source is not None and source is not None and not {"max_new_tokens", "max_length"} & kwargs.keys():
-            limit = source.shape[-1] + over_source
-            kwargs["max_new_tokens"] = min(limit, config.max_new_tokens) if config.max_new_tokens else limit
+        """transformers' `generate`, plus §6.1's length limit (`with_source_length_limit`)."""
+        kwargs = with_source_length_limit(generation_config or self.generation_config, inputs, kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+
+def with_source_length_limit(generation_config: GenerationConfig, inputs: torch.Tensor | None, kwargs: dict) -> dict:
+    """`generate()`'s keyword arguments with §6.1's length limit: "maximum output length ... input length + 50".
+
+    A generation config with `max_new_tokens_over_source = k` (the training job saves k = 50) stops a batch at its
+    longest source + k new tokens, within `max_new_tokens` if that is set too, unless the call passes
+    `max_new_tokens` or `max_length` itself.
+    """
+    over_source = getattr(generation_config, "max_new_tokens_over_source", None)
+    source = inputs if inputs is not None else kwargs.get("input_ids")
+    if over_source is None or source is None or {"max_new_tokens", "max_length"} & kwargs.keys():
+        return kwargs
+    limit = source.shape[-1] + over_source
+    configured = generation_config.max_new_tokens
+    return {**kwargs, "max_new_tokens": min(limit, configured) if configured else limit}

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import HfAttentionConfig
 from .ctranslate2_export import ExportError
+from .generation_hf_attention import with_source_length_limit
 from .modeling_hf_attention import HfAttentionForConditionalGeneration
 
 GRAPHS = ("encoder.onnx", "decoder.onnx", "decoder_with_past.onnx")
@@ -184,9 +185,9 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
     `ORTModelForSeq2SeqLM`): transformers' own `generate()` decodes with them, so greedy search, beam search,
     sampling and every generation option give the tokens of the PyTorch model.
 
-    The keys and values of earlier steps live in transformers' `EncoderDecoderCache`, which beam search reorders as
-    usual; each step hands them to `decoder_with_past.onnx`. The graphs decode one token per step, from the decoder
-    start token.
+    The keys and values of earlier steps live in transformers' `EncoderDecoderCache` (beam search reorders its
+    self-attention part); each step hands them to `decoder_with_past.onnx`. The graphs decode one token per step,
+    from the decoder start token.
 
     Example: `OnnxModelForSeq2SeqLM.from_pretrained("runs/en-de-onnx").generate(**batch, num_beams=4)`.
     """
@@ -225,6 +226,13 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
 
     def get_encoder(self, modality: str | None = None) -> OnnxEncoder:
         return self.encoder
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """transformers' `generate`, with §6.1's length limit as the PyTorch model applies it."""
+        kwargs = with_source_length_limit(generation_config or self.generation_config, inputs, kwargs)
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """Beam search's reordering, of the self-attention cache only: beams move only among those of one source,

@@ -81,6 +81,19 @@ def test_generate_over_the_onnx_graphs_gives_the_pytorch_model_s_tokens(exported
     torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), atol=1e-4, rtol=1e-4)
 
 
+def test_the_onnx_model_stops_at_the_source_length_limit_as_the_pytorch_model_does(exported):
+    """§6.1's input length + k (`max_new_tokens_over_source`), when the call sets no length itself."""
+    _, onnx_dir, model, tokenizer = exported
+    onnx_model = OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    outputs = []
+    for candidate in (onnx_model, model):
+        candidate.generation_config.max_new_tokens_over_source = 2
+        outputs.append(candidate.generate(**batch, min_new_tokens=40))
+    del model.generation_config.max_new_tokens_over_source
+    assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] == 1 + batch["input_ids"].shape[1] + 2
+
+
 def test_the_translation_pipeline_runs_on_the_onnx_model(exported):
     _, onnx_dir, model, tokenizer = exported
     translations = [
