@@ -103,31 +103,23 @@ def test_the_translation_pipeline_runs_on_the_onnx_model(exported):
     assert translations[0] == translations[1] and len(translations[0]) == len(SOURCES)
 
 
-def test_translate_py_onnx_engine_matches_the_torch_engine(tmp_path, exported):
+def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_with_the_onnx_engine(tmp_path, exported):
     model_dir, onnx_dir, _, _ = exported
-    source = tmp_path / "source.txt"
+    source, test_file = tmp_path / "source.txt", tmp_path / "test.tsv"
     source.write_text("".join(f"{line}\n" for line in SOURCES))
-    outputs = {}
-    for engine, model in (("torch", model_dir), ("onnx", onnx_dir)):
+    test_file.write_text("".join(f"{line}\t{line}\n" for line in SOURCES))
+    outputs, reports = {}, {}
+    for engine, folder in (("torch", model_dir), ("onnx", onnx_dir)):
         outputs[engine] = tmp_path / f"{engine}.txt"
-        command = [sys.executable, "scripts/translate.py", "--model", str(model), "--engine", engine, "--input",
+        command = [sys.executable, "scripts/translate.py", "--model", str(folder), "--engine", engine, "--input",
                    str(source), "--output", str(outputs[engine]), "--num_beams", "4",
                    "--max_new_tokens", "12"]  # fmt: skip
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert outputs["onnx"].read_text() == outputs["torch"].read_text()
-
-
-def test_evaluate_model_scores_the_onnx_engine_as_the_torch_engine(tmp_path, exported):
-    model_dir, onnx_dir, _, _ = exported
-    test_file = tmp_path / "test.tsv"
-    test_file.write_text("".join(f"{source}\t{source}\n" for source in SOURCES))
-    reports = {}
-    for engine, folder in (("torch", model_dir), ("onnx", onnx_dir)):
-        arguments = EvaluationArguments(
+        reports[engine] = evaluate_saved_model(EvaluationArguments(
             model_dir=str(folder), test_file=str(test_file), engine=engine, max_new_tokens=12, progress=False
-        )
-        reports[engine] = evaluate_saved_model(arguments)
+        ))  # fmt: skip
+    assert outputs["onnx"].read_text() == outputs["torch"].read_text()
     assert reports["onnx"]["translations"] == reports["torch"]["translations"]
     assert reports["onnx"]["bleu"] == reports["torch"]["bleu"] and reports["onnx"]["engine"] == "onnx"
 
