@@ -102,6 +102,15 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._packed = None
 
+    def own_aligned_tensors(self):
+        """transformers' loader hands over tensors that view the checkpoint file at any byte offset, and
+        `torch._weight_int8pack_mm` crashes (segmentation fault) on int8 weights that are not 64-byte aligned: those
+        are copied."""
+        for name in ("weight", "weight_scale", "bias"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.data_ptr() % 64:
+                setattr(self, name, tensor.clone())  # a buffer: the copy replaces it
+
     def _bf16_product(self, rows: torch.Tensor) -> torch.Tensor:
         """rows @ the int8 weights as bf16 (exact: |w| <= 127). Outside torch.compile, on a CPU oneDNN packs, keeps
         and reuses that bf16 copy, as `PrepackedLinear` does: generate()'s encoding of one 64-token sentence takes
@@ -236,6 +245,12 @@ class HfAttentionInt8Quantizer(HfQuantizer):
         replace_linear_layers(
             model, lambda linear: Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, kernel)
         )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.own_aligned_tensors()
         return model
 
     def get_new_dtype(self, converter, param, dtype):
