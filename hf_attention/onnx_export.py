@@ -204,17 +204,33 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
             self.generation_config = generation_config
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, providers: list[str] | None = None) -> "OnnxModelForSeq2SeqLM":
-        """The model in an `export_onnx` folder; `providers`: onnxruntime's execution providers (default: CPU)."""
+    def from_pretrained(
+        cls, folder: str | Path, providers: list[str] | None = None, session_options=None
+    ) -> "OnnxModelForSeq2SeqLM":
+        """The model in an `export_onnx` folder; `providers`: onnxruntime's execution providers (default: CPU);
+        `session_options`: an `onnxruntime.SessionOptions` for the three graphs (default: `session_options()`)."""
         onnxruntime = import_onnx_runtime()
         folder = Path(folder)
         missing = [name for name in GRAPHS if not (folder / name).is_file()]
         if missing:
             raise ExportError(f"{folder} holds no {', '.join(missing)}: export it with scripts/export.py onnx.")
         providers = providers or ["CPUExecutionProvider"]
-        sessions = {name: onnxruntime.InferenceSession(str(folder / name), providers=providers) for name in GRAPHS}
+        options = session_options or cls.session_options()
+        sessions = {
+            name: onnxruntime.InferenceSession(str(folder / name), options, providers=providers) for name in GRAPHS
+        }
         model = cls(AutoConfig.from_pretrained(folder), sessions, GenerationConfig.from_pretrained(folder))
         return model.eval()
+
+    @staticmethod
+    def session_options():
+        """onnxruntime's defaults, but for threads that wait without spinning: between two graph runs
+        transformers' `generate()` runs torch operations (beam search's top-k, the cache's reordering), and
+        onnxruntime's threads, spinning after each run, took the cores those needed. Beam 4 over 300 Multi30k
+        sentences in batches of 32: 4.0 s instead of 6.1 s on 2 cores (greedy, one sentence at a time: 7% faster)."""
+        options = import_onnx_runtime().SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
 
     @property
     def device(self) -> torch.device:

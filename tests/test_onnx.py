@@ -59,6 +59,24 @@ def test_the_cached_graphs_give_the_model_s_logits_at_every_step(exported):
         onnx_model(**batch, decoder_input_ids=decoder_inputs)
 
 
+def test_the_graphs_run_with_threads_that_do_not_spin_unless_the_caller_passes_options(exported, monkeypatch):
+    """onnxruntime's spinning threads took the cores that generate()'s torch operations need between two runs."""
+    import onnxruntime
+
+    _, onnx_dir, _, _ = exported
+    created = []
+    session = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, options, **kwargs: created.append(options)
+                        or session(path, options, **kwargs))  # fmt: skip
+    OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir)
+    assert len(created) == 3
+    assert {options.get_session_config_entry("session.intra_op.allow_spinning") for options in created} == {"0"}
+    own = onnxruntime.SessionOptions()
+    own.intra_op_num_threads = 1
+    OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir, session_options=own)
+    assert created[3:] == [own] * 3
+
+
 GENERATION = {
     "greedy": {},
     "beam_search": {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.6},
