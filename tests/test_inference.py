@@ -11,7 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, CompileConfig, pipeline
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, int8_vnni, optimize_for_inference
 from hf_attention.inference import (
     DEQUANTIZE_FROM_ROWS,
     HfAttentionInt8Config,
@@ -88,6 +88,85 @@ def test_a_weight_only_int8_layer_multiplies_many_rows_by_a_packed_copy_rebuilt_
         copied = copy.deepcopy(quantized)
         assert copied._prepacked_bf16 is None
         torch.testing.assert_close(copied(inputs), compiled_graphs_product(), atol=0, rtol=0)
+
+
+def quantized_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """The VNNI operation's product, in torch: each row rounded to int8 steps of max|row| / 127, exact integer
+    products, then both scales (an all-zero row keeps scale 1)."""
+    rows = rows.float()
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    steps = torch.round(rows * (1 / scale)).clamp(-127, 127)
+    products = (steps.double() @ layer.weight.double().t()).float()
+    return products * scale * layer.weight_scale.float() + layer.bias.float()
+
+
+needs_vnni = pytest.mark.skipif(not int8_vnni.int8_vnni_available(), reason="no AVX512-VNNI, or no build")
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 10, 100), (3, 4, 64), (23, 37, 130)])  # rows, outputs, inputs: every tail
+def test_a_vnni_int8_layer_quantizes_each_row_to_int8_and_multiplies_exactly(shape):
+    rows, outputs, inputs = shape
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="vnni")
+    hidden = torch.randn(rows, inputs).to(torch.bfloat16)
+    hidden[rows // 2] = 0
+    expected = quantized_rows_product(hidden, layer)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden.float()), expected)
+        assert torch.equal(torch.compile(layer, fullgraph=True)(hidden.float()), expected)
+
+
+@needs_vnni
+def test_a_vnni_int8_layer_computes_as_weight_only_from_24_rows_and_where_the_operation_is_missing(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    vnni = Int8Linear.from_linear(linear, kernel="vnni")
+    weight_only = Int8Linear.from_linear(linear, kernel="weight_only")
+    many, few = torch.randn(DEQUANTIZE_FROM_ROWS, 64).to(torch.bfloat16), torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(vnni(many), weight_only(many))
+        assert not torch.equal(vnni(few), weight_only(few))  # rows quantised to int8
+        monkeypatch.setitem(int8_vnni._state, "available", False)
+        assert torch.equal(vnni(few), weight_only(few))
+
+
+@needs_vnni
+def test_a_vnni_int8_layer_sums_its_weight_rows_again_when_they_load():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel="vnni")
+    other = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel="vnni")
+    assert "weight_sums" not in layer.state_dict()  # derived, not saved
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer.weight_sums, other.weight.sum(dim=1, dtype=torch.int32))
+    hidden = torch.randn(2, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden), quantized_rows_product(hidden, other).to(torch.bfloat16))
+
+
+def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monkeypatch):
+    from torch.utils import cpp_extension
+
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: built.append(kwargs) or None)
+    monkeypatch.delitem(int8_vnni._state, "available", raising=False)
+    monkeypatch.setattr(int8_vnni, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx_vnni"})
+    assert not int8_vnni.int8_vnni_available() and built == []  # no AVX512-VNNI: nothing is built
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'hf_attention_int8_vnni'\nc++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.delitem(int8_vnni._state, "available")
+    monkeypatch.setattr(int8_vnni, "cpu_flags", lambda: int8_vnni.REQUIRED_FLAGS | {"avx2"})
+    with pytest.warns(
+        UserWarning, match=r"VNNI kernel did not build \(Error building extension 'hf_attention_int8_vnni'\)"
+    ):
+        assert not int8_vnni.int8_vnni_available()
+    model = optimize_for_inference(HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny")), "int8",
+                                   compile=True)  # fmt: skip
+    assert model.lm_head.kernel == "weight_only"
 
 
 def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tokens(tiny_config, tmp_path):
@@ -224,22 +303,31 @@ def test_compile_without_module_guards_takes_the_modes_options_with_the_guard_fi
     assert compiled_with["options"] == expected
 
 
-def test_compiled_int8_uses_weight_only_int8_and_generates_its_eager_tokens(tiny_config, tmp_path):
-    """fbgemm's packed weights cannot be compiled: with compile, the int8 weights multiply bf16 activations."""
+@pytest.mark.parametrize("vnni", [True, False])
+def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eager_tokens(
+    tiny_config, tmp_path, vnni, monkeypatch
+):
+    """fbgemm's packed weights cannot be compiled: with compile, the int8 weights multiply bf16 activations, or, in
+    decoding steps on CPUs with AVX512-VNNI, activations quantised to int8 by our operation."""
+    if vnni and not int8_vnni.int8_vnni_available():
+        pytest.skip("no AVX512-VNNI, or no build")
+    if not vnni:
+        monkeypatch.setitem(int8_vnni._state, "available", False)
+    kernel = "vnni" if vnni else "weight_only"
     batch = padded_batch([7, 4, 6], max_length=7)
     torch._dynamo.reset()
     counters.clear()
     model = optimize_for_inference(random_model(tiny_config), "int8", compile=True)
-    assert {module.kernel for module in model.modules() if isinstance(module, Int8Linear)} == {"weight_only"}
+    assert {module.kernel for module in model.modules() if isinstance(module, Int8Linear)} == {kernel}
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     eager = model.generate(**batch, max_new_tokens=8, disable_compile=True)
     assert counters["stats"]["unique_graphs"] == 0
     assert torch.equal(model.generate(**batch, max_new_tokens=8), eager)
     assert counters["stats"]["unique_graphs"] > 0
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["kernel"] == "weight_only"
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["kernel"] == kernel
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
-    assert reloaded.lm_head.kernel == "weight_only"
+    assert reloaded.lm_head.kernel == kernel
     # torch's int8 kernel crashes on weights that are not 64-byte aligned, as the loader's views of the file are
     assert all(module.weight.data_ptr() % 64 == 0 for module in reloaded.modules() if isinstance(module, Int8Linear))
     assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, disable_compile=True), eager)

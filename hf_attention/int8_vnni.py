@@ -1,0 +1,65 @@
+"""`torch.ops.hf_attention.int8_vnni_matmul`: the matrix product of a decoding step with int8 weights, on CPUs with
+AVX512-VNNI, as an operation torch.compile captures (`csrc/int8_vnni.cpp`).
+
+A decoding step multiplies a few rows (one per sentence and beam) by every weight matrix, so its time is the time to
+read the weights. torch's `_weight_int8pack_mm` (bf16 inputs times int8 weights) converts every weight to float before
+multiplying; this kernel quantises each input row to int8 (symmetric, one scale per row, as dynamic quantisation does)
+and multiplies with VNNI's int8 dot products. For the 49 products of one Transformer-base token (26 MB of weights) on a
+2-core AVX-512 CPU: 0.82–1.04 ms instead of 1.1 ms; greedy decoding of one sentence with int8 and compile, 6–7% faster.
+
+The C++ source is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja, as torch.compile
+needs on a CPU; ~10 s, cached by torch across processes). Where the CPU lacks AVX512-VNNI or the build fails,
+`int8_vnni_available()` is False and `Int8Linear` uses `torch._weight_int8pack_mm`.
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_vnni.cpp"
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}
+_state: dict = {}  # "available": whether the operation is registered in this process
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), or nothing where /proc/cpuinfo cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_vnni_available() -> bool:
+    """Whether `torch.ops.hf_attention.int8_vnni_matmul` runs here: AVX512-VNNI, and the operation built and loaded
+    (once per process). Call it outside torch.compile first (`Int8Linear` does when built): tracing only reads it."""
+    if "available" not in _state:
+        _state["available"] = REQUIRED_FLAGS <= cpu_flags() and _build_and_load()
+    return _state["available"]
+
+
+def _build_and_load() -> bool:
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="hf_attention_int8_vnni",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler or ninja: torch's int8 kernel does the work
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"hf_attention's int8 VNNI kernel did not build ({first_line}); using torch's.", stacklevel=3)
+        return False
+    torch.library.register_fake("hf_attention::int8_vnni_matmul")(_output_like)
+    return True
+
+
+def _output_like(rows: torch.Tensor, weight: torch.Tensor, weight_scale, weight_sums) -> torch.Tensor:
+    """The operation's output without computing it, for torch.compile's tracing."""
+    return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
