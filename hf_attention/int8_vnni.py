@@ -12,6 +12,7 @@ needs on a CPU; ~10 s, cached by torch across processes). Where the CPU lacks AV
 `int8_vnni_available()` is False and `Int8Linear` uses `torch._weight_int8pack_mm`.
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -42,9 +43,11 @@ def int8_vnni_available() -> bool:
 
 
 def _build_and_load() -> bool:
+    path = os.environ.get("PATH", "")
     try:
         from torch.utils import cpp_extension
 
+        os.environ["PATH"] = os.pathsep.join(filter(None, [_ninja_folder(), path]))
         cpp_extension.load(
             name="hf_attention_int8_vnni",
             sources=[str(SOURCE)],
@@ -56,8 +59,20 @@ def _build_and_load() -> bool:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"hf_attention's int8 VNNI kernel did not build ({first_line}); using torch's.", stacklevel=3)
         return False
+    finally:
+        os.environ["PATH"] = path
     torch.library.register_fake("hf_attention::int8_vnni_matmul")(_output_like)
     return True
+
+
+def _ninja_folder() -> str | None:
+    """The folder of the pip package's ninja, which torch's builder runs by name: a virtual environment's python
+    run by its path does not put that folder on PATH."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR
 
 
 def _output_like(rows: torch.Tensor, weight: torch.Tensor, weight_scale, weight_sums) -> torch.Tensor:

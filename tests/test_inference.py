@@ -3,6 +3,7 @@ torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -154,7 +155,11 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
     monkeypatch.setattr(int8_vnni, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx_vnni"})
     assert not int8_vnni.int8_vnni_available() and built == []  # no AVX512-VNNI: nothing is built
 
+    path = os.environ.get("PATH", "")
+    paths_seen = []
+
     def no_compiler(**kwargs):
+        paths_seen.append(os.environ["PATH"])
         raise RuntimeError("Error building extension 'hf_attention_int8_vnni'\nc++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
@@ -164,6 +169,8 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
         UserWarning, match=r"VNNI kernel did not build \(Error building extension 'hf_attention_int8_vnni'\)"
     ):
         assert not int8_vnni.int8_vnni_available()
+    ninja = pytest.importorskip("ninja")  # torch's builder runs ninja by name: the pip package's comes first
+    assert paths_seen == [os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))] and os.environ["PATH"] == path
     model = optimize_for_inference(HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny")), "int8",
                                    compile=True)  # fmt: skip
     assert model.lm_head.kernel == "weight_only"
