@@ -7,8 +7,8 @@ converted with `hf_attention_to_marian` (the same tokens are checked), each hf_a
 with `export_ctranslate2` (a vocabulary of placeholder tokens stands in for a tokenizer). Each engine generates
 exactly --new_tokens tokens per sentence, for four workloads: greedy and beam 4, at batch 1 and 16, from
 --source_length-token sources.
-Each engine runs in its own process, so that its peak RSS is its own; engines take turns in interleaved rounds, and
-the figures are medians over rounds.
+Each engine runs in its own process, so that its peak memory (RSS; on CUDA, torch's GPU allocations) is its own;
+engines take turns in interleaved rounds, and the figures are medians over rounds.
 
     python scripts/benchmark_generate.py                          # CPU: Marian, ours, CTranslate2, 3 rounds
     python scripts/benchmark_generate.py --device cuda --engines marian,fp32,bf16,bf16+compile
@@ -58,6 +58,11 @@ class BenchmarkArguments:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory_mb(device: str) -> float:
+    """The process's peak resident memory on the CPU; on CUDA, the peak of torch's allocations on the GPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
 
 
 def build_engine(engine: str, args: BenchmarkArguments):
@@ -149,7 +154,7 @@ def measure(engine: str, args: BenchmarkArguments) -> dict:
         started = time.perf_counter()
         generate(model, input_ids, beams, args)
         seconds[workload] = time.perf_counter() - started
-    return {"seconds": seconds, "first_tokens": first_tokens, "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "first_tokens": first_tokens, "peak_memory_mb": peak_memory_mb(args.device)}
 
 
 def run_worker(engine: str, args: BenchmarkArguments) -> dict:
@@ -197,13 +202,14 @@ def main() -> None:
     figures = {
         engine: {
             "seconds": {w: statistics.median(r["seconds"][w] for r in rounds[engine]) for w in workloads},
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rounds[engine]),
+            "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in rounds[engine]),
         }
         for engine in engines
     }
     print(f"{args.preset} preset, vocabulary {args.vocab_size}, {args.source_length} source tokens, "
           f"{args.new_tokens} new tokens, {args.device}, {args.rounds} interleaved rounds, medians\n")  # fmt: skip
-    print("| engine | " + " | ".join(workloads) + " | peak RSS (MB) |")
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    print("| engine | " + " | ".join(workloads) + f" | {memory} (MB) |")
     print("| --- |" + " --- |" * (len(workloads) + 1))
     for engine in engines:
         cells = []
@@ -213,7 +219,7 @@ def main() -> None:
             cells.append(f"{seconds:.3f} s ({ratio:.2f}x)")
         names = {"marian": "MarianMTModel fp32", "ct2-float32": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
         name = names.get(engine, f"hf_attention {engine}")
-        print(f"| {name} | " + " | ".join(cells) + f" | {figures[engine]['peak_rss_mb']:,.0f} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {figures[engine]['peak_memory_mb']:,.0f} |")
     print()
     ours = [engine for engine in engines if engine in ENGINES]
     for workload in workloads:

@@ -112,3 +112,33 @@ def test_translate_command_on_cuda_gives_the_cpu_translations(tmp_path):
               "--device", device, "--dtype", dtype, "--num_beams", "4", "--max_new_tokens", "12"])  # fmt: skip
     assert outputs["cuda", "float32"].read_text() == outputs["cpu", "float32"].read_text()
     assert len(outputs["cuda", "bfloat16"].read_text().splitlines()) == 3
+
+
+def test_training_job_trains_in_bf16_on_the_gpu_and_the_saved_model_reloads(tmp_path):
+    """The training job on a CUDA machine: the Trainer moves the model to the GPU by itself, bf16 autocast trains
+    (the loss falls), and the saved model generates on the GPU after reloading."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerCallback
+
+    from hf_attention.run_translation import parse_arguments, run
+
+    from .test_train import QUICK
+
+    class Spy(TrainerCallback):
+        devices: set[str] = set()
+        losses: list[float] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.devices.add(next(model.parameters()).device.type)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in (logs or {}):
+                self.losses.append(logs["loss"])
+
+    arguments = [*QUICK, "--output_dir", str(tmp_path), "--max_steps", "150", "--bf16", "--toy_eval_size", "8"]
+    summary = run(*parse_arguments(arguments), callbacks=[Spy()])
+    assert summary.steps == 150 and Spy.devices == {"cuda"}
+    assert Spy.losses[-1] < 0.7 * Spy.losses[0], Spy.losses
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    batch = tokenizer([summary.example_source], return_tensors="pt").to("cuda")
+    assert model.generate(**batch, max_new_tokens=8).shape[0] == 1
