@@ -171,6 +171,9 @@ def run_worker(engine: str, args: BenchmarkArguments) -> dict:
 def main() -> None:
     parser = HfArgumentParser(BenchmarkArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses()
+    if args.worker:  # the parent process checked the arguments
+        print(json.dumps(measure(args.worker, args)))
+        return
     engines = args.engines.split(",")
     unknown = [name for name in engines if name not in BASELINES and name not in ENGINES]
     if unknown or "marian" not in engines:
@@ -186,10 +189,6 @@ def main() -> None:
         sys.exit(f"error: --workloads {unknown[0]!r}: must be among {', '.join(WORKLOADS)}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda: no CUDA device is available.")
-    if args.worker:
-        print(json.dumps(measure(args.worker, args)))
-        return
-
     rounds = {engine: [] for engine in engines}
     for _ in range(args.rounds):
         for engine in engines:
