@@ -17,19 +17,24 @@ spent most of its time moving the key/value cache, not computing:
   one sentence. Inputs it does not cover (a decoder mask, position ids, embeddings) go to transformers' own.
 - §6.1's length limit (input length + 50) is applied by `generate` itself.
 
-With a static cache (`cache_implementation="static"`, `optimize_for_inference(compile=True)`), whose sizes are fixed
-in advance, the encoder output is expanded as transformers does. Otherwise the `encoder_hidden_states` and
-`encoder_attentions` that `generate(return_dict_in_generate=True)` returns hold one row per source, not per beam.
+With a static cache (`cache_implementation="static"`), whose sizes are fixed in advance, the encoder output is
+expanded as transformers does. `optimize_for_inference(compile=True)` asks for one so that greedy steps compile;
+searches that transformers runs eagerly (beam search) keep the growing cache there. Otherwise the
+`encoder_hidden_states` and `encoder_attentions` that `generate(return_dict_in_generate=True)` returns hold one row
+per source, not per beam.
 """
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils.deprecation import deprecate_kwarg
 
 # The step inputs `prepare_inputs_for_generation` passes on as they are; any other goes to transformers' preparation.
 PLAIN_STEP_INPUTS = frozenset({"encoder_outputs", "use_cache", "output_attentions", "output_hidden_states"})
+# The searches whose step transformers compiles (`_sample`); the others call the model eagerly.
+COMPILED_SEARCHES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
 
 
 class GrowingCacheLayer(DynamicLayer):
@@ -128,7 +133,17 @@ class HfAttentionGenerationMixin(GenerationMixin):
         self, generation_config: GenerationConfig, model_kwargs: dict, generation_mode, batch_size, max_cache_length
     ) -> None:
         """transformers' cache, with `GrowingCacheLayer`s for its dynamic self-attention layers; a cache of fixed
-        sizes (static) gets the encoder output expanded to one copy per hypothesis, as transformers does."""
+        sizes (static) gets the encoder output expanded to one copy per hypothesis, as transformers does.
+
+        A model that `optimize_for_inference(compile=True)` set to a static cache for its compiled steps decodes
+        the searches that run eagerly with the growing cache: beam search of 16 sentences (bf16, CPU) took 1.68 s
+        with the static cache and 1.22 s with this one (on an H100, 0.36 s and 0.32 s)."""
+        if (
+            getattr(self, "_static_cache_for_compiled_steps", False)
+            and generation_config.cache_implementation == "static"
+            and generation_mode not in COMPILED_SEARCHES
+        ):
+            generation_config.cache_implementation = None  # this call's copy of the configuration
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )

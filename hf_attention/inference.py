@@ -298,7 +298,8 @@ def optimize_for_inference(
         quantization: `None` (as trained), `"int8"` (int8 weights, dynamic activation quantisation; CPU) or
             `"bf16"` (bf16 weights and activations).
         compile: decode with a static cache and a `torch.compile`d forward (`generation_config.cache_implementation
-            = "static"`; transformers compiles greedy search and sampling on the first `generate()`). Pays off where
+            = "static"`; transformers compiles greedy search and sampling on the first `generate()`; beam search
+            runs eagerly, with the growing cache of an unoptimized model). Pays off where
             the per-token overhead dominates (small batches); compiling takes tens of seconds. With `"int8"`, layers
             use kernels torch.compile can capture: "vnni" on CPUs with AVX512-VNNI (rows of fewer than 24 quantised
             to int8, our operation, built on first use), else "weight_only" (bf16 activations). On a
@@ -341,6 +342,7 @@ def optimize_for_inference(
         compile_config = CompileConfig(fullgraph=True)
         compile_config._compile_all_devices = True  # transformers compiles only on GPUs unless told
         generation_config.compile_config = compile_config
+        model._static_cache_for_compiled_steps = True  # beam search, not compiled, keeps the growing cache
         if model.device.type == "cpu":
             # transformers compiles `model.__call__` on the first generate() and keeps it (`get_compiled_call`,
             # which reuses `_compiled_call` while the compile config is `_last_compile_config`); this one skips

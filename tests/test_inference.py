@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch._dynamo.utils import counters
-from transformers import AutoModelForSeq2SeqLM, CompileConfig, pipeline
+from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, int8_vnni, optimize_for_inference
+from hf_attention.generation_hf_attention import GrowingCacheLayer
 from hf_attention.inference import (
     DEQUANTIZE_FROM_ROWS,
     HfAttentionInt8Config,
@@ -263,10 +264,14 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     torch._dynamo.reset()
     counters.clear()
     optimize_for_inference(model, compile=True)
-    compiled = model.generate(**batch, num_beams=num_beams, max_new_tokens=8)
+    compiled = model.generate(**batch, num_beams=num_beams, max_new_tokens=8, return_dict_in_generate=True)
+    self_attention_cache = compiled.past_key_values.self_attention_cache
     if num_beams == 1:  # transformers compiles the step of greedy search and sampling, not of beam search
-        assert counters["stats"]["unique_graphs"] > 0
-    assert torch.equal(compiled, eager)
+        assert counters["stats"]["unique_graphs"] > 0 and isinstance(self_attention_cache, StaticCache)
+    else:  # which runs faster eagerly with the growing cache
+        assert {type(layer) for layer in self_attention_cache.layers} == {GrowingCacheLayer}
+    assert torch.equal(compiled.sequences, eager)
+    assert model.generation_config.cache_implementation == "static"
 
 
 def test_a_compiled_step_on_a_cpu_skips_the_module_guards_and_still_recompiles_for_new_inputs(
