@@ -118,6 +118,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        # Self-attention's three projections as one product, for fast decoding (`optimize_for_inference`).
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -140,7 +142,11 @@ class MultiHeadAttention(nn.Module):
         """
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
-        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
+        if self.qkv_proj is not None and not is_cross_attention:
+            query, key, value = self.qkv_proj(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = self.q_proj(hidden_states), None, None
+        query_states = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
         layer_cache, cross_attention_is_cached = None, False
         if cache is not None:
@@ -157,8 +163,10 @@ class MultiHeadAttention(nn.Module):
         else:
             current_states = key_value_states if is_cross_attention else hidden_states
             kv_shape = (*current_states.shape[:-1], -1, self.head_dim)
-            key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
-            value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
+            key = self.k_proj(current_states) if key is None else key
+            value = self.v_proj(current_states) if value is None else value
+            key_states = key.reshape(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
+            value_states = value.reshape(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
             if layer_cache is not None:
                 key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
                 if is_cross_attention:

@@ -16,6 +16,7 @@ from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration,
 from hf_attention.generation_hf_attention import GrowingCacheLayer
 from hf_attention.inference import (
     DEQUANTIZE_FROM_ROWS,
+    INT8_KERNELS,
     HfAttentionInt8Config,
     Int8Linear,
     PrepackedLinear,
@@ -51,14 +52,15 @@ def test_an_int8_layer_computes_the_product_with_its_dequantized_weights():
     assert not torch.allclose(output, linear(inputs).detach(), atol=1e-6)
 
 
+@pytest.mark.parametrize("in_features", [64, 40])  # torch's int8 kernel is wrong unless 16 divides it
 @pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
-def test_a_weight_only_int8_layer_multiplies_bf16_inputs_by_its_dequantized_weights(rows):
+def test_a_weight_only_int8_layer_multiplies_bf16_inputs_by_its_dequantized_weights(rows, in_features):
     """Below DEQUANTIZE_FROM_ROWS rows through the int8 kernel, from there on through bf16 weights made for the call:
     the same product either way, to bf16's precision."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48)
+    linear = torch.nn.Linear(in_features, 48)
     quantized = Int8Linear.from_linear(linear, kernel="weight_only")
-    inputs = torch.randn(rows, 64).to(torch.bfloat16)
+    inputs = torch.randn(rows, in_features).to(torch.bfloat16)
     expected = torch.nn.functional.linear(inputs.float(), quantized.dequantized_weight(), linear.bias)
     with torch.no_grad():
         output = quantized(inputs)
@@ -175,6 +177,50 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
     model = optimize_for_inference(HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny")), "int8",
                                    compile=True)  # fmt: skip
     assert model.lm_head.kernel == "weight_only"
+
+
+@pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_nothing(kernel, rows):
+    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
+        pytest.skip("no AVX512-VNNI, or no build")
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_linear(nn.Linear(40, size), kernel=kernel) for size in (40, 40, 24)]
+    fused = Int8Linear.concatenated(layers)
+    inputs = torch.randn(rows, 40)
+    assert torch.equal(fused(inputs), torch.cat([layer(inputs) for layer in layers], dim=-1))
+    assert fused.state_dict() == {}
+    layers[1].load_state_dict(Int8Linear.from_linear(nn.Linear(40, 40), kernel=kernel).state_dict())
+    assert not torch.equal(fused(inputs)[:, 40:80], layers[1](inputs))
+    fused.refresh_from(layers)
+    assert torch.equal(fused(inputs), torch.cat([layer(inputs) for layer in layers], dim=-1))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_int8_self_attention_projects_q_k_and_v_in_one_product_with_the_results_of_three(tiny_config, compile):
+    model = optimize_for_inference(random_model(tiny_config), "int8", compile=compile)
+    fused = [module for module in model.modules() if getattr(module, "qkv_proj", None) is not None]
+    assert fused == [layer.self_attn for layer in (*model.model.encoder.layers, *model.model.decoder.layers)]
+    assert not any("qkv_proj" in name for name in model.state_dict())
+    batch = padded_batch([7, 4, 6], max_length=7)
+    options = {"max_new_tokens": 8, "disable_compile": True, "output_scores": True, "return_dict_in_generate": True}
+    with_one_product = model.generate(**batch, **options)
+    for module in fused:
+        module.qkv_proj = None
+    with_three = model.generate(**batch, **options)
+    assert torch.equal(with_one_product.sequences, with_three.sequences)
+    for ours, reference in zip(with_one_product.scores, with_three.scores, strict=True):
+        assert torch.equal(ours, reference)
+
+
+def test_loading_weights_into_an_int8_model_refreshes_its_fused_projections(tiny_config):
+    model = optimize_for_inference(random_model(tiny_config), "int8")
+    other = optimize_for_inference(random_model(tiny_config, seed=1), "int8")
+    batch = padded_batch([7, 4, 6], max_length=7)
+    expected = other.generate(**batch, max_new_tokens=8)
+    assert not torch.equal(model.generate(**batch, max_new_tokens=8), expected)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model.generate(**batch, max_new_tokens=8), expected)
 
 
 def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tokens(tiny_config, tmp_path):
