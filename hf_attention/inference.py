@@ -387,6 +387,9 @@ def optimize_for_inference(
         generation_config.compile_config = compile_config
         model._static_cache_for_compiled_steps = True  # beam search, not compiled, keeps the growing cache
         if model.device.type == "cpu":
+            # inductor's C++ wrapper calls the step's kernels from C++ rather than from generated Python: greedy
+            # decoding of one sentence (int8) 0.1325 -> 0.1290 s. CUDA graphs, which it turns off, are for GPUs.
+            compile_config.mode, compile_config.options = "default", {"cpp_wrapper": True}
             # transformers compiles `model.__call__` on the first generate() and keeps it (`get_compiled_call`,
             # which reuses `_compiled_call` while the compile config is `_last_compile_config`); this one skips
             # dynamo's guards on the model's modules.
