@@ -315,6 +315,7 @@ class HfAttentionInt8Quantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.after_loading()
+        fuse_self_attention_projections(model)  # the three layers were saved; the fused copy is taken again
         return model
 
     def get_new_dtype(self, converter, param, dtype):

@@ -142,3 +142,27 @@ def test_training_job_trains_in_bf16_on_the_gpu_and_the_saved_model_reloads(tmp_
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     batch = tokenizer([summary.example_source], return_tensors="pt").to("cuda")
     assert model.generate(**batch, max_new_tokens=8).shape[0] == 1
+
+
+def test_without_padding_every_attention_runs_on_torchs_flash_kernel_as_eager_does():
+    """A batch without padding needs no masks, so SDPA can take torch's FlashAttention kernel, which refuses masks
+    (forced here): encoder, causal decoder and cross-attention, in a forward pass and in cached decoding steps."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_attention import HfAttentionConfig
+
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=99)  # heads of 16: FlashAttention takes multiples of 8
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(config).eval().to("cuda", torch.bfloat16)
+    source = torch.randint(4, 99, (3, 9), device="cuda")
+    batch = {"input_ids": source, "attention_mask": torch.ones_like(source)}
+    target = torch.randint(4, 99, (3, 6), device="cuda")
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(**batch, decoder_input_ids=target).logits.float()
+        model.set_attn_implementation("sdpa")
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = model(**batch, decoder_input_ids=target).logits.float()
+            for num_beams in (1, 4):
+                assert model.generate(**batch, num_beams=num_beams, max_new_tokens=8).shape[0] == 3
+    torch.testing.assert_close(flash, eager, atol=3e-2, rtol=3e-2)

@@ -386,6 +386,7 @@ def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eag
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["kernel"] == kernel
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
     assert reloaded.lm_head.kernel == kernel
+    assert all(layer.self_attn.qkv_proj is not None for layer in reloaded.model.decoder.layers)
     # torch's int8 kernel crashes on weights that are not 64-byte aligned, as the loader's views of the file are
     assert all(module.weight.data_ptr() % 64 == 0 for module in reloaded.modules() if isinstance(module, Int8Linear))
     assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, disable_compile=True), eager)
