@@ -86,9 +86,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def concatenated(cls, layers: list["Int8Linear"]) -> "Int8Linear":
-        """One layer whose outputs are the `layers`' outputs side by side (they share their inputs), as exact: the
-        rows and scales are theirs, and each input row is quantised once for all. A derived copy: its tensors are
-        not saved (the layers' are), and `refresh_from` takes them again."""
+        """One layer whose outputs are exactly the `layers`' outputs side by side, for layers that share their
+        inputs: the weight rows and scales are theirs, and an input quantised once is what each of them would have
+        quantised. A derived copy: its tensors are not saved (the layers' are), and `refresh_from` takes them again."""
         first = layers[0]
         out_features = sum(layer.out_features for layer in layers)
         fused = cls(first.in_features, out_features, first.bias is not None, first.kernel, first.weight.device)
