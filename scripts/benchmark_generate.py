@@ -86,7 +86,8 @@ def build_engine(engine: str, args: BenchmarkArguments):
 
 
 def ctranslate2_translator(model, compute_type: str, args: BenchmarkArguments):
-    """The model exported to CTranslate2, with token i written "t{i}" (the benchmark has no tokenizer)."""
+    """The model exported to CTranslate2, with token i written "t{i}" (the benchmark has no tokenizer). The export
+    goes to a temporary folder, deleted once the translator has read it into memory."""
     import tempfile
 
     import ctranslate2
@@ -96,7 +97,6 @@ def ctranslate2_translator(model, compute_type: str, args: BenchmarkArguments):
 
     from hf_attention.ctranslate2_export import export_ctranslate2
 
-    folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-"))
     vocabulary = {f"t{index}": index for index in range(args.vocab_size)}
     names = {"pad_token": model.config.pad_token_id, "bos_token": model.config.bos_token_id,
              "eos_token": model.config.eos_token_id, "unk_token": 3}  # fmt: skip
@@ -104,12 +104,14 @@ def ctranslate2_translator(model, compute_type: str, args: BenchmarkArguments):
         tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="t3")),
         **{name: f"t{index}" for name, index in names.items()},
     )
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    export_ctranslate2(folder / "model", folder / "ct2", quantization=compute_type)
-    return ctranslate2.Translator(
-        str(folder / "ct2"), device=args.device, compute_type=compute_type, intra_threads=torch.get_num_threads()
-    )
+    with tempfile.TemporaryDirectory(prefix="hf_attention-ct2-") as temporary:
+        folder = Path(temporary)
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        export_ctranslate2(folder / "model", folder / "ct2", quantization=compute_type)
+        return ctranslate2.Translator(
+            str(folder / "ct2"), device=args.device, compute_type=compute_type, intra_threads=torch.get_num_threads()
+        )
 
 
 def sources(batch_size: int, args: BenchmarkArguments) -> torch.Tensor:
@@ -176,9 +178,9 @@ def main() -> None:
         return
     engines = args.engines.split(",")
     unknown = [name for name in engines if name not in BASELINES and name not in ENGINES]
-    if unknown or "marian" not in engines:
-        choices = ", ".join(BASELINES[1:] + tuple(ENGINES))
-        sys.exit(f"error: --engines {args.engines}: give marian and any of {choices}.")
+    if unknown or "marian" not in engines or not any(name in ENGINES for name in engines):
+        sys.exit(f"error: --engines {args.engines}: give marian, one or more of {', '.join(ENGINES)}, and any of "
+                 f"{', '.join(BASELINES[1:])}.")  # fmt: skip
     if any(name.startswith("ct2-") for name in engines):
         try:
             import ctranslate2  # noqa: F401

@@ -1,0 +1,50 @@
+"""scripts/benchmark_generate.py: the engines side by side in one run, its last lines (`WORKLOAD: R.RRx Marian`),
+its JSON, and no files left behind."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+TINY_RUN = ["--preset", "tiny", "--vocab_size", "200", "--source_length", "8", "--new_tokens", "4", "--rounds", "1"]
+
+
+def benchmark(*arguments: str, temporary: Path) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, TMPDIR=str(temporary))  # where the CTranslate2 exports go
+    command = [sys.executable, "scripts/benchmark_generate.py", *TINY_RUN, *arguments]
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+
+
+def test_one_run_ends_with_a_line_per_workload_and_leaves_no_export_behind(tmp_path):
+    pytest.importorskip("ctranslate2")
+    (tmp_path / "exports").mkdir()
+    result = benchmark("--engines", "marian,fp32,int8,ct2-int8", "--workloads", "greedy_b1,beam4_b16",
+                       "--json", str(tmp_path / "figures.json"), temporary=tmp_path / "exports")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-2:]
+    for line, workload in zip(last, ("greedy_b1", "beam4_b16"), strict=True):
+        assert line.startswith(f"{workload}: ") and " Marian (" in line and ", ct2-int8 " in line, line
+    figures = json.loads((tmp_path / "figures.json").read_text())["figures"]
+    assert set(figures) == {"marian", "fp32", "int8", "ct2-int8"}
+    assert all(set(figure["seconds"]) == {"greedy_b1", "beam4_b16"} for figure in figures.values())
+    assert all(figure["peak_memory_mb"] > 0 for figure in figures.values())
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--engines", "marian,ct2-int8"], "--engines marian,ct2-int8: give marian, one or more of fp32"),
+        (["--engines", "fp32"], "--engines fp32: give marian"),
+        (["--engines", "marian,fp16"], "--engines marian,fp16: give marian"),
+        (["--workloads", "greedy_b2"], "--workloads 'greedy_b2': must be among greedy_b1"),
+    ],
+)
+def test_bad_engines_and_workloads_are_refused_in_one_line(tmp_path, arguments, message):
+    result = benchmark(*arguments, temporary=tmp_path)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
