@@ -121,11 +121,19 @@ class CTranslate2Engine:
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "CTranslate2Engine":
-        ctranslate2 = import_ctranslate2()
-        folder = Path(model_dir)
-        if not (folder / "model.bin").is_file():  # an hf_attention model: export it first
-            folder = Path(tempfile.mkdtemp(prefix="hf_attention-ct2-")) / "model"
+        """The engine over a CTranslate2 folder, or over an hf_attention model exported to a temporary folder that
+        is deleted once the translator and tokenizer have read it."""
+        import_ctranslate2()
+        if (Path(model_dir) / "model.bin").is_file():
+            return cls._from_exported(Path(model_dir), quantization, device, **options)
+        with tempfile.TemporaryDirectory(prefix="hf_attention-ct2-") as temporary:
+            folder = Path(temporary) / "model"
             export_ctranslate2(model_dir, folder)
+            return cls._from_exported(folder, quantization, device, **options)
+
+    @classmethod
+    def _from_exported(cls, folder: Path, quantization: str | None, device: str, **options) -> "CTranslate2Engine":
+        ctranslate2 = import_ctranslate2()
         if (folder / "generation_config.json").is_file():  # export_ctranslate2 copies the model's
             generation_config = GenerationConfig.from_pretrained(folder)
         else:

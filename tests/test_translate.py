@@ -3,6 +3,7 @@ the same translations, stdin/stdout, and bad input refused in one line with noth
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,10 @@ def test_translations_come_out_in_input_order_as_generate_gives_them(tmp_path, m
     assert "translated 4 sentences" in capsys.readouterr().err
 
 
-def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_dir):
+def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_dir, monkeypatch):
     pytest.importorskip("ctranslate2")
+    (tmp_path / "temporary").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))  # where the export of the model goes
     source = tmp_path / "source.txt"
     source.write_text("".join(f"{line}\n" for line in SOURCES), encoding="utf-8")
     outputs = {}
@@ -71,6 +74,7 @@ def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_d
         main(["--model", str(model_dir), "--input", str(source), "--output", str(outputs[engine]), "--engine", engine,
               "--num_beams", "4", "--batch_size", "3"])  # fmt: skip
     assert outputs["ctranslate2"].read_text() == outputs["torch"].read_text()
+    assert list((tmp_path / "temporary").iterdir()) == []  # the export was deleted once loaded
     int8 = tmp_path / "int8.txt"
     main(["--model", str(model_dir), "--input", str(source), "--output", str(int8), "--quantization", "int8"])
     assert len(int8.read_text().splitlines()) == len(SOURCES)
