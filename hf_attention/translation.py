@@ -169,14 +169,23 @@ class OnnxEngine(TorchEngine):
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "OnnxEngine":
-        from .onnx_export import OnnxModelForSeq2SeqLM, export_onnx
+        """The engine over an `export_onnx` folder, or over an hf_attention model exported to a temporary folder
+        that is deleted once onnxruntime's sessions and the tokenizer have read it."""
+        from .onnx_export import export_onnx
 
         if quantization is not None:
             raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
-        folder = Path(model_dir)
-        if not (folder / "encoder.onnx").is_file():  # an hf_attention model: export it first
-            folder = Path(tempfile.mkdtemp(prefix="hf_attention-onnx-")) / "model"
+        if (Path(model_dir) / "encoder.onnx").is_file():
+            return cls._from_exported(Path(model_dir), device, **options)
+        with tempfile.TemporaryDirectory(prefix="hf_attention-onnx-") as temporary:
+            folder = Path(temporary) / "model"
             export_onnx(model_dir, folder)
+            return cls._from_exported(folder, device, **options)
+
+    @classmethod
+    def _from_exported(cls, folder: Path, device: str, **options) -> "OnnxEngine":
+        from .onnx_export import OnnxModelForSeq2SeqLM
+
         providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         model = OnnxModelForSeq2SeqLM.from_pretrained(folder, providers=providers)
         return cls(model, AutoTokenizer.from_pretrained(folder), **options)

@@ -5,6 +5,7 @@ onnx engine gives the torch engine's translations."""
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,9 @@ def test_the_translation_pipeline_runs_on_the_onnx_model(exported):
     assert translations[0] == translations[1] and len(translations[0]) == len(SOURCES)
 
 
-def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_with_the_onnx_engine(tmp_path, exported):
+def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_with_the_onnx_engine(
+    tmp_path, exported, monkeypatch
+):
     model_dir, onnx_dir, _, _ = exported
     source, test_file = tmp_path / "source.txt", tmp_path / "test.tsv"
     source.write_text("".join(f"{line}\n" for line in SOURCES))
@@ -140,6 +143,14 @@ def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_wi
     assert outputs["onnx"].read_text() == outputs["torch"].read_text()
     assert reports["onnx"]["translations"] == reports["torch"]["translations"]
     assert reports["onnx"]["bleu"] == reports["torch"]["bleu"] and reports["onnx"]["engine"] == "onnx"
+    # From the model's own folder the engine exports it first, to a temporary folder deleted once loaded.
+    (tmp_path / "temporary").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    from_model = evaluate_saved_model(EvaluationArguments(
+        model_dir=str(model_dir), test_file=str(test_file), engine="onnx", max_new_tokens=12, progress=False
+    ))  # fmt: skip
+    assert from_model["translations"] == reports["torch"]["translations"]
+    assert list((tmp_path / "temporary").iterdir()) == []
 
 
 def test_export_refuses_an_existing_folder_and_names_the_missing_extra(tmp_path, exported, monkeypatch):
