@@ -41,7 +41,9 @@ class DataBenchmarkArguments:
     steps: int = field(default=100, metadata={"help": "Training steps per memory and batching measurement."})
     tokenizer_train_samples: int = field(default=100000, metadata={"help": "Pairs the tokenizer is trained on."})
     workers: int = field(default=2, metadata={"help": "--preprocessing_num_workers of the job."})
-    work_dir: str = field(default="", metadata={"help": "Where corpora and caches go (default: a temporary folder)."})
+    work_dir: str = field(
+        default="", metadata={"help": "Where corpora and caches go (default: a temporary folder, deleted at the end)."}
+    )
     json: str = field(default="", metadata={"help": "Write the figures to this JSON file."})
     worker: str = field(default="", metadata={"help": "Internal: preprocess or train."})
     worker_arguments: str = field(default="", metadata={"help": "Internal: the job's flags, as JSON."})
@@ -110,8 +112,15 @@ def main() -> None:
         figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(json.dumps(figures))
         return
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="hf_attention-data-benchmark-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        run_benchmarks(args, Path(args.work_dir))
+    else:  # the corpora, caches and runs are gone at the end
+        with tempfile.TemporaryDirectory(prefix="hf_attention-data-benchmark-") as work:
+            run_benchmarks(args, Path(work))
+
+
+def run_benchmarks(args: DataBenchmarkArguments, work: Path) -> None:
     results = {"arguments": asdict(args), "corpora": {}, "batching": {}}
     print("| pairs | preprocessing cold (pairs/s) | cached (pairs/s) | peak RSS in-memory (MB) | --streaming (MB) |")
     print("| --- | --- | --- | --- | --- |")
