@@ -1,8 +1,10 @@
 """Faster generation: int8 or bf16 weights, and a static cache that torch.compile can capture.
 
-`optimize_for_inference(model, quantization="int8")` returns the model ready for transformers' own `generate()` and
-pipelines. The mechanisms were chosen by measurement on a 2-core AVX-512 (VNNI, BF16) CPU, Transformer-base,
-one matrix product per call (`scripts/benchmark_generate.py` measures whole decoding):
+`optimize_for_inference(model)` returns the model ready for transformers' own `generate()` and pipelines, with the
+quantization and compile setting measured fastest for this machine's class (`hardware.inference_choice`: the CPU's
+int8 and bf16 instructions, the GPU) and the workload. The mechanisms were chosen by measurement on a 2-core AVX-512
+(VNNI, BF16) CPU, Transformer-base, one matrix product per call (`scripts/benchmark_generate.py` measures whole
+decoding):
 
 - `"int8"`: every `nn.Linear` gets int8 weights (one scale per output row) and quantises its input on the fly
   (torch's dynamic quantized linear, fbgemm). At one row (greedy decoding of one sentence) it is the fastest kernel:
@@ -30,19 +32,23 @@ import torch
 from torch import nn
 from transformers import CompileConfig, PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .int8_vnni import cpu_flags, int8_vnni_available
+from . import hardware
+from .int8_vnni import int8_vnni_available
+
+logger = logging.get_logger(__name__)
 
 QUANTIZATIONS = (None, "int8", "bf16")
 INT8_METHOD = "hf_attention_int8"
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether the CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI). Without it, fbgemm adds
     int8 products in 16 bits, which full-range activations can saturate; torch then quantises them to 7 bits."""
-    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+    machine = hardware.capabilities()
+    return machine.avx512_vnni or machine.avx_vnni
 
 
 INT8_KERNELS = ("dynamic", "weight_only", "vnni")
@@ -333,27 +339,39 @@ class HfAttentionInt8Quantizer(HfQuantizer):
 
 
 def optimize_for_inference(
-    model: PreTrainedModel, quantization: str | None = None, compile: bool = False
+    model: PreTrainedModel,
+    quantization: str | None = "auto",
+    compile: bool | str = "auto",
+    batch_size: int = 1,
+    num_beams: int | None = None,
 ) -> PreTrainedModel:
     """The model, changed in place for fast generation; `generate()` and the pipelines work as before.
 
     Args:
-        quantization: `None` (as trained), `"int8"` (int8 weights, dynamic activation quantisation; CPU) or
-            `"bf16"` (bf16 weights and activations).
-        compile: decode with a static cache and a `torch.compile`d forward (`generation_config.cache_implementation
-            = "static"`; transformers compiles greedy search and sampling on the first `generate()`; beam search
-            runs eagerly, with the growing cache of an unoptimized model). Pays off where
-            the per-token overhead dominates (small batches); compiling takes tens of seconds. With `"int8"`, layers
-            use kernels torch.compile can capture: "vnni" on CPUs with AVX512-VNNI (rows of fewer than 24 quantised
-            to int8, our operation, built on first use), else "weight_only" (bf16 activations). On a
-            CPU the compiled step does not check the model's modules for changes (`compile_without_module_guards`):
-            change the model after its first `generate()` only with `disable_compile=True`.
+        quantization: `"auto"` (the fastest measured for this machine and workload: `hardware.inference_choice`),
+            `None` (as trained), `"int8"` (int8 weights, dynamic activation quantisation; CPU) or `"bf16"` (bf16
+            weights and activations; on a CPU without bf16 instructions it is emulated, and a warning says so).
+        compile: `"auto"` (with `quantization="auto"`, as `hardware.inference_choice` says; with a quantization
+            named, no compiling, as before `"auto"` existed), or whether to decode
+            with a static cache and a `torch.compile`d forward (`generation_config.cache_implementation = "static"`;
+            transformers compiles greedy search and sampling on the first `generate()`; beam search runs eagerly,
+            with the growing cache of an unoptimized model). Pays off where the per-token overhead dominates (small
+            batches); compiling takes tens of seconds. With `"int8"`, layers use kernels torch.compile can capture:
+            "vnni" on CPUs with AVX512-VNNI (rows of fewer than 24 quantised to int8, our operation, built on first
+            use), else "weight_only" (bf16 activations). On a CPU the compiled step does not check the model's
+            modules for changes (`compile_without_module_guards`): change the model after its first `generate()`
+            only with `disable_compile=True`.
+        batch_size, num_beams: the workload `"auto"` chooses for (sentences per `generate()` call, beams; default:
+            one sentence, the generation config's beams).
 
     Raises:
         ValueError: an unknown `quantization`, or `"int8"` for a model that is not on the CPU.
     """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r}: must be one of None, 'int8', 'bf16'.")
+    if quantization not in (*QUANTIZATIONS, "auto"):
+        raise ValueError(f"quantization={quantization!r}: must be one of 'auto', None, 'int8', 'bf16'.")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile={compile!r}: must be 'auto', True or False.")
+    quantization, compile = resolve_auto(model, quantization, compile, batch_size, num_beams)
     model.eval()
     if quantization == "bf16":
         model.to(torch.bfloat16)
@@ -397,6 +415,42 @@ def optimize_for_inference(
             model._compiled_call = compile_without_module_guards(model.__call__, compile_config)
             model._last_compile_config = compile_config
     return model
+
+
+EMULATED_BF16_COST = (
+    "about 3x slower than fp32 (beam 4 of 16 sentences on an AVX2 Zen 3: 0.33x MarianMTModel fp32 in bf16, "
+    "1.26x in fp32)"
+)
+
+
+def resolve_auto(
+    model: PreTrainedModel, quantization: str | None, compile: bool | str, batch_size: int, num_beams: int | None
+) -> tuple[str | None, bool]:
+    """`"auto"` replaced by `hardware.inference_choice` for the model's device and the workload, logged in one line;
+    an explicit bf16 on a CPU that would emulate it warns once with the measured cost."""
+    device = model.device.type
+    num_beams = num_beams or model.generation_config.num_beams or 1
+    choice = hardware.inference_choice(device, batch_size, num_beams)
+    if compile == "auto":  # with a quantization asked for by name, compiling is asked for by name too
+        compile = choice.compile and quantization == "auto"
+    if quantization == "auto":
+        quantization = choice.quantization
+    if quantization == "bf16" and device == "cpu" and not hardware.capabilities().native_cpu_bf16:
+        warnings.warn(
+            f"quantization='bf16': this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so bf16 is "
+            f"emulated, {EMULATED_BF16_COST}; quantization='auto' chooses {choice.describe()}.",
+            stacklevel=3,
+        )
+    engine = (quantization or "fp32") + (" + compile" if compile else "")
+    logger.info(f"{hardware.describe()}: decoding with {engine} ({batch_size} x {num_beams} beams)")
+    return quantization, compile
+
+
+def model_is_compiled(model: PreTrainedModel) -> bool:
+    """Whether `optimize_for_inference` set the model to decode with compiled static-cache steps."""
+    return getattr(model.generation_config, "cache_implementation", None) == "static" and bool(
+        getattr(model.generation_config, "compile_config", None)
+    )
 
 
 def compile_without_module_guards(function, compile_config: CompileConfig):

@@ -18,28 +18,25 @@ from pathlib import Path
 
 import torch
 
+from . import hardware
+
 SOURCE = Path(__file__).parent / "csrc" / "int8_vnni.cpp"
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}
-_state: dict = {}  # "available": whether the operation is registered in this process
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), or nothing where /proc/cpuinfo cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+# "built": whether the operation is registered in this process; "usable": the last answer of int8_vnni_available()
+_state: dict = {}
 
 
 def int8_vnni_available() -> bool:
-    """Whether `torch.ops.hf_attention.int8_vnni_matmul` runs here: AVX512-VNNI, and the operation built and loaded
-    (once per process). Call it outside torch.compile first (`Int8Linear` does when built): tracing only reads it."""
-    if "available" not in _state:
-        _state["available"] = REQUIRED_FLAGS <= cpu_flags() and _build_and_load()
-    return _state["available"]
+    """Whether `torch.ops.hf_attention.int8_vnni_matmul` runs here: AVX512-VNNI in the capability map
+    (`hardware.capabilities()`, which a mask or a test may limit) and in this CPU (a faked map never runs
+    instructions the CPU lacks), and the operation built and loaded (once per process). Call it outside torch.compile
+    first (`Int8Linear` does when built): tracing only reads the last answer."""
+    if torch.compiler.is_compiling():
+        return _state.get("usable", False)
+    usable = hardware.capabilities().avx512_vnni and hardware.detect().avx512_vnni
+    if usable and "built" not in _state:
+        _state["built"] = _build_and_load()
+    _state["usable"] = usable and _state["built"]
+    return _state["usable"]
 
 
 def _build_and_load() -> bool:

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
+from . import hardware
 from .checkpoint_averaging import find_checkpoints
 from .checkpoint_io_hf_attention import replacing_folder
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
@@ -245,13 +246,30 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
                 parser.error(f"{path}: {error}")
             key = unknown.split("'")[0]
             parser.error(f"{path}: unknown key {key!r}{_closest_flag(parser, '--' + key).replace('--', '')}")
-    *parsed, unknown = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=False
-    )
+    argv = bf16_auto_as_precision(argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except ValueError as error:  # a value a dataclass refused while it was built, e.g. --precision
+        parser.error(str(error).strip().splitlines()[0])
     if unknown:
         flag = unknown[0].partition("=")[0]
         parser.error(f"unrecognized argument {flag}{_closest_flag(parser, flag)}")
     return tuple(parsed)
+
+
+def bf16_auto_as_precision(argv: list[str]) -> list[str]:
+    """`--bf16 auto` (or `--bf16=auto`) is `--precision auto`: transformers' --bf16 is a yes/no flag."""
+    rewritten = []
+    for index, argument in enumerate(argv):
+        if argument == "--bf16=auto":
+            rewritten += ["--precision", "auto"]
+        elif argument == "auto" and index and argv[index - 1] == "--bf16":
+            rewritten[-1:] = ["--precision", "auto"]
+        else:
+            rewritten.append(argument)
+    return rewritten
 
 
 class TrainingArgumentError(ValueError):
@@ -808,6 +826,9 @@ def run(
     folder = plan_run_folder(
         training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
     )
+    if training_args.process_index == 0:
+        logger.warning(f"{hardware.describe()}; training in {training_args.precision_used}"
+                       f"{' (--precision auto)' if training_args.precision == 'auto' else ''}.")  # fmt: skip
     set_seed(training_args.seed)
     data = prepare_data(model_args, data_args, training_args, phases)
     model = load_model(model_args, data.tokenizer)

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,7 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
+from . import hardware
 from .checkpoint_averaging import average_into_model, average_state_dicts
 from .data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
 from .modeling_hf_attention import label_smoothed_cross_entropy
@@ -107,12 +109,33 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Pin host memory of batches (helps only when training on a GPU)."}
     )
 
+    precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16, AMX or Arm BF16; "
+            "Ampere and newer GPUs), fp16 on older GPUs, fp32 elsewhere (hf_attention.hardware); or bf16, fp16, "
+            "fp32. Default: as --bf16 / --fp16 say, fp32 without them. --bf16 auto means --precision auto."
+        },
+    )
+
     def __post_init__(self):
         # On a machine without an accelerator, say so: transformers otherwise treats a multi-process launch
         # (accelerate launch, torchrun) as N unrelated single-process runs, and refuses bf16 autocast on CPU.
         if not torch.accelerator.is_available():
             self.use_cpu = True
+        if self.precision is not None:
+            chosen = chosen_precision(self.precision, self.bf16, self.fp16, self.training_device)
+            self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
         super().__post_init__()
+
+    @property
+    def training_device(self) -> str:
+        """ "cuda" or "cpu": where this run's model trains (what `--precision auto` chooses for)."""
+        return "cuda" if torch.cuda.is_available() and not self.use_cpu else "cpu"
+
+    @property
+    def precision_used(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def resolve_learning_rate(self, d_model: int) -> None:
         """Fill in eq. 3's peak learning rate for this model width (once `d_model` is known)."""
@@ -121,22 +144,52 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
             self.learning_rate = peak * self.learning_rate_scale
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def chosen_precision(precision: str, bf16: bool, fp16: bool, device: str) -> str:
+    """--precision resolved: "auto" is `hardware.training_precision` for `device`; a value that contradicts
+    --bf16 / --fp16 is refused.
+
+    Raises:
+        ValueError: an unknown precision, or one that --bf16 / --fp16 contradicts (named in one line).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
+    chosen = hardware.training_precision(device) if precision == "auto" else precision
+    for flag, given in (("bf16", bf16), ("fp16", fp16)):
+        if given and chosen != flag and precision != "auto":
+            raise ValueError(f"--precision {precision} with --{flag}: they contradict each other; give one.")
+    if precision == "auto" and (bf16 or fp16):
+        return "bf16" if bf16 else "fp16"  # an explicit flag beside auto is the user's choice
+    return chosen
+
+
+# scripts/benchmark_training.py --quick (Transformer-base, 2 cores), hf_attention tokens/s, bf16 against fp32: an
+# AVX-512 Xeon without AVX512-BF16, 294 against 1,016; the same CPU limited to AVX2 (ATEN_CPU_CAPABILITY,
+# ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), 17 against 745.
+EMULATED_BF16_TRAINING_COST = (
+    "3.5x slower than fp32 on an AVX-512 CPU and over 40x on an AVX2 one (Transformer-base training, measured)"
+)
+
+
 def unsupported_speed_options(args: Seq2SeqTrainingArguments) -> list[str]:
     """Why `--bf16` or `--torch_compile` cannot work on this machine (empty when both can), before training starts.
 
-    On CPU, bf16 autocast needs AVX512-BF16 or AMX instructions (without them PyTorch emulates bf16, slower than
-    fp32), and `torch.compile` needs a C++ compiler for its generated kernels; on CUDA, bf16 needs an Ampere or newer
-    GPU and `torch.compile` needs Triton.
+    `torch.compile` needs a C++ compiler for its generated kernels on a CPU and Triton on CUDA; on CUDA, bf16 needs
+    an Ampere or newer GPU. On a CPU without bf16 instructions (AVX512-BF16, AMX, Arm BF16; `hardware`) bf16 runs,
+    emulated and slower than fp32: that gets one warning with the measured cost, not a refusal.
     """
     problems = []
     on_cuda = torch.cuda.is_available() and not args.use_cpu
     if args.bf16:
         if on_cuda and not torch.cuda.is_bf16_supported():
             problems.append(f"--bf16: the GPU ({torch.cuda.get_device_name()}) has no bf16 support; use --fp16.")
-        elif not on_cuda and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-            problems.append(
-                "--bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be emulated and "
-                "slower than fp32; drop the flag."
+        elif not on_cuda and not hardware.capabilities().native_cpu_bf16:
+            warnings.warn(
+                f"--bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so bf16 is emulated, "
+                f"{EMULATED_BF16_TRAINING_COST}; --precision auto chooses fp32 here.",
+                stacklevel=2,
             )
     if args.torch_compile:
         if on_cuda and importlib.util.find_spec("triton") is None:

@@ -24,12 +24,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
+from . import hardware
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
 from .ctranslate2_export import ExportError, export_ctranslate2, import_ctranslate2
 from .inference import QUANTIZATIONS as TORCH_QUANTIZATIONS
-from .inference import optimize_for_inference
+from .inference import model_is_compiled, optimize_for_inference
 
 ENGINES = ("torch", "ctranslate2", "onnx")
+# With --compile left to "auto", files shorter than this decode uncompiled: compiling a step takes 20-40 s, longer than
+# decoding a short file takes (Multi30k's 1,000 test sentences, beam 4: 12-14 s in every engine).
+COMPILE_FROM_SENTENCES = 1000
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,13 +93,25 @@ class TorchEngine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.num_beams = num_beams or model.generation_config.num_beams or 1
         self.max_new_tokens = max_new_tokens
+        self.setting = str(model.dtype).removeprefix("torch.")
 
     @classmethod
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "TorchEngine":
-        compile_step = options.pop("compile", False)
+        """The model on `device`, `optimize_for_inference`d: with `quantization="auto"` (and `compile=None`, also
+        "auto") the setting measured fastest on this machine for `batch_size` sentences and the beam size. A
+        `dtype` other than float32 is the user's choice of precision: "auto" then leaves it as it is."""
+        compile_step = options.pop("compile", None)
+        batch_size = options.pop("batch_size", 1)
         model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
-        model = optimize_for_inference(model, quantization, compile=compile_step)
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), **options)
+        if quantization == "auto" and dtype != "float32":
+            quantization = None
+        compile_step = "auto" if compile_step is None else compile_step
+        num_beams = options.get("num_beams")
+        model = optimize_for_inference(model, quantization, compile_step, batch_size, num_beams)
+        engine = cls(model, AutoTokenizer.from_pretrained(model_dir), **options)
+        quantized = getattr(model.config, "quantization_config", None) is not None
+        engine.setting = ("int8" if quantized else engine.setting) + (" + compile" if model_is_compiled(model) else "")
+        return engine
 
     def token_count(self, sentence: str) -> int:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
@@ -141,6 +157,7 @@ class CTranslate2Engine:
         translator = ctranslate2.Translator(
             str(folder), device=device, compute_type=quantization or "default", intra_threads=torch.get_num_threads()
         )
+        options.pop("batch_size", None)
         return cls(
             translator,
             AutoTokenizer.from_pretrained(folder),
@@ -173,7 +190,7 @@ class OnnxEngine(TorchEngine):
         that is deleted once onnxruntime's sessions and the tokenizer have read it."""
         from .onnx_export import export_onnx
 
-        if quantization is not None:
+        if quantization not in (None, "auto"):
             raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
         if (Path(model_dir) / "encoder.onnx").is_file():
             return cls._from_exported(Path(model_dir), device, **options)
@@ -215,10 +232,10 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
     """
     if engine not in ENGINES:
         raise TranslationError(f"--engine {engine}: must be one of {', '.join(ENGINES)}.")
-    if engine == "torch" and quantization not in TORCH_QUANTIZATIONS:
-        raise TranslationError(f"--quantization {quantization}: the torch engine offers int8 and bf16.")
-    if engine == "ctranslate2" and quantization not in CTRANSLATE2_QUANTIZATIONS:
-        offered = ", ".join(name for name in CTRANSLATE2_QUANTIZATIONS if name)
+    if engine == "torch" and quantization not in (*TORCH_QUANTIZATIONS, "auto"):
+        raise TranslationError(f"--quantization {quantization}: the torch engine offers auto, int8 and bf16.")
+    if engine == "ctranslate2" and quantization not in (*CTRANSLATE2_QUANTIZATIONS, "auto"):
+        offered = ", ".join(name for name in ("auto", *CTRANSLATE2_QUANTIZATIONS) if name)
         raise TranslationError(f"--quantization {quantization}: the ctranslate2 engine offers {offered}.")
     if dtype not in DTYPES:
         raise TranslationError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}.")
@@ -230,6 +247,8 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
         raise TranslationError(f"--compile: compiles the torch engine's decoding step, not {engine}'s.")
     if engine != "torch":
         options.pop("compile", None)
+    if engine == "onnx":
+        options.pop("batch_size", None)
     loader = {"torch": TorchEngine, "ctranslate2": CTranslate2Engine, "onnx": OnnxEngine}[engine]
     return loader.load(model, quantization, device, dtype, **options)
 
@@ -241,8 +260,12 @@ class TranslateArguments:
     output: str = field(default="-", metadata={"help": "Where the translations go, one per line; - for stdout."})
     engine: str = field(default="torch", metadata={"help": f"Inference engine: {', '.join(ENGINES)}."})
     quantization: str | None = field(
-        default=None,
-        metadata={"help": "torch: int8 or bf16 (optimize_for_inference); ctranslate2: int8, float32, ... "},
+        default="auto",
+        metadata={
+            "help": "auto: the fastest measured for this machine and workload (torch: hf_attention.hardware's choice; "
+            "ctranslate2: its own 'auto'); torch: int8 or bf16 (optimize_for_inference); ctranslate2: int8, "
+            "float32, ...; none: the weights as saved."
+        },
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": f"torch engine: {', '.join(DTYPES)}."})
@@ -255,9 +278,12 @@ class TranslateArguments:
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Longest translation, in tokens."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
-    compile: bool = field(
-        default=False,
-        metadata={"help": "torch engine: decode with a static cache and a compiled step (optimize_for_inference)."},
+    compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "torch engine: decode with a static cache and a compiled step (optimize_for_inference); "
+            "default: as --quantization auto chooses for this machine."
+        },
     )
 
 
@@ -282,9 +308,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.output != "-" and not Path(args.output).parent.is_dir():
             raise TranslationError(f"--output {args.output}: its folder does not exist.")
         sentences = read_lines(args.input)
-        engine = load_engine(args.engine, args.model, args.quantization, args.device, args.dtype,
+        quantization = None if (args.quantization or "none").lower() == "none" else args.quantization
+        # compiling takes tens of seconds: "auto" compiles only for files long enough to gain that back
+        compile_step = args.compile
+        if compile_step is None and len(sentences) < COMPILE_FROM_SENTENCES:
+            compile_step = False
+        print(hardware.describe(), file=sys.stderr)
+        engine = load_engine(args.engine, args.model, quantization, args.device, args.dtype,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             compile=args.compile)  # fmt: skip
+                             compile=compile_step, batch_size=args.batch_size)  # fmt: skip
         started = time.perf_counter()
         translations = translate_sentences(engine, sentences, args.batch_size, args.max_tokens, args.progress)
         seconds = time.perf_counter() - started
@@ -294,4 +326,5 @@ def main(argv: list[str] | None = None) -> None:
     words = sum(len(line.split()) for line in translations)
     print(f"translated {len(sentences)} sentences ({words} words) in {seconds:.1f} s: "
           f"{len(sentences) / max(seconds, 1e-9):.1f} sentences/s, {words / max(seconds, 1e-9):.0f} words/s "
-          f"({args.engine}, {args.quantization or args.dtype}, {args.device})", file=sys.stderr)  # fmt: skip
+          f"({args.engine}, {getattr(engine, 'setting', quantization or args.dtype)}, {args.device})",
+          file=sys.stderr)  # fmt: skip

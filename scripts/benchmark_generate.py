@@ -12,11 +12,13 @@ engines take turns in interleaved rounds, and the figures are medians over round
 
     python scripts/benchmark_generate.py                          # CPU: Marian, ours, CTranslate2, 3 rounds
     python scripts/benchmark_generate.py --device cuda --engines marian,fp32,bf16,bf16+compile
+    python scripts/benchmark_generate.py --engines marian,ct2-int8,auto   # what optimize_for_inference chooses here
 
 It prints a table of seconds per workload (and speed relative to Marian), then one line per workload
 (greedy_b1, beam4_b1, greedy_b16, beam4_b16): `WORKLOAD: R.RRx Marian`, the fastest hf_attention engine's speed
-relative to MarianMTModel fp32.
---json FILE writes every figure.
+relative to MarianMTModel fp32, followed by CTranslate2's and (engine `auto`: a model set up by
+`optimize_for_inference(model, "auto", "auto", batch_size, num_beams)` for each workload) auto's ratio and choice.
+The first line is the machine's capability map (`hf_attention.hardware`). --json FILE writes every figure.
 """
 
 import json
@@ -35,7 +37,7 @@ from transformers import HfArgumentParser
 WORKLOADS = {"greedy_b1": (1, 1), "beam4_b1": (1, 4), "greedy_b16": (16, 1), "beam4_b16": (16, 4)}
 # engine name -> (quantization, compile); "marian" is MarianMTModel fp32, the baseline
 ENGINES = {"fp32": (None, False), "int8": ("int8", False), "bf16": ("bf16", False), "fp32+compile": (None, True),
-           "int8+compile": ("int8", True), "bf16+compile": ("bf16", True)}  # fmt: skip
+           "int8+compile": ("int8", True), "bf16+compile": ("bf16", True), "auto": ("auto", "auto")}  # fmt: skip
 BASELINES = ("marian", "ct2-float32", "ct2-int8")  # MarianMTModel fp32; CTranslate2 with float32 or int8 weights
 
 
@@ -65,8 +67,9 @@ def peak_memory_mb(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
 
 
-def build_engine(engine: str, args: BenchmarkArguments):
-    """The engine's model, on the device; every process builds the same weights from the same seed."""
+def build_engine(engine: str, args: BenchmarkArguments, batch_size: int = 1, beams: int = 1):
+    """The engine's model, on the device; every process builds the same weights from the same seed. "auto" is
+    `optimize_for_inference`'s choice for this machine and the workload (`batch_size` sentences, `beams`)."""
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
     from hf_attention.marian_conversion import hf_attention_to_marian
 
@@ -80,8 +83,10 @@ def build_engine(engine: str, args: BenchmarkArguments):
         model = hf_attention_to_marian(model).eval()
         model.generation_config.forced_eos_token_id = None
         return model.to(args.device)
-    quantization, compile_step = ENGINES[engine]
     model.to(args.device)
+    if engine == "auto":
+        return optimize_for_inference(model, "auto", "auto", batch_size=batch_size, num_beams=beams)
+    quantization, compile_step = ENGINES[engine]
     return optimize_for_inference(model, quantization, compile=compile_step)
 
 
@@ -146,17 +151,23 @@ def generate(model, input_ids: torch.Tensor, beams: int, args: BenchmarkArgument
 
 def measure(engine: str, args: BenchmarkArguments) -> dict:
     """Worker: one round of every workload (after an untimed warm-up run of each), and this process's peak RSS."""
-    model = build_engine(engine, args)
-    seconds, first_tokens = {}, {}
+    from hf_attention import hardware
+
+    model = build_engine(engine, args) if engine != "auto" else None
+    seconds, first_tokens, choices = {}, {}, {}
     for workload in args.workloads.split(","):
         batch_size, beams = WORKLOADS[workload]
+        if engine == "auto":  # a model set up for this workload, as a user who states it gets
+            model = build_engine(engine, args, batch_size, beams)
+            choices[workload] = hardware.inference_choice(args.device, batch_size, beams).describe()
         input_ids = sources(batch_size, args)
         output = generate(model, input_ids, beams, args)  # warm-up (and compile)
         first_tokens[workload] = output[0, -args.new_tokens :][:8].tolist()  # generated tokens (after the start)
         started = time.perf_counter()
         generate(model, input_ids, beams, args)
         seconds[workload] = time.perf_counter() - started
-    return {"seconds": seconds, "first_tokens": first_tokens, "peak_memory_mb": peak_memory_mb(args.device)}
+    return {"seconds": seconds, "first_tokens": first_tokens, "peak_memory_mb": peak_memory_mb(args.device),
+            "choices": choices}  # fmt: skip
 
 
 def run_worker(engine: str, args: BenchmarkArguments) -> dict:
@@ -207,6 +218,9 @@ def main() -> None:
         }
         for engine in engines
     }
+    from hf_attention import hardware
+
+    print(hardware.describe())
     print(f"{args.preset} preset, vocabulary {args.vocab_size}, {args.source_length} source tokens, "
           f"{args.new_tokens} new tokens, {args.device}, {args.rounds} interleaved rounds, medians\n")  # fmt: skip
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
@@ -227,8 +241,11 @@ def main() -> None:
         best = min(ours, key=lambda engine: figures[engine]["seconds"][workload])
         ratio = figures["marian"]["seconds"][workload] / figures[best]["seconds"][workload]
         line = f"{workload}: {ratio:.2f}x Marian ({best})"
-        for engine in (e for e in engines if e.startswith("ct2-")):
+        for engine in (e for e in engines if e.startswith("ct2-") or e == "auto"):
             line += f", {engine} {figures['marian']['seconds'][workload] / figures[engine]['seconds'][workload]:.2f}x"
+            if engine == "auto":
+                line += f" ({rounds['auto'][0]['choices'][workload]})"
+                figures["auto"].setdefault("choices", {})[workload] = rounds["auto"][0]["choices"][workload]
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"arguments": asdict(args), "figures": figures}, indent=2) + "\n")

@@ -4,7 +4,8 @@ Both models have the same sizes and weights (MarianMTModel is our random model c
 `hf_attention_to_marian`) and train on the same batches with the same recipe: the paper's Adam, warm-up then
 inverse-square-root decay of the learning rate (peak --learning_rate, 1e-3 as in the Multi30k recipe), label
 smoothing 0.1. Marian runs as its users run it (fp32, its default attention); hf_attention runs with the options
-named by `--hf_options` (default: bf16 autocast with fp32 master weights). Each engine runs in its own process, so that
+named by `--hf_options` (default `auto`: bf16 autocast with fp32 master weights where the CPU computes bf16 natively,
+AVX512-BF16 or AMX, else fp32; `hf_attention.hardware`). Each engine runs in its own process, so that
 its peak RSS is its own, in interleaved rounds; the figures are medians over rounds.
 
     python scripts/benchmark_training.py --quick                  # ≤ 5 minutes: speed and memory only
@@ -53,10 +54,10 @@ class BenchmarkArguments:
     )
     warmup_steps: int = field(default=300, metadata={"help": "Warm-up steps (0: a tenth of the steps)."})
     hf_options: str = field(
-        default="bf16",
+        default="auto",
         metadata={
-            "help": "hf_attention's options: bf16 or fp32, optionally with checkpointing and compile, e.g. "
-            "bf16,checkpointing."
+            "help": "hf_attention's options: auto (bf16 where the CPU computes it natively, else fp32), bf16 or "
+            "fp32, optionally with checkpointing and compile, e.g. bf16,checkpointing."
         },
     )
     threads: int = field(default=0, metadata={"help": "torch threads per engine (0: torch's default)."})
@@ -70,15 +71,23 @@ class BenchmarkArguments:
     worker_task: str = field(default="speed", metadata={"help": "Internal: the worker's task, speed or train."})
 
 
+PRECISIONS = {"auto", "bf16", "fp32"}
+
+
 def hf_options(text: str) -> set[str]:
     """'bf16,checkpointing' -> {'bf16', 'checkpointing'}: one precision, optionally gradient checkpointing and
-    torch.compile of the model (its compilation falls in the untimed warm-up steps)."""
+    torch.compile of the model (its compilation falls in the untimed warm-up steps). "auto" becomes the precision
+    `hardware.training_precision` chooses for this CPU."""
+    from hf_attention import hardware
+
     options = {option.strip() for option in text.split(",") if option.strip()}
-    if len(options & {"bf16", "fp32"}) != 1 or options - {"bf16", "fp32", "checkpointing", "compile"}:
+    if len(options & PRECISIONS) != 1 or options - PRECISIONS - {"checkpointing", "compile"}:
         raise ValueError(
-            f"--hf_options {text!r}: choose bf16 or fp32, optionally with checkpointing and compile "
-            "(e.g. bf16,checkpointing)"
+            f"--hf_options {text!r}: choose auto, bf16 or fp32, optionally with checkpointing and compile "
+            "(e.g. auto,checkpointing)"
         )
+    if "auto" in options:
+        options = options - {"auto"} | {hardware.training_precision("cpu")}
     return options
 
 
@@ -274,9 +283,13 @@ def main() -> None:
         return
     if not args.quick and not args.data:
         parser.error("give --data FOLDER (train/val parallel text) or --quick")
+    from hf_attention import hardware
+
+    chosen = ",".join(sorted(hf_options(args.hf_options)))
+    print(hardware.describe())
     print(
         f"{args.preset} preset, vocabulary {args.vocab_size}, batch {args.batch_size} x ({args.source_length} + "
-        f"{args.target_length}) tokens, hf_attention {args.hf_options} vs Marian fp32, torch threads "
+        f"{args.target_length}) tokens, hf_attention {args.hf_options} ({chosen}) vs Marian fp32, torch threads "
         f"{args.threads or torch.get_num_threads()}, {args.rounds} interleaved rounds"
     )
     results = speed_and_memory(args)

@@ -1,5 +1,5 @@
-"""What the tests share: a tokenizer trained on the toy corpus, running code where hf_attention is not installed, and
-the environment of a user of the loopback Hub."""
+"""What the tests share: a tokenizer trained on the toy corpus, running code where hf_attention is not installed, the
+environment of a user of the loopback Hub, and faked machines."""
 
 import os
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from hf_attention import hardware
 from hf_attention.data import toy_translation_corpus
 from hf_attention.tokenization import train_tokenizer
 
@@ -43,3 +44,12 @@ def hub_environment(hub, home: Path, token: bool = True, offline: bool = False) 
     if offline:
         environment["HF_HUB_OFFLINE"] = "1"
     return environment
+
+
+def with_capabilities(
+    monkeypatch, cpu_class: str, cuda_devices: tuple[hardware.CudaDevice, ...] = ()
+) -> hardware.Capabilities:
+    """Every choice made during the test reads the capability map of a typical `cpu_class` CPU (undone after it)."""
+    machine = hardware.Capabilities.for_cpu_class(cpu_class, cuda_devices)
+    monkeypatch.setattr(hardware, "_installed", [machine])
+    return machine

@@ -25,7 +25,7 @@ from hf_attention.inference import (
 )
 
 from .conftest import padded_batch
-from .helpers import toy_tokenizer
+from .helpers import toy_tokenizer, with_capabilities
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -132,7 +132,7 @@ def test_a_vnni_int8_layer_computes_as_weight_only_from_24_rows_and_where_the_op
     with torch.no_grad():
         assert torch.equal(vnni(many), weight_only(many))
         assert not torch.equal(vnni(few), weight_only(few))  # rows quantised to int8
-        monkeypatch.setitem(int8_vnni._state, "available", False)
+        monkeypatch.setitem(int8_vnni._state, "built", False)
         assert torch.equal(vnni(few), weight_only(few))
 
 
@@ -154,8 +154,8 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
 
     built = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: built.append(kwargs) or None)
-    monkeypatch.delitem(int8_vnni._state, "available", raising=False)
-    monkeypatch.setattr(int8_vnni, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx_vnni"})
+    monkeypatch.delitem(int8_vnni._state, "built", raising=False)
+    with_capabilities(monkeypatch, "avx2-vnni")
     assert not int8_vnni.int8_vnni_available() and built == []  # no AVX512-VNNI: nothing is built
 
     path = os.environ.get("PATH", "")
@@ -166,8 +166,7 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
         raise RuntimeError("Error building extension 'hf_attention_int8_vnni'\nc++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.delitem(int8_vnni._state, "available")
-    monkeypatch.setattr(int8_vnni, "cpu_flags", lambda: int8_vnni.REQUIRED_FLAGS | {"avx2"})
+    with_capabilities(monkeypatch, "avx512-vnni")
     with pytest.warns(
         UserWarning, match=r"VNNI kernel did not build \(Error building extension 'hf_attention_int8_vnni'\)"
     ):
@@ -309,7 +308,7 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     assert torch.equal(static_eager, eager)
     torch._dynamo.reset()
     counters.clear()
-    optimize_for_inference(model, compile=True)
+    optimize_for_inference(model, None, compile=True)
     compiled = model.generate(**batch, num_beams=num_beams, max_new_tokens=8, return_dict_in_generate=True)
     self_attention_cache = compiled.past_key_values.self_attention_cache
     if num_beams == 1:  # transformers compiles the step of greedy search and sampling, not of beam search
@@ -338,7 +337,7 @@ def test_a_compiled_step_on_a_cpu_skips_the_module_guards_and_still_recompiles_f
         return kept[-1]
 
     monkeypatch.setattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", spy)
-    optimize_for_inference(model, compile=True)
+    optimize_for_inference(model, None, compile=True)
     compiled_call = model._compiled_call
     compiled = [model.generate(**batch, max_new_tokens=8) for batch in batches]
     assert model._compiled_call is compiled_call  # transformers decoded with it
@@ -370,7 +369,7 @@ def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eag
     if vnni and not int8_vnni.int8_vnni_available():
         pytest.skip("no AVX512-VNNI, or no build")
     if not vnni:
-        monkeypatch.setitem(int8_vnni._state, "available", False)
+        with_capabilities(monkeypatch, "avx512")  # a CPU without AVX512-VNNI
     kernel = "vnni" if vnni else "weight_only"
     batch = padded_batch([7, 4, 6], max_length=7)
     torch._dynamo.reset()
@@ -394,7 +393,7 @@ def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eag
 
 def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
     model = random_model(tiny_config)
-    with pytest.raises(ValueError, match=r"quantization='int4': must be one of None, 'int8', 'bf16'"):
+    with pytest.raises(ValueError, match=r"quantization='int4': must be one of 'auto', None, 'int8', 'bf16'"):
         optimize_for_inference(model, "int4")
     assert all(type(module) is not Int8Linear for module in model.modules())  # nothing changed
     model.save_pretrained(tmp_path)

@@ -134,7 +134,7 @@ def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_wi
         outputs[engine] = tmp_path / f"{engine}.txt"
         command = [sys.executable, "scripts/translate.py", "--model", str(folder), "--engine", engine, "--input",
                    str(source), "--output", str(outputs[engine]), "--num_beams", "4",
-                   "--max_new_tokens", "12"]  # fmt: skip
+                   "--max_new_tokens", "12", "--quantization", "none"]  # fmt: skip
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         reports[engine] = evaluate_saved_model(EvaluationArguments(

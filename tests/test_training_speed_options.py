@@ -1,15 +1,16 @@
 """The options that make a training step faster give the step they replace: bf16 autocast within bf16's tolerance
-with fp32 master weights, and torch.compile without a graph break in our model code; each refused where the machine
-cannot run it."""
+with fp32 master weights, and torch.compile without a graph break in our model code; compile refused where the machine
+cannot run it, emulated bf16 warned about; `--precision auto` choosing bf16 only where the CPU computes it."""
 
 import pytest
 import torch
 
 from hf_attention import HfAttentionForConditionalGeneration, training
 from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
-from hf_attention.run_translation import main
+from hf_attention.run_translation import main, parse_arguments
 
 from .conftest import padded_batch
+from .helpers import with_capabilities
 
 
 def training_batch() -> dict:
@@ -93,20 +94,52 @@ def test_the_loss_keeps_no_vocabulary_sized_tensor_beside_the_logits():
     assert vocabulary_sized == []  # nn.functional.cross_entropy keeps its (B·T, V) log-softmax here
 
 
+def test_torch_compile_is_refused_before_training_where_no_compiler_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="--torch_compile: torch.compile on CPU needs a C\\+\\+ compiler"):
+        main(["--toy_corpus", "--torch_compile", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_on_a_cpu_that_emulates_it_trains_after_one_warning_with_the_cost(tmp_path, monkeypatch):
+    with_capabilities(monkeypatch, "avx2")
+    with pytest.warns(UserWarning, match=r"--bf16: this CPU has no bf16 instructions .* emulated, .*slower"):
+        main(["--toy_corpus", "--toy_train_size", "50", "--toy_eval_size", "2", "--vocab_size", "120", "--bf16",
+              "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--save_strategy", "no",
+              "--generation_max_length", "4", "--test_before_training", "false"])  # fmt: skip
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
-    "flag, missing, message",
+    "cpu_class, arguments, bf16",
     [
-        ("--bf16", "bf16", "--bf16: this CPU has no bf16 instructions \\(AVX512-BF16 or AMX\\)"),
-        ("--torch_compile", "compiler", "--torch_compile: torch.compile on CPU needs a C\\+\\+ compiler"),
+        ("avx2", ["--precision", "auto"], False),
+        ("avx512-vnni", ["--precision", "auto"], False),
+        ("avx512-bf16", ["--precision", "auto"], True),
+        ("amx", ["--bf16", "auto"], True),
+        ("avx2", ["--bf16=auto"], False),
+        ("avx2", ["--precision", "bf16"], True),  # asked for: trains emulated, with the warning
+        ("avx512-bf16", ["--precision", "fp32"], False),
+        ("avx512-bf16", [], False),  # transformers' default: fp32 unless --bf16
+        ("avx2", ["--precision", "auto", "--bf16"], True),  # an explicit flag beside auto is the user's
     ],
 )
-def test_a_speed_option_the_machine_cannot_run_is_refused_before_training(tmp_path, monkeypatch, flag, missing,
-                                                                          message):  # fmt: skip
-    if missing == "bf16":
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    else:
-        monkeypatch.setattr(training.shutil, "which", lambda name: None)
-    with pytest.raises(SystemExit, match=message):
-        main(["--toy_corpus", flag, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
-    assert not (tmp_path / "out").exists()
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, cpu_class, arguments, bf16):
+    with_capabilities(monkeypatch, cpu_class)
+    _, _, training_args = parse_arguments(["--toy_corpus", *arguments])
+    assert training_args.bf16 is bf16 and not training_args.fp16
+    assert training_args.precision_used == ("bf16" if bf16 else "fp32")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--precision", "fp8"], "--precision fp8: choose one of auto, bf16, fp16, fp32"),
+        (["--precision", "fp32", "--bf16"], "--precision fp32 with --bf16: they contradict each other"),
+    ],
+)
+def test_a_bad_precision_is_refused_in_one_line(capsys, arguments, message):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--toy_corpus", *arguments])
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1

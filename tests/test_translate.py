@@ -12,7 +12,7 @@ import torch
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.translation import length_sorted_batches, main
 
-from .helpers import toy_tokenizer
+from .helpers import toy_tokenizer, with_capabilities
 
 ROOT = Path(__file__).parent.parent
 SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i see cats", "you count three hundred"]
@@ -57,7 +57,7 @@ def test_translations_come_out_in_input_order_as_generate_gives_them(tmp_path, m
     source.write_text("".join(f"{line}\n" for line in SOURCES), encoding="utf-8")
     output = tmp_path / "out.txt"
     main(["--model", str(model_dir), "--input", str(source), "--output", str(output), "--num_beams", "2",
-          "--max_new_tokens", "12", *batching])  # fmt: skip
+          "--max_new_tokens", "12", "--quantization", "none", *batching])  # fmt: skip
     assert output.read_text(encoding="utf-8").splitlines() == one_by_one(model_dir, num_beams=2)
     assert "translated 4 sentences" in capsys.readouterr().err
 
@@ -72,12 +72,34 @@ def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_d
     for engine in ("torch", "ctranslate2"):
         outputs[engine] = tmp_path / f"{engine}.txt"
         main(["--model", str(model_dir), "--input", str(source), "--output", str(outputs[engine]), "--engine", engine,
-              "--num_beams", "4", "--batch_size", "3"])  # fmt: skip
+              "--num_beams", "4", "--batch_size", "3", "--quantization", "none"])  # fmt: skip
     assert outputs["ctranslate2"].read_text() == outputs["torch"].read_text()
     assert list((tmp_path / "temporary").iterdir()) == []  # the export was deleted once loaded
     int8 = tmp_path / "int8.txt"
     main(["--model", str(model_dir), "--input", str(source), "--output", str(int8), "--quantization", "int8"])
     assert len(int8.read_text().splitlines()) == len(SOURCES)
+
+
+@pytest.mark.parametrize(
+    "cpu_class, arguments, setting",
+    [
+        ("avx2", [], "int8"),
+        ("avx512-bf16", ["--batch_size", "16", "--num_beams", "4"], "bfloat16"),
+        ("avx2", ["--quantization", "none"], "float32"),
+        ("avx2", ["--dtype", "bfloat16"], "bfloat16"),  # a dtype asked for is the user's precision
+    ],
+)
+def test_the_default_quantization_is_the_machines_choice_for_the_workload(
+    tmp_path, model_dir, monkeypatch, capsys, cpu_class, arguments, setting
+):
+    with_capabilities(monkeypatch, cpu_class)
+    source, output = tmp_path / "source.txt", tmp_path / "out.txt"
+    source.write_text("".join(f"{line}\n" for line in SOURCES), encoding="utf-8")
+    main(["--model", str(model_dir), "--input", str(source), "--output", str(output), "--max_new_tokens", "12",
+          "--progress", "false", *arguments])  # fmt: skip
+    log = capsys.readouterr().err
+    assert f"(torch, {setting}, cpu)" in log and f"{cpu_class} CPU (faked)" in log
+    assert len(output.read_text().splitlines()) == len(SOURCES)
 
 
 def test_the_ctranslate2_engine_decodes_with_the_generation_config_s_beams_and_length_penalty(tmp_path, model_dir):
@@ -109,7 +131,7 @@ def test_the_ctranslate2_engine_decodes_with_the_generation_config_s_beams_and_l
 def test_stdin_to_stdout_through_the_script(model_dir):
     result = subprocess.run(
         [sys.executable, "scripts/translate.py", "--model", str(model_dir), "--num_beams", "2", "--max_new_tokens",
-         "12", "--progress", "false"],
+         "12", "--progress", "false", "--quantization", "none"],
         cwd=ROOT, input="\n".join(SOURCES) + "\n", capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,7 +142,7 @@ def test_stdin_to_stdout_through_the_script(model_dir):
     "extra, message",
     [
         (["--engine", "onnxruntime"], "--engine onnxruntime: must be one of torch, ctranslate2"),
-        (["--quantization", "int4"], "--quantization int4: the torch engine offers int8 and bf16"),
+        (["--quantization", "int4"], "--quantization int4: the torch engine offers auto, int8 and bf16"),
         (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
         (["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
         (["--engine", "ctranslate2", "--compile", "true"], "--compile: compiles the torch engine's decoding step"),

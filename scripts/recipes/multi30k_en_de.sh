@@ -2,6 +2,7 @@
 # Multi30k En->De in under an hour on 2 CPU cores: the recipe of docs/multi30k.md (tokenizer, training, checkpoint
 # averaging and beam-4 scoring of test_2016_flickr included). Usage: bash scripts/recipes/multi30k_en_de.sh
 # [DATA_DIR (default ../shared/data/multi30k)] [OUTPUT_DIR (default runs/multi30k-en-de)] [extra train.py flags...]
+# Precision follows the machine (--precision auto): bf16 where the CPU computes it (AVX512-BF16, AMX), else fp32.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 source "$root/scripts/setup_env.sh"
@@ -15,5 +16,5 @@ python "$root/scripts/train.py" \
   --config_overrides "d_model=256,encoder_layers=3,decoder_layers=3,encoder_attention_heads=4,decoder_attention_heads=4,encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=512" \
   --max_steps 6500 --warmup_steps 300 --learning_rate 1e-3 --per_device_train_batch_size 64 \
   --test_before_training false \
-  --bf16 --logging_steps 100 --eval_strategy steps --eval_steps 1000 --max_eval_samples 200 \
+  --precision auto --logging_steps 100 --eval_strategy steps --eval_steps 1000 --max_eval_samples 200 \
   --per_device_eval_batch_size 64 --save_steps 250 --save_total_limit 5 --average_last_n_checkpoints 5 --seed 0 "$@"

@@ -1,0 +1,284 @@
+"""What this machine computes fast: one capability map, read once, that every precision and kernel choice consults.
+
+Speed on a CPU depends on instructions that differ between machines of the same architecture: int8 dot products
+(AVX512-VNNI, AVX-VNNI, Arm's dotprod), native bf16 arithmetic (AVX512-BF16, AMX, Arm's BF16) or none of them,
+where PyTorch emulates bf16 more slowly than it computes in fp32. `capabilities()` reads them once (from
+`/proc/cpuinfo`, or `sysctl` on macOS) with the CUDA devices, and `describe()` is the one line every job and
+benchmark logs.
+
+Masking: `ATEN_CPU_CAPABILITY=avx2` (PyTorch's own switch) or `HF_ATTENTION_CPU_CAPABILITY=avx2` make the map report
+an AVX2-only CPU, so that a run on an AVX-512 machine chooses what an AVX2 machine would (`default` masks AVX2 as well;
+`avx512` leaves the map as read). Tests build maps with `Capabilities.for_cpu_class` and install them with
+`set_capabilities`.
+"""
+
+import functools
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+CAPABILITY_VARIABLES = ("ATEN_CPU_CAPABILITY", "HF_ATTENTION_CPU_CAPABILITY")
+# The x86 flags above AVX2 that a mask to "avx2" removes (AVX-VNNI is an AVX2-class instruction and stays).
+AVX512_PREFIXES = ("avx512", "amx")
+AVX2_FLAGS = {"avx2", "fma", "avx_vnni"}
+
+# Each class's flags, as /proc/cpuinfo names them: what `for_cpu_class` fakes and `cpu_class` reports.
+CPU_CLASSES = {
+    "amx": {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"},
+    "avx512-bf16": {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"},
+    "avx512-vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"},
+    "avx512": {"avx2", "fma", "avx512f", "avx512bw"},
+    "avx2-vnni": {"avx2", "fma", "avx_vnni"},
+    "avx2": {"avx2", "fma"},
+    "x86": {"sse4_2"},
+    "arm-bf16": {"asimd", "asimddp", "bf16", "i8mm"},
+    "arm-dotprod": {"asimd", "asimddp"},
+    "arm": {"asimd"},
+}
+ARM_CLASSES = ("arm-bf16", "arm-dotprod", "arm")
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.compute_capability >= (8, 0)  # Ampere and newer
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The CPU's instruction-set features (as `/proc/cpuinfo` names them) and the CUDA devices."""
+
+    architecture: str  # "x86_64" or "aarch64"
+    cpu_model: str
+    cpu_flags: frozenset[str]
+    cuda_devices: tuple[CudaDevice, ...] = ()
+    masked_to: str | None = None  # the capability a mask limited the CPU to, if any
+
+    @classmethod
+    def for_cpu_class(cls, cpu_class: str, cuda_devices: tuple[CudaDevice, ...] = ()) -> "Capabilities":
+        """A map of a typical CPU of `cpu_class` (one of `CPU_CLASSES`), for tests and what-if choices."""
+        if cpu_class not in CPU_CLASSES:
+            raise ValueError(f"cpu_class={cpu_class!r}: must be one of {', '.join(CPU_CLASSES)}.")
+        architecture = "aarch64" if cpu_class in ARM_CLASSES else "x86_64"
+        return cls(architecture, f"{cpu_class} CPU (faked)", frozenset(CPU_CLASSES[cpu_class]), cuda_devices)
+
+    @property
+    def is_x86(self) -> bool:
+        return self.architecture in ("x86_64", "amd64", "i686")
+
+    @property
+    def is_arm(self) -> bool:
+        return self.architecture in ("aarch64", "arm64")
+
+    @property
+    def avx2(self) -> bool:
+        return self.is_x86 and "avx2" in self.cpu_flags
+
+    @property
+    def avx512(self) -> bool:
+        return self.is_x86 and {"avx512f", "avx512bw"} <= self.cpu_flags
+
+    @property
+    def avx512_vnni(self) -> bool:
+        return self.avx512 and "avx512_vnni" in self.cpu_flags
+
+    @property
+    def avx_vnni(self) -> bool:
+        return self.avx2 and "avx_vnni" in self.cpu_flags
+
+    @property
+    def arm_dotprod(self) -> bool:
+        return self.is_arm and "asimddp" in self.cpu_flags
+
+    @property
+    def int8_dot_products(self) -> bool:
+        """int8 products accumulated in 32 bits (VNNI, dotprod); without them fbgemm adds pairs in 16 bits."""
+        return self.avx512_vnni or self.avx_vnni or self.arm_dotprod
+
+    @property
+    def native_cpu_bf16(self) -> bool:
+        """bf16 arithmetic in hardware (AVX512-BF16, AMX, Arm BF16); elsewhere PyTorch emulates it, slower than
+        fp32."""
+        if self.is_x86:
+            return self.avx512 and bool({"avx512_bf16", "amx_bf16"} & self.cpu_flags)
+        return self.is_arm and "bf16" in self.cpu_flags
+
+    @property
+    def cpu_class(self) -> str:
+        """The first class of `CPU_CLASSES` whose flags this CPU has (the fastest it belongs to)."""
+        candidates = ARM_CLASSES if self.is_arm else [name for name in CPU_CLASSES if name not in ARM_CLASSES]
+        for name in candidates:
+            if CPU_CLASSES[name] <= self.cpu_flags:
+                return name
+        return "arm" if self.is_arm else "x86" if self.is_x86 else self.architecture
+
+    def describe(self) -> str:
+        """One line: the CPU, its class and the flags that decide our choices, and the GPUs."""
+        deciding = sorted(self.cpu_flags & set().union(*CPU_CLASSES.values()) - {"sse4_2"})
+        masked = f"; features above {self.masked_to} masked" if self.masked_to else ""
+        line = f"CPU: {self.cpu_model} ({self.cpu_class}{masked}: {' '.join(deciding) or 'no SIMD flags read'})"
+        if self.cuda_devices:
+            gpus = ", ".join(
+                f"{gpu.name} (sm_{''.join(map(str, gpu.compute_capability))})" for gpu in self.cuda_devices
+            )
+            line += f"; CUDA: {gpus}"
+        return line
+
+
+def mask(capabilities: Capabilities, level: str) -> Capabilities:
+    """The map as a CPU limited to `level` ("default", "avx2" or "avx512", ATEN_CPU_CAPABILITY's values) has it."""
+    level = level.strip().lower()
+    if not capabilities.is_x86 or level in ("", "avx512"):
+        return capabilities
+    if level not in ("default", "avx2"):
+        raise ValueError(f"CPU capability {level!r}: must be default, avx2 or avx512.")
+    kept = {flag for flag in capabilities.cpu_flags if not flag.startswith(AVX512_PREFIXES)}
+    if level == "default":
+        kept -= AVX2_FLAGS
+    return Capabilities(
+        capabilities.architecture, capabilities.cpu_model, frozenset(kept), capabilities.cuda_devices, level
+    )
+
+
+def read_cpu() -> tuple[str, str, frozenset[str]]:
+    """The architecture, CPU model and feature flags of this machine (Linux's /proc/cpuinfo, macOS' sysctl)."""
+    architecture = platform.machine().lower()
+    try:
+        model, flags = parse_cpuinfo(CPUINFO.read_text())
+    except OSError:
+        model, flags = platform.processor() or architecture, frozenset()
+        if platform.system() == "Darwin" and architecture == "arm64":
+            model, flags = _read_macos_arm()
+    return architecture, model or architecture, frozenset(flags)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """The first processor's model name and flags ("flags" on x86, "Features" on Arm) in /proc/cpuinfo's text."""
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def _read_macos_arm() -> tuple[str, frozenset[str]]:
+    """Apple silicon: every model has NEON and dotprod; sysctl says whether it has BF16 (M2 and later)."""
+
+    def sysctl(name: str) -> str:
+        try:
+            return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    flags = {"asimd", "asimddp"} | ({"bf16"} if sysctl("hw.optional.arm.FEAT_BF16") == "1" else set())
+    return sysctl("machdep.cpu.brand_string") or "Apple silicon", frozenset(flags)
+
+
+def read_cuda_devices() -> tuple[CudaDevice, ...]:
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(
+        CudaDevice(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+        for index in range(torch.cuda.device_count())
+    )
+
+
+@functools.cache
+def detect() -> Capabilities:
+    """This machine's map, read once per process, with the environment's masks applied."""
+    architecture, model, flags = read_cpu()
+    detected = Capabilities(architecture, model, flags, read_cuda_devices())
+    for variable in CAPABILITY_VARIABLES:
+        if os.environ.get(variable):
+            detected = mask(detected, os.environ[variable])
+    return detected
+
+
+_installed: list[Capabilities] = []
+
+
+def capabilities() -> Capabilities:
+    """The map every choice reads: the one `set_capabilities` installed, else this machine's."""
+    return _installed[-1] if _installed else detect()
+
+
+def set_capabilities(capabilities: Capabilities | None) -> None:
+    """Make every choice read `capabilities` (None: this machine's again). For tests and what-if benchmarks."""
+    _installed.clear()
+    if capabilities is not None:
+        _installed.append(capabilities)
+
+
+def describe() -> str:
+    return capabilities().describe()
+
+
+# Choices made from the map. Each rule cites the measurement it rests on (scripts/benchmark_generate.py and
+# scripts/benchmark_training.py, ratios against MarianMTModel fp32 in the same run; docs in the README).
+
+
+@dataclass(frozen=True)
+class InferenceChoice:
+    """What `optimize_for_inference(model, "auto", "auto")` does for one workload, and why (one line)."""
+
+    quantization: str | None  # None (as trained), "int8" or "bf16"
+    compile: bool
+    reason: str
+
+    def describe(self) -> str:
+        engine = (self.quantization or "fp32") + (" + compile" if self.compile else "")
+        return f"{engine} ({self.reason})"
+
+
+# From this many rows per decoding step (sentences × beams) bf16 products beat int8 ones on CPUs that compute bf16
+# natively: beam 4 of 16 sentences 2.88x MarianMTModel with bf16, 2.55x with int8 + compile (Zen 5).
+BF16_FROM_ROWS = 64
+
+
+def inference_choice(
+    device: str = "cpu", batch_size: int = 1, num_beams: int = 1, machine: Capabilities | None = None
+) -> InferenceChoice:
+    """The fastest measured quantization and compile setting for decoding `batch_size` sentences with `num_beams`
+    beams on `device`. Never a choice slower than fp32 there: emulated bf16 is never chosen."""
+    machine = machine or capabilities()
+    rows = max(1, batch_size) * max(1, num_beams)
+    if str(device).startswith("cuda"):
+        native = any(gpu.native_bf16 for gpu in machine.cuda_devices) or not machine.cuda_devices
+        if not native:
+            return InferenceChoice(None, False, "a GPU without bf16 tensor cores")
+        # transformers compiles greedy search and sampling, not beam search (H100: greedy 2.80x compiled).
+        return InferenceChoice(
+            "bf16", num_beams == 1, "GPU: bf16 tensor cores" + (", compiled greedy steps" if num_beams == 1 else "")
+        )
+    if machine.native_cpu_bf16 and rows >= BF16_FROM_ROWS:
+        return InferenceChoice("bf16", False, f"native bf16 and {rows} rows per step")
+    if machine.avx512_vnni:
+        # our VNNI kernel in a compiled static-cache step: greedy b1 3.18x, beam4 b1 2.04x, greedy b16 2.70x (Zen 5)
+        return InferenceChoice("int8", True, "AVX512-VNNI int8 kernel in a compiled step")
+    # AVX2, AVX-512 without VNNI, Arm (qnnpack): fbgemm's / qnnpack's dynamic int8, eager. On an AVX2 Zen 3 it beat
+    # int8 + compile at every workload (greedy b16 2.33x against 0.58x: compiled products fell back to emulated bf16).
+    return InferenceChoice("int8", False, "dynamic int8 kernels")
+
+
+def training_precision(device: str = "cpu", machine: Capabilities | None = None) -> str:
+    """ "bf16", "fp16" or "fp32": mixed precision only where the hardware computes it natively."""
+    machine = machine or capabilities()
+    if str(device).startswith("cuda"):
+        gpus = machine.cuda_devices
+        if not gpus or all(gpu.native_bf16 for gpu in gpus):
+            return "bf16"
+        return "fp16" if all(gpu.compute_capability >= (7, 0) for gpu in gpus) else "fp32"
+    return "bf16" if machine.native_cpu_bf16 else "fp32"

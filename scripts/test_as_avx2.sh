@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The inference and training tests as an AVX2-only CPU runs them, on any x86 CPU: PyTorch's, oneDNN's, MKL's and
+# CTranslate2's kernels limited to AVX2, and hf_attention's capability map masked to AVX2 (hf_attention.hardware), so
+# every choice (precision, int8 kernel, compile) is the one an AVX2 machine makes. Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/setup_env.sh"
+cd "$root"
+export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 CT2_FORCE_CPU_ISA=AVX2
+export HF_ATTENTION_CPU_CAPABILITY=avx2
+python -c "from hf_attention import hardware; print('as an AVX2 machine:', hardware.describe())"
+python -m pytest "$@" tests/test_hardware.py tests/test_inference.py tests/test_generation.py tests/test_translate.py \
+  tests/test_train.py tests/test_training_speed_options.py tests/test_benchmark_generate.py
