@@ -73,7 +73,7 @@ def run_worker(task: str, job_flags: list[str]) -> dict:
 
 
 def worker(task: str, job_flags: list[str]) -> dict:
-    from hf_attention import run_translation
+    from hf_attention.training import job as run_translation
 
     arguments = run_translation.parse_arguments(job_flags)
     if task == "preprocess":

@@ -71,7 +71,7 @@ def build_engine(engine: str, args: BenchmarkArguments, batch_size: int = 1, bea
     """The engine's model, on the device; every process builds the same weights from the same seed. "auto" is
     `optimize_for_inference`'s choice for this machine and the workload (`batch_size` sentences, `beams`)."""
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, optimize_for_inference
-    from hf_attention.marian_conversion import hf_attention_to_marian
+    from hf_attention.hub.marian_conversion import hf_attention_to_marian
 
     torch.manual_seed(0)
     config = HfAttentionConfig.from_preset(args.preset, vocab_size=args.vocab_size, dropout=0.0)
@@ -100,7 +100,7 @@ def ctranslate2_translator(model, compute_type: str, args: BenchmarkArguments):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    from hf_attention.ctranslate2_export import export_ctranslate2
+    from hf_attention.inference.ctranslate2_export import export_ctranslate2
 
     vocabulary = {f"t{index}": index for index in range(args.vocab_size)}
     names = {"pad_token": model.config.pad_token_id, "bos_token": model.config.bos_token_id,

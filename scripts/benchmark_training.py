@@ -97,8 +97,8 @@ def peak_rss_mb() -> float:
 
 def build_models(args: BenchmarkArguments):
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-    from hf_attention.marian_conversion import hf_attention_to_marian
-    from hf_attention.run_translation import parse_config_overrides
+    from hf_attention.hub.marian_conversion import hf_attention_to_marian
+    from hf_attention.training.arguments import parse_config_overrides
 
     torch.manual_seed(0)
     overrides = parse_config_overrides(args.config_overrides)
@@ -110,7 +110,7 @@ def build_models(args: BenchmarkArguments):
 def training_step_function(model, engine: str, args: BenchmarkArguments, total_steps: int):
     """One optimiser step of the paper's recipe on a batch; hf_attention under bf16 autocast if asked."""
     from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
-    from hf_attention.training import paper_learning_rate
+    from hf_attention.training.arguments import paper_learning_rate
 
     warmup = args.warmup_steps or max(1, total_steps // 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
@@ -205,8 +205,8 @@ def speed_and_memory(args: BenchmarkArguments) -> dict:
 def train_for_minutes(engine: str, args: BenchmarkArguments) -> dict:
     """Worker: train on real data for `args.minutes`, scoring validation BLEU at equal training times."""
     from hf_attention.data import read_parallel_corpus, tokenize_pairs
-    from hf_attention.evaluation import score_translations, translate
-    from hf_attention.tokenization import train_tokenizer
+    from hf_attention.data.tokenization import train_tokenizer
+    from hf_attention.metrics.evaluation import score_translations, translate
 
     data = Path(args.data)
     train, validation = (read_parallel_corpus(data / split, "en", "de") for split in ("train", "val"))

@@ -1,6 +1,6 @@
 """Translate a file with a trained model: `translate.py --model M --input FILE --output FILE` (see --help)."""
 
-from hf_attention.translation import main
+from hf_attention.inference.translate import main
 
 if __name__ == "__main__":
     main()

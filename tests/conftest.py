@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from hf_attention import HfAttentionConfig, run_translation
+from hf_attention import HfAttentionConfig
+from hf_attention.training import job as run_translation
 
 PAD, BOS, EOS = 0, 1, 2
 
-# Marian's conventions (see hf_attention.marian_conversion): split sinusoid, logits bias, a separate target vocabulary.
+# Marian's conventions (see hf_attention.hub.marian_conversion): split sinusoid, logits bias, a separate target
+# vocabulary.
 MARIAN_STYLE = {
     "sinusoidal_layout": "split",
     "add_final_logits_bias": True,

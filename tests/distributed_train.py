@@ -23,8 +23,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from hf_attention import run_translation
-from hf_attention.run_translation import parse_arguments, run
+from hf_attention.training import prepare
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import run
 
 WORK = {"tokenizer_trainings": 0, "map_results_written": 0}
 
@@ -74,8 +75,8 @@ class SaveParametersOnEveryRank(TrainerCallback):
 if __name__ == "__main__":
     if os.environ.get("HF_ATTENTION_FSDP_ON_CPU") == "1":
         fsdp_on_cpu_processes()
-    train_tokenizer = run_translation.train_tokenizer
-    run_translation.train_tokenizer = counting_train_tokenizer
+    train_tokenizer = prepare.train_tokenizer
+    prepare.train_tokenizer = counting_train_tokenizer
     arrow_dataset.ArrowWriter = CountingWriter
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     run(*parse_arguments(sys.argv[2:]), callbacks=[SaveParametersOnEveryRank(Path(sys.argv[1]))])

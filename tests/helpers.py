@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_attention import hardware
 from hf_attention.data import toy_translation_corpus
-from hf_attention.tokenization import train_tokenizer
+from hf_attention.data.tokenization import train_tokenizer
 
 ROOT = Path(__file__).parent.parent
 WITHOUT_HF_ATTENTION = 'import sys\nsys.modules["hf_attention"] = None  # as where hf_attention is not installed\n'

@@ -11,9 +11,10 @@ import sys
 
 from transformers import TrainerCallback
 
-from hf_attention import run_translation
-from hf_attention.run_translation import parse_arguments, run
-from hf_attention.training import CheckpointSafeSeq2SeqTrainer
+from hf_attention.training import job as run_translation
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import run
+from hf_attention.training.trainer import CheckpointSafeSeq2SeqTrainer
 
 
 def die(*args, **kwargs) -> None:

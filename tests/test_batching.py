@@ -6,7 +6,8 @@ import pytest
 from transformers import TrainerCallback
 
 from hf_attention.data.batching import TokenBatchSampler, padded_tokens
-from hf_attention.run_translation import main, parse_arguments, run
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import main, run
 
 rng = np.random.default_rng(0)
 SOURCE = rng.integers(2, 40, size=500).tolist()

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-from hf_attention.checkpoint_averaging import main as average
-from hf_attention.run_translation import main as train
+from hf_attention.training.checkpoint_averaging import main as average
+from hf_attention.training.job import main as train
 
 # A run of a few seconds on the toy corpus that saves a checkpoint every 2 steps.
 RUN = ["--toy_corpus", "--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-from hf_attention.ctranslate2_export import ExportError, export_ctranslate2
-from hf_attention.marian_conversion import convert_checkpoint
+from hf_attention.hub.marian_conversion import convert_checkpoint
+from hf_attention.inference.ctranslate2_export import export_ctranslate2
+from hf_attention.inference.errors import ExportError
 
 from .helpers import toy_tokenizer
 

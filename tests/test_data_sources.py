@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_attention.data.sources import CorpusRequest, DataSourceError, load_corpus
-from hf_attention.run_translation import main
+from hf_attention.training.job import main
 
 from .helpers import hub_environment
 from .hub_server import LocalHub

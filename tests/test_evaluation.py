@@ -11,7 +11,8 @@ import sacrebleu
 from transformers import EvalPrediction
 
 from hf_attention.data import toy_translation_corpus
-from hf_attention.evaluation import build_compute_metrics, load_metric, main, score_translations
+from hf_attention.inference.evaluate import main
+from hf_attention.metrics.evaluation import build_compute_metrics, load_metric, score_translations
 
 from .helpers import toy_tokenizer
 
@@ -97,7 +98,7 @@ def test_translations_stop_at_twice_the_source_length_plus_ten():
     import torch
 
     from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-    from hf_attention.evaluation import translate
+    from hf_attention.metrics.evaluation import translate
 
     tokenizer = toy_tokenizer()
     torch.manual_seed(0)

@@ -94,7 +94,7 @@ def test_int8_is_refused_on_cuda(tiny_config):
 
 def test_translate_command_on_cuda_gives_the_cpu_translations(tmp_path):
     from hf_attention import HfAttentionConfig
-    from hf_attention.translation import main
+    from hf_attention.inference.translate import main
 
     from .helpers import toy_tokenizer
 
@@ -119,7 +119,8 @@ def test_training_job_trains_in_bf16_on_the_gpu_and_the_saved_model_reloads(tmp_
     (the loss falls), and the saved model generates on the GPU after reloading."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerCallback
 
-    from hf_attention.run_translation import parse_arguments, run
+    from hf_attention.training.arguments import parse_arguments
+    from hf_attention.training.job import run
 
     from .test_train import QUICK
 

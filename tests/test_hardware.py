@@ -8,15 +8,10 @@ import warnings
 import pytest
 import torch
 
-from hf_attention import (
-    HfAttentionConfig,
-    HfAttentionForConditionalGeneration,
-    hardware,
-    int8_vnni,
-    optimize_for_inference,
-)
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.hardware import Capabilities, CudaDevice, inference_choice, training_precision
-from hf_attention.inference import Int8Linear, PrepackedLinear, model_is_compiled
+from hf_attention.inference import int8_vnni
+from hf_attention.inference.quantization import Int8Linear, PrepackedLinear, model_is_compiled
 
 from .helpers import with_capabilities
 

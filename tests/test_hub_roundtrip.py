@@ -182,7 +182,7 @@ def trained_folder(folder: Path) -> HfAttentionForConditionalGeneration:
 
 
 def test_publish_dry_run_lists_the_files_and_uploads_nothing(tmp_path, capsys):
-    from hf_attention.publishing import main
+    from hf_attention.hub.publishing import main
 
     trained_folder(tmp_path / "run")
     main(["alice/dry", str(tmp_path / "run"), "--dry_run"])
@@ -243,7 +243,7 @@ def test_the_training_job_publishes_what_the_publish_script_does(hub, tmp_path):
     assert 'from_pretrained("alice/trained"' in card and "fine-tuned version of []" not in card
     assert not any(path.startswith("checkpoint-") or path.endswith((".bin", ".pt", ".pth")) for path in files)
 
-    from hf_attention.publishing import PublishArguments, publish
+    from hf_attention.hub.publishing import PublishArguments, publish
 
     script_files = publish(PublishArguments(folder=str(tmp_path / "run"), repo_id="alice/trained", dry_run=True))
     assert sorted(path for path, _ in script_files) == sorted(path for path in files if path != ".gitattributes")

@@ -12,9 +12,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipeline
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, int8_vnni, optimize_for_inference
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.generation_hf_attention import GrowingCacheLayer
-from hf_attention.inference import (
+from hf_attention.inference import int8_vnni
+from hf_attention.inference.quantization import (
     DEQUANTIZE_FROM_ROWS,
     INT8_KERNELS,
     HfAttentionInt8Config,
@@ -166,7 +167,8 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
         raise RuntimeError("Error building extension 'hf_attention_int8_vnni'\nc++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with_capabilities(monkeypatch, "avx512-vnni")
+    vnni_machine = with_capabilities(monkeypatch, "avx512-vnni")
+    monkeypatch.setattr(hardware, "detect", lambda: vnni_machine)  # as on a CPU with the instructions: the build fails
     with pytest.warns(
         UserWarning, match=r"VNNI kernel did not build \(Error building extension 'hf_attention_int8_vnni'\)"
     ):

@@ -8,8 +8,10 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, PreTrainedConfig
 from transformers.testing_utils import CaptureLogger
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, marian_conversion
-from hf_attention.marian_conversion import (
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+from hf_attention.data.tokenization import train_tokenizer
+from hf_attention.hub import marian_conversion
+from hf_attention.hub.marian_conversion import (
     MARIAN_ONLY_FIELDS,
     SHARED_FIELDS,
     UnsupportedMarianOption,
@@ -17,7 +19,6 @@ from hf_attention.marian_conversion import (
     hf_attention_to_marian,
     marian_to_hf_attention,
 )
-from hf_attention.tokenization import train_tokenizer
 
 MARIAN_PAD, MARIAN_EOS = 58, 0  # opus-mt conventions: eos 0, pad (= decoder start) the last id
 

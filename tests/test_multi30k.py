@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hf_attention.data import read_parallel_corpus
-from hf_attention.run_translation import main
+from hf_attention.training.job import main
 
 MULTI30K = Path(os.environ.get("HF_ATTENTION_MULTI30K", Path(__file__).parent.parent.parent / "shared/data/multi30k"))
 

@@ -14,9 +14,9 @@ import torch
 from transformers import pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-from hf_attention.ctranslate2_export import ExportError
-from hf_attention.evaluation import EvaluationArguments, evaluate_saved_model
-from hf_attention.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
+from hf_attention.inference.errors import ExportError
+from hf_attention.inference.evaluate import EvaluationArguments, evaluate_saved_model
+from hf_attention.inference.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 
 from .helpers import toy_tokenizer
 

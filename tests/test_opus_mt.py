@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, MarianTokenizer
 
 from hf_attention.data import toy_translation_corpus
-from hf_attention.marian_conversion import convert_checkpoint
-from hf_attention.run_translation import main as train
+from hf_attention.hub.marian_conversion import convert_checkpoint
+from hf_attention.training.job import main as train
 
 from .helpers import hub_environment
 from .hub_server import LocalHub

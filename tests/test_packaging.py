@@ -26,7 +26,7 @@ USE_THE_INSTALLED_PACKAGE = textwrap.dedent(
     assert "site-packages" in hf_attention.__file__, hf_attention.__file__
     assert importlib.metadata.version("hf_attention") == hf_attention.__version__
     from hf_attention import OnnxModelForSeq2SeqLM, export_ctranslate2, export_onnx, optimize_for_inference
-    from hf_attention.int8_vnni import SOURCE
+    from hf_attention.inference.int8_vnni import SOURCE
     assert SOURCE.is_file() and "site-packages" in str(SOURCE), SOURCE  # the C++ source ships in the wheel
     assert round(score_translations(["we buy two dogs"], ["we buy two dogs"])["bleu"], 6) == 100.0
     main(["--toy_corpus", "--output_dir", sys.argv[1], "--max_steps", "2", "--vocab_size", "120",

@@ -12,7 +12,7 @@ from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, TranslationPipeline
-from hf_attention.run_translation import main
+from hf_attention.training.job import main
 
 from .helpers import run_without_hf_attention, toy_tokenizer
 

@@ -18,9 +18,10 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 from hf_attention.data import ParallelDataError, read_parallel_corpus
-from hf_attention.evaluation import main as evaluate_main
-from hf_attention.run_translation import main
-from hf_attention.training import CheckpointSafeSeq2SeqTrainer, PaperTrainingArguments, TokenLabelSmoother
+from hf_attention.inference.evaluate import main as evaluate_main
+from hf_attention.training.arguments import PaperTrainingArguments
+from hf_attention.training.job import main
+from hf_attention.training.trainer import CheckpointSafeSeq2SeqTrainer, TokenLabelSmoother
 
 ROOT = Path(__file__).parent.parent
 # A run of a few seconds: the toy corpus, a tiny vocabulary, short generations.

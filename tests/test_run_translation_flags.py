@@ -9,10 +9,12 @@ import pytest
 import yaml
 from datasets import Dataset, DatasetDict, arrow_dataset
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, run_translation
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
-from hf_attention.run_translation import main, parse_arguments
-from hf_attention.tokenization import train_tokenizer
+from hf_attention.data.tokenization import train_tokenizer
+from hf_attention.training import job as run_translation
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import main
 
 from .helpers import toy_tokenizer
 

@@ -6,10 +6,10 @@ from contextlib import nullcontext
 
 import pytest
 
-from hf_attention import run_translation
 from hf_attention.data import toy_translation_corpus
-from hf_attention.run_translation import main, parse_arguments, run
-from hf_attention.training import PaperTrainingArguments
+from hf_attention.training import job as run_translation
+from hf_attention.training.arguments import PaperTrainingArguments, parse_arguments
+from hf_attention.training.job import main, run
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from hf_attention import HfAttentionConfig
 from hf_attention.data import toy_translation_corpus
-from hf_attention.tokenization import train_tokenizer
+from hf_attention.data.tokenization import train_tokenizer
 
 
 def test_special_token_ids_match_the_config_defaults():

@@ -18,8 +18,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
-from hf_attention.run_translation import main, parse_arguments, run
-from hf_attention.training import (
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import main, run
+from hf_attention.training.trainer import (
     STAGING_DIR,
     CheckpointSafeSeq2SeqTrainer,
     FsdpUnsupportedError,

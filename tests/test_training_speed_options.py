@@ -5,9 +5,11 @@ cannot run it, emulated bf16 warned about; `--precision auto` choosing bf16 only
 import pytest
 import torch
 
-from hf_attention import HfAttentionForConditionalGeneration, training
+from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
-from hf_attention.run_translation import main, parse_arguments
+from hf_attention.training import arguments
+from hf_attention.training.arguments import parse_arguments
+from hf_attention.training.job import main
 
 from .conftest import padded_batch
 from .helpers import with_capabilities
@@ -95,7 +97,7 @@ def test_the_loss_keeps_no_vocabulary_sized_tensor_beside_the_logits():
 
 
 def test_torch_compile_is_refused_before_training_where_no_compiler_is_found(tmp_path, monkeypatch):
-    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    monkeypatch.setattr(arguments.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="--torch_compile: torch.compile on CPU needs a C\\+\\+ compiler"):
         main(["--toy_corpus", "--torch_compile", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
     assert not (tmp_path / "out").exists()

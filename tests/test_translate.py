@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-from hf_attention.translation import length_sorted_batches, main
+from hf_attention.inference.translate import length_sorted_batches, main
 
 from .helpers import toy_tokenizer, with_capabilities
 
@@ -109,7 +109,7 @@ def test_the_ctranslate2_engine_decodes_with_the_generation_config_s_beams_and_l
     from transformers import GenerationConfig
 
     from hf_attention import export_ctranslate2
-    from hf_attention.translation import load_engine
+    from hf_attention.inference.translate import load_engine
 
     exported = export_ctranslate2(model_dir, tmp_path / "ct2")
     GenerationConfig(num_beams=3, length_penalty=0.6).save_pretrained(exported)

@@ -1,10 +1,16 @@
-"""`pipeline("translation" | "translation_xx_to_yy" | "text2text-generation" | "summarization", model=...)` for
-hf_attention models, as transformers 4 users wrote it, once `hf_attention` is imported.
+"""What `import hf_attention` changes outside the package: the seq2seq pipelines that transformers 5 removed, and
+PEFT's default LoRA targets for our model type.
 
-transformers 5 removed these tasks: `pipeline()` raises "The task translation has been removed" before it consults
-its registry, and a saved config's `custom_pipelines` (which make the tasks work where hf_attention is not installed)
-ask for `trust_remote_code=True`. Importing hf_attention registers our pipeline classes, lifts the removal for these
-tasks, and has `pipeline()` use the installed classes for hf_attention models, so no remote code runs.
+Pipelines: `pipeline("translation" | "translation_xx_to_yy" | "text2text-generation" | "summarization", model=...)`
+for hf_attention models, as transformers 4 users wrote it. transformers 5 removed these tasks: `pipeline()` raises
+"The task translation has been removed" before it consults its registry, and a saved config's `custom_pipelines` (which
+make the tasks work where hf_attention is not installed) ask for `trust_remote_code=True`. Importing hf_attention
+registers our pipeline classes, lifts the removal for these tasks, and has `pipeline()` use the installed classes for
+hf_attention models, so no remote code runs.
+
+PEFT picks default LoRA target modules by `model_type` from its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`,
+which knows BART and T5 but not models outside transformers; importing hf_attention adds ours there when PEFT is
+installed, so `LoraConfig(task_type="SEQ_2_SEQ_LM")` needs no `target_modules`.
 """
 
 import functools
@@ -75,3 +81,16 @@ def register_pipelines() -> None:
         wrapped = _with_hf_attention_pipelines(transformers.pipelines.pipeline)
         transformers.pipelines.pipeline = wrapped
         transformers.pipeline = wrapped
+
+
+# Every projection of every attention: encoder self-, decoder self- and cross-attention (W^Q, W^K, W^V, W^O).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def register_peft_defaults(model_type: str) -> None:
+    """Declare our default LoRA targets to PEFT, if it is installed (it is optional)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError:
+        return
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, LORA_TARGET_MODULES)

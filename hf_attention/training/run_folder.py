@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from .checkpoint_io_hf_attention import swap_into_place
+from ..checkpoint_io_hf_attention import swap_into_place
 
 OLD_CHECKPOINTS = "checkpoints"  # where runs before hf_attention 0.9 kept them
 TRAINER_STATE = "trainer_state.json"

@@ -1,7 +1,7 @@
 // torch.ops.hf_attention.int8_vnni_matmul(rows, weight, weight_scale, weight_sums): the matrix product of a decoding
 // step with int8 weights on CPUs with AVX512-VNNI. Each input row is quantised to int8 (symmetric, its own scale) and
 // multiplied with VNNI's 4-way int8 dot products (vpdpbusd), which read the weights faster than torch's
-// _weight_int8pack_mm (which converts every weight to float first). See hf_attention/int8_vnni.py.
+// _weight_int8pack_mm (which converts every weight to float first). See hf_attention/inference/int8_vnni.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>

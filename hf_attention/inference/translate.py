@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
-from . import hardware
+from .. import hardware
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
-from .ctranslate2_export import ExportError, export_ctranslate2, import_ctranslate2
-from .inference import QUANTIZATIONS as TORCH_QUANTIZATIONS
-from .inference import model_is_compiled, optimize_for_inference
+from .ctranslate2_export import export_ctranslate2, import_ctranslate2
+from .errors import ExportError
+from .quantization import QUANTIZATIONS as TORCH_QUANTIZATIONS
+from .quantization import model_is_compiled, optimize_for_inference
 
 ENGINES = ("torch", "ctranslate2", "onnx")
 # With --compile left to "auto", files shorter than this decode uncompiled: compiling a step takes 20-40 s, longer than

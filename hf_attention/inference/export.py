@@ -5,7 +5,8 @@ decoder and decoder-with-past graphs; see onnx_export.py)."""
 import argparse
 import sys
 
-from .ctranslate2_export import QUANTIZATIONS, ExportError, export_ctranslate2
+from .ctranslate2_export import QUANTIZATIONS, export_ctranslate2
+from .errors import ExportError
 from .onnx_export import export_onnx
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, HfArgumentParser, PreTrainedModel
 
-from .checkpoint_io_hf_attention import replacing_folder
+from ..checkpoint_io_hf_attention import replacing_folder
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Config entries that differ between checkpoints of one model without changing what the weights mean.

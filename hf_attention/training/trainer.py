@@ -2,12 +2,10 @@
 checkpoints appear only once complete."""
 
 import copy
-import importlib.util
 import os
 import shutil
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from torch.utils.data import DataLoader
 from transformers import (
     PreTrainedModel,
     Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
     TrainerCallback,
     TrainerState,
 )
@@ -33,176 +30,11 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
-from . import hardware
+from ..data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
+from ..modeling_hf_attention import label_smoothed_cross_entropy
 from .checkpoint_averaging import average_into_model, average_state_dicts
-from .data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
-from .modeling_hf_attention import label_smoothed_cross_entropy
 
 STAGING_DIR = ".checkpoint-staging"
-
-
-def paper_learning_rate(d_model: int, warmup_steps: int) -> float:
-    """Peak of lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (eq. 3), reached at step = warmup.
-
-    transformers' "inverse_sqrt" schedule warms up linearly to this peak and then decays as sqrt(warmup / step),
-    which is eq. 3 exactly.
-    """
-    return d_model**-0.5 * warmup_steps**-0.5
-
-
-@dataclass
-class PaperTrainingArguments(Seq2SeqTrainingArguments):
-    """`Seq2SeqTrainingArguments` whose defaults are the paper's recipe; every value stays overridable.
-
-    Adam(β1=0.9, β2=0.98, ε=1e-9) with no weight decay, eq. 3's schedule (`inverse_sqrt` with warm-up; the peak
-    learning rate is d_model^-0.5 · warmup^-0.5 unless `learning_rate` is given), label smoothing 0.1, beam search
-    when evaluating.
-    """
-
-    output_dir: str | None = field(default="runs/demo", metadata={"help": "Where the model, card and curves go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace what output_dir already holds."})
-    learning_rate: float = field(
-        default=0.0, metadata={"help": "Peak learning rate; 0 means eq. 3's d_model^-0.5 * warmup_steps^-0.5."}
-    )
-    learning_rate_scale: float = field(default=1.0, metadata={"help": "Multiplies eq. 3's peak learning rate."})
-    adam_beta2: float = field(default=0.98, metadata={"help": "Adam's β2 (§5.3: 0.98)."})
-    adam_epsilon: float = field(default=1e-9, metadata={"help": "Adam's ε (§5.3: 1e-9)."})
-    lr_scheduler_type: str = field(
-        default="inverse_sqrt", metadata={"help": "Learning-rate schedule; inverse_sqrt with warm-up is eq. 3."}
-    )
-    warmup_steps: float = field(default=4000, metadata={"help": "Warm-up steps of eq. 3 (the paper: 4000)."})
-    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing ε_ls (§5.4: 0.1)."})
-    predict_with_generate: bool = field(
-        default=True, metadata={"help": "Evaluate by generating translations (BLEU, chrF), not only the loss."}
-    )
-    generation_num_beams: int | None = field(default=4, metadata={"help": "Beam size when evaluating (§6.1: 4)."})
-    generation_max_length: int | None = field(
-        default=128, metadata={"help": "Most generated tokens when evaluating (saved as max_new_tokens)."}
-    )
-    generation_length_penalty: float = field(
-        default=0.6,
-        metadata={
-            "help": "Beam search length penalty α (§6.1: 0.6); saved in the generation config. Differs from paper: "
-            "transformers divides scores by length^α where GNMT's penalty is ((5 + length) / 6)^α."
-        },
-    )
-    generation_max_new_tokens_over_source: int = field(
-        default=50, metadata={"help": "Translations stop at source length + this many tokens (§6.1: 50)."}
-    )
-    max_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Batches of at most this many tokens per side, padding included, instead of "
-            "--per_device_train_batch_size sentences (fairseq's --max-tokens; the paper: ~25000)."
-        },
-    )
-    average_last_n_checkpoints: int = field(
-        default=0,
-        metadata={
-            "help": "The final model averages the last N saved checkpoints (§6.1: 5); 0 keeps the last weights."
-        },
-    )
-    report_to: None | str | list[str] = field(
-        default="none", metadata={"help": "Where to report metrics (none, all, tensorboard, wandb, ...)."}
-    )
-    dataloader_pin_memory: bool = field(
-        default=False, metadata={"help": "Pin host memory of batches (helps only when training on a GPU)."}
-    )
-
-    precision: str | None = field(
-        default=None,
-        metadata={
-            "help": "auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16, AMX or Arm BF16; "
-            "Ampere and newer GPUs), fp16 on older GPUs, fp32 elsewhere (hf_attention.hardware); or bf16, fp16, "
-            "fp32. Default: as --bf16 / --fp16 say, fp32 without them. --bf16 auto means --precision auto."
-        },
-    )
-
-    def __post_init__(self):
-        # On a machine without an accelerator, say so: transformers otherwise treats a multi-process launch
-        # (accelerate launch, torchrun) as N unrelated single-process runs, and refuses bf16 autocast on CPU.
-        if not torch.accelerator.is_available():
-            self.use_cpu = True
-        if self.precision is not None:
-            chosen = chosen_precision(self.precision, self.bf16, self.fp16, self.training_device)
-            self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
-        super().__post_init__()
-
-    @property
-    def training_device(self) -> str:
-        """ "cuda" or "cpu": where this run's model trains (what `--precision auto` chooses for)."""
-        return "cuda" if torch.cuda.is_available() and not self.use_cpu else "cpu"
-
-    @property
-    def precision_used(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
-
-    def resolve_learning_rate(self, d_model: int) -> None:
-        """Fill in eq. 3's peak learning rate for this model width (once `d_model` is known)."""
-        if self.learning_rate <= 0:
-            peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps)))
-            self.learning_rate = peak * self.learning_rate_scale
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def chosen_precision(precision: str, bf16: bool, fp16: bool, device: str) -> str:
-    """--precision resolved: "auto" is `hardware.training_precision` for `device`; a value that contradicts
-    --bf16 / --fp16 is refused.
-
-    Raises:
-        ValueError: an unknown precision, or one that --bf16 / --fp16 contradicts (named in one line).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
-    chosen = hardware.training_precision(device) if precision == "auto" else precision
-    for flag, given in (("bf16", bf16), ("fp16", fp16)):
-        if given and chosen != flag and precision != "auto":
-            raise ValueError(f"--precision {precision} with --{flag}: they contradict each other; give one.")
-    if precision == "auto" and (bf16 or fp16):
-        return "bf16" if bf16 else "fp16"  # an explicit flag beside auto is the user's choice
-    return chosen
-
-
-# scripts/benchmark_training.py --quick (Transformer-base, 2 cores), hf_attention tokens/s, bf16 against fp32: an
-# AVX-512 Xeon without AVX512-BF16, 294 against 1,016; the same CPU limited to AVX2 (ATEN_CPU_CAPABILITY,
-# ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), 17 against 745.
-EMULATED_BF16_TRAINING_COST = (
-    "3.5x slower than fp32 on an AVX-512 CPU and over 40x on an AVX2 one (Transformer-base training, measured)"
-)
-
-
-def unsupported_speed_options(args: Seq2SeqTrainingArguments) -> list[str]:
-    """Why `--bf16` or `--torch_compile` cannot work on this machine (empty when both can), before training starts.
-
-    `torch.compile` needs a C++ compiler for its generated kernels on a CPU and Triton on CUDA; on CUDA, bf16 needs
-    an Ampere or newer GPU. On a CPU without bf16 instructions (AVX512-BF16, AMX, Arm BF16; `hardware`) bf16 runs,
-    emulated and slower than fp32: that gets one warning with the measured cost, not a refusal.
-    """
-    problems = []
-    on_cuda = torch.cuda.is_available() and not args.use_cpu
-    if args.bf16:
-        if on_cuda and not torch.cuda.is_bf16_supported():
-            problems.append(f"--bf16: the GPU ({torch.cuda.get_device_name()}) has no bf16 support; use --fp16.")
-        elif not on_cuda and not hardware.capabilities().native_cpu_bf16:
-            warnings.warn(
-                f"--bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so bf16 is emulated, "
-                f"{EMULATED_BF16_TRAINING_COST}; --precision auto chooses fp32 here.",
-                stacklevel=2,
-            )
-    if args.torch_compile:
-        if on_cuda and importlib.util.find_spec("triton") is None:
-            problems.append("--torch_compile: torch.compile on a GPU needs Triton (pip install triton).")
-        elif not on_cuda and not any(shutil.which(name) for name in CXX_COMPILERS):
-            problems.append(
-                f"--torch_compile: torch.compile on CPU needs a C++ compiler, and none of {', '.join(CXX_COMPILERS)} "
-                "is on PATH; install one (e.g. apt install g++) or drop the flag."
-            )
-    return problems
-
-
-CXX_COMPILERS = (os.environ.get("CXX") or "g++", "c++", "clang++")
 
 
 @dataclass

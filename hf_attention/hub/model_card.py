@@ -6,7 +6,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_hf_attention import HfAttentionConfig
+from ..configuration_hf_attention import HfAttentionConfig
 
 TEMPLATE = Path(__file__).parent / "model_card_template.md"
 
@@ -87,7 +87,7 @@ class ModelCardFacts:
 
     @classmethod
     def from_run(cls, summary, model_args, data_args, training_args, config: HfAttentionConfig) -> "ModelCardFacts":
-        """The facts of a finished run (`hf_attention.run_translation.RunSummary` and its arguments)."""
+        """The facts of a finished run (`hf_attention.training.job.RunSummary` and its arguments)."""
         terms, license = data_terms_and_license(data_args)
         hyperparameters = []
         for name in REPORTED_HYPERPARAMETERS:

@@ -30,11 +30,11 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
-from .checkpoint_io_hf_attention import replacing_folder
-from .configuration_hf_attention import HfAttentionConfig
-from .ctranslate2_export import ExportError
-from .generation_hf_attention import with_source_length_limit
-from .modeling_hf_attention import HfAttentionForConditionalGeneration
+from ..checkpoint_io_hf_attention import replacing_folder
+from ..configuration_hf_attention import HfAttentionConfig
+from ..generation_hf_attention import with_source_length_limit
+from ..modeling_hf_attention import HfAttentionForConditionalGeneration
+from .errors import ExportError
 
 GRAPHS = ("encoder.onnx", "decoder.onnx", "decoder_with_past.onnx")
 

@@ -25,10 +25,10 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, HfArgumentParser, MarianConfig, MarianMTModel
 from transformers.utils import logging
 
-from . import __version__
-from .checkpoint_io_hf_attention import replacing_folder
-from .configuration_hf_attention import HfAttentionConfig
-from .modeling_hf_attention import HfAttentionForConditionalGeneration, SinusoidalPositionalEncoding
+from .. import __version__
+from ..checkpoint_io_hf_attention import replacing_folder
+from ..configuration_hf_attention import HfAttentionConfig
+from ..modeling_hf_attention import HfAttentionForConditionalGeneration, SinusoidalPositionalEncoding
 
 logger = logging.get_logger(__name__)
 

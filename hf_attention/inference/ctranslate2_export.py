@@ -17,18 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from .checkpoint_io_hf_attention import replacing_folder
-from .modeling_hf_attention import HfAttentionForConditionalGeneration
+from ..checkpoint_io_hf_attention import replacing_folder
+from ..modeling_hf_attention import HfAttentionForConditionalGeneration
+from .errors import ExportError
 
 QUANTIZATIONS = (None, "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
                  "float32")  # fmt: skip
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "gelu_new": "GELUTanh", "gelu_pytorch_tanh": "GELUTanh",
                "silu": "SWISH", "swish": "SWISH"}  # fmt: skip
 LAYER_NORM_EPSILON = 1e-5  # nn.LayerNorm's, which the model uses and CTranslate2's layer norm assumes
-
-
-class ExportError(ValueError):
-    """A model, option or environment that the export cannot serve (named in one line)."""
 
 
 def import_ctranslate2():

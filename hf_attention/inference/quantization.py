@@ -35,7 +35,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import hardware
+from .. import hardware
 from .int8_vnni import int8_vnni_available
 
 logger = logging.get_logger(__name__)
@@ -261,7 +261,7 @@ def fuse_self_attention_projections(model: nn.Module) -> None:
     decoding step makes 37 int8 products instead of 49, and one 1536×512 product takes 37 µs where three 512×512 take
     44 µs. The three layers stay (they are what is saved and loaded; the fused copy is taken again after
     `load_state_dict`), so self-attention's int8 weights are held twice: 9 MB for Transformer-base."""
-    from .modeling_hf_attention import MultiHeadAttention
+    from ..modeling_hf_attention import MultiHeadAttention
 
     for name, module in model.named_modules():
         if isinstance(module, MultiHeadAttention) and name.rsplit(".", 1)[-1] == "self_attn":

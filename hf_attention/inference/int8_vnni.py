@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import hardware
+from .. import hardware
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_vnni.cpp"
 # "built": whether the operation is registered in this process; "usable": the last answer of int8_vnni_available()

@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 
-from . import __version__
+from .. import __version__
 from .model_card import ModelCardFacts, write_model_card
 
 EXTRA_FILES = ("README.md", "training_curves.png", "results.json")
