@@ -13,6 +13,7 @@ from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
 from hf_attention.data.tokenization import train_tokenizer
 from hf_attention.training import job as run_translation
+from hf_attention.training import prepare
 from hf_attention.training.arguments import parse_arguments
 from hf_attention.training.job import main
 
@@ -189,7 +190,7 @@ def test_preprocessing_is_done_once_and_cached(tmp_path, monkeypatch):
         return train_tokenizer(*args, **kwargs)
 
     monkeypatch.setattr(arrow_dataset, "ArrowWriter", RecordingWriter)
-    monkeypatch.setattr(run_translation, "train_tokenizer", recording_train_tokenizer)
+    monkeypatch.setattr(prepare, "train_tokenizer", recording_train_tokenizer)
     again = run_translation.prepare_data(model_args, data_args, training_args, phases)
     assert calls == []
     assert again.train_dataset["input_ids"] == first.train_dataset["input_ids"]

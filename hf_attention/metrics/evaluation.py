@@ -20,7 +20,7 @@ from ..inference.translate import TorchEngine, translate_sentences
 METRICS_DIR = Path(__file__).parent
 
 
-HELPER_MODULES = ("__init__", "sacrebleu_inputs")  # in metrics/, but not metrics
+HELPER_MODULES = ("__init__", "evaluation", "sacrebleu_inputs")  # in metrics/, but not metrics
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
