@@ -8,6 +8,8 @@ Section map (paper -> code, in file order):
     §3.5   positional encoding            -> `SinusoidalPositionalEncoding`, `LearnedPositionalEmbedding`
     §3.1   encoder and decoder layers     -> `EncoderLayer`, `DecoderLayer`; stacks `HfAttentionEncoder`/`Decoder`
     §3.4   pre-softmax linear projection  -> `HfAttentionForConditionalGeneration.lm_head`
+    §5.4   residual dropout; label smoothing -> `SublayerConnection`; `label_smoothed_cross_entropy` (loss file)
+    input checks                          -> the last section: each input named when it is wrong
 
 Shape legend: B batch, S source length, T target length, K key length, D d_model, H heads, Dh = D/H,
 F ffn dim, V vocab.
@@ -40,6 +42,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .checkpoint_io_hf_attention import CheckpointIOMixin
 from .configuration_hf_attention import HfAttentionConfig
 from .generation_hf_attention import HfAttentionGenerationMixin
+from .loss_hf_attention import label_smoothed_cross_entropy
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -417,44 +420,6 @@ class HfAttentionPreTrainedModel(CheckpointIOMixin, PreTrainedModel):
         return embeddings
 
 
-def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    """Fail with the argument's name instead of an index error deep inside an embedding lookup."""
-    if ids.dim() != 2:
-        raise ValueError(f"`{name}` must have shape (batch, length), got shape {tuple(ids.shape)}.")
-    if ids.is_floating_point():
-        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
-    _check_not_empty(name, ids.shape)
-    if ids.numel() and not is_torchdynamo_compiling():
-        low, high = torch.aminmax(ids)
-        if low < 0 or high >= vocab_size:
-            raise ValueError(
-                f"`{name}` holds ids in [{int(low)}, {int(high)}], outside the vocabulary [0, {vocab_size})."
-            )
-
-
-def _check_padding_mask(name: str, mask: torch.Tensor | None, batch_size: int, length: int, of: str) -> None:
-    if mask is not None and mask.dim() == 2 and tuple(mask.shape) != (batch_size, length):
-        raise ValueError(
-            f"`{name}` must have shape (batch, length) = {(batch_size, length)} to match {of}, "
-            f"got {tuple(mask.shape)}."
-        )
-    if mask is not None and mask.dim() not in (2, 4):
-        raise ValueError(f"`{name}` must be 2-D (batch, length) or a 4-D mask, got shape {tuple(mask.shape)}.")
-
-
-def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
-    if embeds.dim() != 3 or embeds.shape[-1] != d_model:
-        raise ValueError(f"`{name}` must have shape (batch, length, d_model={d_model}), got {tuple(embeds.shape)}.")
-    _check_not_empty(name, embeds.shape)
-
-
-def _check_not_empty(name: str, shape: torch.Size) -> None:
-    if 0 in shape[:2]:
-        raise ValueError(
-            f"`{name}` is empty (shape {tuple(shape)}): pass at least one sequence of at least one token."
-        )
-
-
 class TransformerStack(HfAttentionPreTrainedModel):
     """What the encoder and decoder stacks share: token and position embeddings, their dropout, the final norm."""
 
@@ -752,78 +717,6 @@ class HfAttentionModel(HfAttentionPreTrainedModel):
         )
 
 
-class SummedLabelSmoothedCrossEntropy(torch.autograd.Function):
-    """Σ over target tokens of (1 - ε)·(-log p_y) + ε·mean_j(-log p_j), computed a block of rows at a time.
-
-    `nn.functional.cross_entropy` keeps a (B·T, V) log-softmax for the backward pass and builds two more (B·T, V)
-    tensors in it; here only the logits and one log-sum-exp per row are kept, and the backward pass writes
-    softmax − smoothed target straight into the gradient, so no (B·T, V) float tensor exists beside the logits and
-    their gradient. Blocks are computed in float32 whatever the logits' dtype (bf16 under autocast).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """Args: logits: (N, V); labels: (N,), -100 where no token is predicted. Returns: the summed loss."""
-        valid = labels.ne(-100)
-        labels = labels.clamp(min=0)
-        rows_per_block = max(1, 2**22 // logits.shape[-1])  # about 16 MB of float32 at a time
-        log_normalizers = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], rows_per_block):
-            block = slice(start, start + rows_per_block)
-            rows = logits[block].float()  # (n, V)
-            log_normalizer = torch.logsumexp(rows, dim=-1)  # log Σ_j exp z_j: (n,)
-            target = rows.gather(1, labels[block, None]).squeeze(1)  # z_y: (n,)
-            per_token = (1 - epsilon) * (log_normalizer - target) + epsilon * (log_normalizer - rows.mean(dim=-1))
-            total += per_token.masked_fill(~valid[block], 0.0).sum()
-            log_normalizers[block] = log_normalizer
-        ctx.save_for_backward(logits, labels, valid, log_normalizers)
-        ctx.epsilon, ctx.rows_per_block = epsilon, rows_per_block
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        logits, labels, valid, log_normalizers = ctx.saved_tensors
-        epsilon, vocab_size = ctx.epsilon, logits.shape[-1]
-        grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.rows_per_block):
-            block = slice(start, start + ctx.rows_per_block)
-            gradient = torch.exp(logits[block].float() - log_normalizers[block, None])  # softmax: (n, V)
-            gradient -= epsilon / vocab_size
-            gradient.scatter_add_(1, labels[block, None], gradient.new_full((gradient.shape[0], 1), epsilon - 1))
-            gradient *= valid[block, None] * grad_total
-            grad_logits[block] = gradient
-        return grad_logits, None, None
-
-
-def label_smoothed_cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of the target tokens, label-smoothed with ε_ls = `label_smoothing` (§5.4), per target token.
-
-    Labels are aligned with the logits (the decoder inputs are the shifted labels), so there is no causal-LM shift.
-    The summed loss is divided by `num_items_in_batch` when `Trainer` passes it (every target token of the update,
-    across gradient accumulation and processes), else by the target tokens in `labels`. A batch without any target
-    token (all labels -100) gives 0 and zero gradients, where a plain mean gives 0 / 0 = NaN and poisons training.
-
-    Args:
-        logits: (B, T, V). labels: (B, T), -100 where no token is predicted.
-    """
-    loss = SummedLabelSmoothedCrossEntropy.apply(
-        logits.flatten(0, 1),
-        labels.flatten().to(logits.device),
-        label_smoothing,  # (B·T, V), (B·T,)
-    )
-    if num_items_in_batch is None:
-        num_items_in_batch = labels.ne(-100).sum()
-    if torch.is_tensor(num_items_in_batch):
-        return loss / num_items_in_batch.to(loss.device).clamp(min=1)
-    return loss / max(num_items_in_batch, 1)
-
-
 class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, HfAttentionGenerationMixin):
     """The full Transformer of Figure 1: encoder-decoder, then the linear projection and softmax over the vocabulary.
 
@@ -889,8 +782,8 @@ class HfAttentionForConditionalGeneration(HfAttentionPreTrainedModel, HfAttentio
             labels: target ids (B, T); -100 marks positions left out of the loss. Without `decoder_input_ids`
                 they are shifted right to build them (teacher forcing).
             kwargs: `num_items_in_batch` (passed by `Trainer`) turns the loss into a sum divided by that count,
-                so gradient accumulation and multi-process training average over all target tokens.
-            (other arguments as `HfAttentionModel.forward`)
+                so gradient accumulation and multi-process training average over all target tokens. The other
+                arguments are `HfAttentionModel.forward`'s.
 
         Returns:
             `Seq2SeqLMOutput` with `logits` (B, T, V) and `loss`.
@@ -963,3 +856,44 @@ __all__ = [
     "HfAttentionEncoder",
     "HfAttentionDecoder",
 ]
+
+
+# Input checks: a wrong input fails with the argument's name and what was expected, not deep inside a layer.
+
+
+def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Fail with the argument's name instead of an index error deep inside an embedding lookup."""
+    if ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape (batch, length), got shape {tuple(ids.shape)}.")
+    if ids.is_floating_point():
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+    _check_not_empty(name, ids.shape)
+    if ids.numel() and not is_torchdynamo_compiling():
+        low, high = torch.aminmax(ids)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"`{name}` holds ids in [{int(low)}, {int(high)}], outside the vocabulary [0, {vocab_size})."
+            )
+
+
+def _check_padding_mask(name: str, mask: torch.Tensor | None, batch_size: int, length: int, of: str) -> None:
+    if mask is not None and mask.dim() == 2 and tuple(mask.shape) != (batch_size, length):
+        raise ValueError(
+            f"`{name}` must have shape (batch, length) = {(batch_size, length)} to match {of}, "
+            f"got {tuple(mask.shape)}."
+        )
+    if mask is not None and mask.dim() not in (2, 4):
+        raise ValueError(f"`{name}` must be 2-D (batch, length) or a 4-D mask, got shape {tuple(mask.shape)}.")
+
+
+def _check_embeddings(name: str, embeds: torch.Tensor, d_model: int) -> None:
+    if embeds.dim() != 3 or embeds.shape[-1] != d_model:
+        raise ValueError(f"`{name}` must have shape (batch, length, d_model={d_model}), got {tuple(embeds.shape)}.")
+    _check_not_empty(name, embeds.shape)
+
+
+def _check_not_empty(name: str, shape: torch.Size) -> None:
+    if 0 in shape[:2]:
+        raise ValueError(
+            f"`{name}` is empty (shape {tuple(shape)}): pass at least one sequence of at least one token."
+        )

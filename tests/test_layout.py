@@ -99,7 +99,7 @@ def test_no_module_outgrows_one_job():
         path.name: lines for path, lines in sizes.items() if lines > 600 and path.name != "modeling_hf_attention.py"
     }
     assert too_long == {}
-    assert sizes[PACKAGE / "modeling_hf_attention.py"] < 1000
+    assert sizes[PACKAGE / "modeling_hf_attention.py"] < 900
 
 
 def test_the_package_top_shows_the_architecture():
