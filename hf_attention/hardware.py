@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+# The dtypes a user names (--dtype of the training job and of translate.py): the one table of them.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 CPUINFO = Path("/proc/cpuinfo")
 CAPABILITY_VARIABLES = ("ATEN_CPU_CAPABILITY", "HF_ATTENTION_CPU_CAPABILITY")
 # The x86 flags above AVX2 that a mask to "avx2" removes (AVX-VNNI is an AVX2-class instruction and stays).

@@ -27,17 +27,26 @@ def padded_tokens(source_lengths: Sequence[int], target_lengths: Sequence[int]) 
 
 
 def cut_into_batches(
-    longer_side: np.ndarray, max_tokens: int, generator: np.random.Generator | None
+    longer_side: Sequence[int] | np.ndarray,
+    max_tokens: int | None,
+    generator: np.random.Generator | None = None,
+    max_rows: int | None = None,
+    longest_first: bool = False,
 ) -> list[list[int]]:
-    """Indices of `longer_side` (each pair's longer side, in tokens) in batches of at most `max_tokens` padded tokens:
-    shuffled (when a `generator` is given, so that it breaks ties between equal lengths), sorted by length, cut
-    greedily, and the batches shuffled, so that neighbouring steps see different lengths."""
+    """Indices of `longer_side` (each pair's longer side, in tokens) in batches of at most `max_tokens` padded tokens
+    and at most `max_rows` rows: shuffled (when a `generator` is given, so that it breaks ties between equal lengths),
+    sorted by length (`longest_first` for translating, so that the slowest batch shows first), cut greedily, and the
+    batches shuffled when there is a generator, so that neighbouring training steps see different lengths. A pair
+    longer than `max_tokens` goes alone. The one batch cutter of the package: training's token batches and
+    `translate.py`'s batches both come from here."""
+    longer_side = np.asarray(longer_side)
     order = generator.permutation(len(longer_side)) if generator is not None else np.arange(len(longer_side))
-    order = order[np.argsort(longer_side[order], kind="stable")]
+    order = order[np.argsort(-longer_side[order] if longest_first else longer_side[order], kind="stable")]
     batches, current, longest = [], [], 0
     for index in order.tolist():
         length = int(longer_side[index])
-        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+        too_many_tokens = max_tokens is not None and max(longest, length) * (len(current) + 1) > max_tokens
+        if current and (too_many_tokens or (max_rows is not None and len(current) >= max_rows)):
             batches.append(current)
             current, longest = [], 0
         current.append(index)

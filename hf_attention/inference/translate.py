@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
 from .. import hardware
+from ..data.batching import cut_into_batches
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
 from .ctranslate2_export import export_ctranslate2, import_ctranslate2
 from .errors import ExportError
@@ -35,7 +36,7 @@ ENGINES = ("torch", "ctranslate2", "onnx")
 # With --compile left to "auto", files shorter than this decode uncompiled: compiling a step takes 20-40 s, longer than
 # decoding a short file takes (Multi30k's 1,000 test sentences, beam 4: 12-14 s in every engine).
 COMPILE_FROM_SENTENCES = 1000
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = hardware.DTYPES
 
 
 class TranslationError(ValueError):
@@ -44,22 +45,10 @@ class TranslationError(ValueError):
 
 def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Indices of the sentences, longest first, in batches of at most `batch_size` sentences, or (with `max_tokens`)
-    of at most `max_tokens` padded tokens (sentences × the longest). A sentence longer than `max_tokens` goes alone."""
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    batches, current = [], []
-    for index in order:
-        full = (
-            len(current) * lengths[current[0]] + lengths[current[0]] > max_tokens
-            if max_tokens and current
-            else len(current) >= batch_size
-        )
-        if current and full:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+    of at most `max_tokens` padded tokens (sentences × the longest): `data.batching.cut_into_batches`."""
+    if max_tokens:
+        return cut_into_batches(lengths, max_tokens, longest_first=True)
+    return cut_into_batches(lengths, None, max_rows=batch_size, longest_first=True)
 
 
 def read_lines(path: str) -> list[str]:

@@ -390,7 +390,7 @@ class TrainingArgumentError(ValueError):
 ATTENTION_KERNELS = ["eager", *(name for name in ALL_ATTENTION_FUNCTIONS if "|" not in name)]
 
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": None, **hardware.DTYPES}  # auto: the checkpoint's own dtype
 
 
 @dataclass
