@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded tiny config and small padded batches (right padding, as tokenizers produce)."""
+"""Shared fixtures: a seeded tiny config and small padded batches (right padding, as tokenizers produce). What tests
+import lives in `helpers.py`."""
 
 import pytest
 import torch
@@ -6,16 +7,7 @@ import torch
 from hf_attention import HfAttentionConfig
 from hf_attention.training import job as run_translation
 
-PAD, BOS, EOS = 0, 1, 2
-
-# Marian's conventions (see hf_attention.hub.marian_conversion): split sinusoid, logits bias, a separate target
-# vocabulary.
-MARIAN_STYLE = {
-    "sinusoidal_layout": "split",
-    "add_final_logits_bias": True,
-    "share_encoder_decoder_embeddings": False,
-    "decoder_vocab_size": 120,
-}
+from .helpers import padded_batch
 
 
 @pytest.fixture
@@ -33,18 +25,6 @@ def tiny_config() -> HfAttentionConfig:
         max_position_embeddings=64,
         dropout=0.0,
     )
-
-
-def padded_batch(lengths: list[int], max_length: int, vocab_size: int = 99, seed: int = 0) -> dict:
-    """Right-padded ids ending in EOS, with the matching attention mask."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (len(lengths), max_length), generator=generator)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        input_ids[row, length - 1] = EOS
-        input_ids[row, length:] = PAD
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @pytest.fixture

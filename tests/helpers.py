@@ -1,5 +1,5 @@
-"""What the tests share: a tokenizer trained on the toy corpus, running code where hf_attention is not installed, the
-environment of a user of the loopback Hub, and faked machines."""
+"""What the tests share: small padded batches, a tokenizer trained on the toy corpus, running code where hf_attention
+is not installed, the environment of a user of the loopback Hub, and faked machines."""
 
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from hf_attention import hardware
@@ -14,6 +15,30 @@ from hf_attention.data import toy_translation_corpus
 from hf_attention.data.tokenization import train_tokenizer
 
 ROOT = Path(__file__).parent.parent
+PAD, BOS, EOS = 0, 1, 2
+
+# Marian's conventions (see hf_attention.hub.marian_conversion): split sinusoid, logits bias, a separate target
+# vocabulary.
+MARIAN_STYLE = {
+    "sinusoidal_layout": "split",
+    "add_final_logits_bias": True,
+    "share_encoder_decoder_embeddings": False,
+    "decoder_vocab_size": 120,
+}
+
+
+def padded_batch(lengths: list[int], max_length: int, vocab_size: int = 99, seed: int = 0) -> dict:
+    """Right-padded ids ending in EOS, with the matching attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (len(lengths), max_length), generator=generator)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, length - 1] = EOS
+        input_ids[row, length:] = PAD
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 WITHOUT_HF_ATTENTION = 'import sys\nsys.modules["hf_attention"] = None  # as where hf_attention is not installed\n'
 
 

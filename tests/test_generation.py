@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.generation_hf_attention import GrowingCacheLayer
 
-from .conftest import BOS, EOS, padded_batch
+from .helpers import BOS, EOS, padded_batch
 
 STRATEGIES = {
     "greedy": {},

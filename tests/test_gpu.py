@@ -7,7 +7,7 @@ from transformers import EncoderDecoderCache, StaticCache
 
 from hf_attention import HfAttentionForConditionalGeneration, optimize_for_inference
 
-from .conftest import padded_batch
+from .helpers import padded_batch
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 
-from .conftest import MARIAN_STYLE, padded_batch
-from .helpers import run_without_hf_attention
+from .helpers import MARIAN_STYLE, padded_batch, run_without_hf_attention
 
 
 def test_auto_classes_build_our_models(tiny_config):

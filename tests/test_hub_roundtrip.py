@@ -15,8 +15,7 @@ from transformers import AutoTokenizer
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 
-from .conftest import padded_batch
-from .helpers import hub_environment, toy_tokenizer
+from .helpers import hub_environment, padded_batch, toy_tokenizer
 from .hub_server import LocalHub
 
 ROOT = Path(__file__).parent.parent

@@ -8,7 +8,7 @@ import torch
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, HfAttentionModel
 from hf_attention.modeling_hf_attention import MultiHeadAttention, SinusoidalPositionalEncoding, shift_tokens_right
 
-from .conftest import BOS, MARIAN_STYLE, PAD, padded_batch
+from .helpers import BOS, MARIAN_STYLE, PAD, padded_batch
 
 VARIANTS = {
     "paper": {},

@@ -9,8 +9,7 @@ import torch
 
 from hf_attention import HfAttentionForConditionalGeneration
 
-from .conftest import padded_batch
-from .helpers import hub_environment, run_without_hf_attention
+from .helpers import hub_environment, padded_batch, run_without_hf_attention
 from .hub_server import LocalHub
 
 peft = pytest.importorskip("peft")

@@ -27,7 +27,7 @@ from hf_attention.training.trainer import (
     share_embedding_modules,
 )
 
-from .conftest import padded_batch
+from .helpers import padded_batch
 
 ROOT = Path(__file__).parent.parent
 # A small, fast run: 4000 toy pairs, tiny model, short generations.

@@ -11,8 +11,7 @@ from hf_attention.training import arguments
 from hf_attention.training.arguments import parse_arguments
 from hf_attention.training.job import main
 
-from .conftest import padded_batch
-from .helpers import with_capabilities
+from .helpers import padded_batch, with_capabilities
 
 
 def training_batch() -> dict:
