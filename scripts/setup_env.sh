@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (CPU torch 2.13.0 first, then the package with its test extras) unless it is already up to date.
+# Creates .venv (CPU torch 2.13.0 first, then the package with its test and docs extras) unless it is already up to date.
 # Sourced by scripts/demo.sh and scripts/test.sh; leaves the venv activated.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +10,7 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+  "$venv/bin/python" -m pip install --quiet -e "$root[test,docs]"
   rm -f "$venv"/.installed-* && touch "$stamp"
 fi
 # shellcheck disable=SC1091
