@@ -24,8 +24,10 @@ searches that transformers runs eagerly (beam search) keep the growing cache the
 per source, not per beam.
 """
 
+from collections.abc import Callable
+
 import torch
-from transformers import GenerationConfig, GenerationMixin
+from transformers import CompileConfig, GenerationConfig, GenerationMixin
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import create_bidirectional_mask
@@ -103,6 +105,21 @@ class GrowingCacheLayer(DynamicLayer):
 class HfAttentionGenerationMixin(GenerationMixin):
     """transformers' `GenerationMixin` with hf_attention's hooks; see the module's docstring."""
 
+    # True once `install_compiled_steps` ran: greedy search and sampling decode with a static cache in compiled steps,
+    # and the searches transformers runs eagerly (beam search) keep the growing cache.
+    static_cache_for_compiled_steps: bool = False
+
+    def install_compiled_steps(self, compile_config: CompileConfig, compiled_call: Callable | None = None) -> None:
+        """Decode greedy search and sampling with a static cache in steps compiled as `compile_config` says
+        (transformers compiles them on the first `generate()`). `compiled_call`: the compiled `__call__` to use
+        instead of transformers' own, set where transformers' `get_compiled_call` reads it (`_compiled_call`,
+        reused while the compile config is `_last_compile_config`; tests/test_inference.py fails if that changes)."""
+        self.generation_config.cache_implementation = "static"
+        self.generation_config.compile_config = compile_config
+        self.static_cache_for_compiled_steps = True
+        if compiled_call is not None:
+            self._compiled_call, self._last_compile_config = compiled_call, compile_config
+
     def _maybe_prepare_encoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, model_input_name, config):
         """transformers' encoding step of `generate`, then the source padding mask made into the decoder's
         cross-attention mask once: built from the 2-D mask at every step, it would read the mask back to the host
@@ -139,7 +156,7 @@ class HfAttentionGenerationMixin(GenerationMixin):
         the searches that run eagerly with the growing cache: beam search of 16 sentences (bf16, CPU) took 1.68 s
         with the static cache and 1.22 s with this one (on an H100, 0.36 s and 0.32 s)."""
         if (
-            getattr(self, "_static_cache_for_compiled_steps", False)
+            self.static_cache_for_compiled_steps
             and generation_config.cache_implementation == "static"
             and generation_mode not in COMPILED_SEARCHES
         ):

@@ -249,6 +249,9 @@ class InferenceChoice:
 # From this many rows per decoding step (sentences × beams) bf16 products beat int8 ones on CPUs that compute bf16
 # natively: beam 4 of 16 sentences 2.88x MarianMTModel with bf16, 2.55x with int8 + compile (Zen 5).
 BF16_FROM_ROWS = 64
+# On AVX2 CPUs greedy decoding of fewer sentences than this compiles its steps (measured: 1 sentence faster compiled,
+# 16 sentences faster eager).
+AVX2_COMPILE_BELOW_SENTENCES = 16
 
 
 def inference_choice(
@@ -268,11 +271,17 @@ def inference_choice(
         )
     if machine.native_cpu_bf16 and rows >= BF16_FROM_ROWS:
         return InferenceChoice("bf16", False, f"native bf16 and {rows} rows per step")
-    if machine.avx512_vnni:
-        # our VNNI kernel in a compiled static-cache step: greedy b1 3.18x, beam4 b1 2.04x, greedy b16 2.70x (Zen 5)
+    if machine.avx512_vnni and machine.native_cpu_bf16:
+        # our VNNI kernel in a compiled static-cache step: greedy b1 3.18x, beam4 b1 2.04x, greedy b16 2.70x (Zen 5).
+        # Without native bf16 that step's bf16 activations are emulated (a Xeon with AVX512-VNNI and no AVX512-BF16:
+        # greedy b16 0.89x, beam4 b16 0.84x): such CPUs take the AVX2 rules below.
         return InferenceChoice("int8", True, "AVX512-VNNI int8 kernel in a compiled step")
-    # AVX2, AVX-512 without VNNI, Arm (qnnpack): fbgemm's / qnnpack's dynamic int8, eager. On an AVX2 Zen 3 it beat
-    # int8 + compile at every workload (greedy b16 2.33x against 0.58x: compiled products fell back to emulated bf16).
+    if machine.avx2 and num_beams == 1 and batch_size < AVX2_COMPILE_BELOW_SENTENCES:
+        # our AVX2 int8 kernel (float32 activations) in a compiled step: greedy b1 2.67x against eager int8's 1.70x
+        # (a Xeon limited to AVX2). transformers does not compile beam search.
+        return InferenceChoice("int8", True, "AVX2 int8 kernel in a compiled step")
+    # AVX2 (beam search, large batches), Arm (qnnpack): fbgemm's / qnnpack's dynamic int8, eager. Limited to AVX2:
+    # beam4 b1 2.17x against 1.72x compiled, greedy b16 1.86x against 1.74x, beam4 b16 1.99x against 1.92x.
     return InferenceChoice("int8", False, "dynamic int8 kernels")
 
 

@@ -11,6 +11,7 @@ import torch
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.hardware import Capabilities, CudaDevice, inference_choice, training_precision
 from hf_attention.inference import int8_vnni
+from hf_attention.inference.int8_vnni import int8_avx2_available
 from hf_attention.inference.quantization import Int8Linear, PrepackedLinear, model_is_compiled
 
 from .helpers import with_capabilities
@@ -72,12 +73,17 @@ def test_the_environments_mask_limits_the_map_a_process_reads(variable):
 
 # The choices, pinned: (class, sentences, beams) -> (quantization, compile). Each rule's measurement is in hardware.py.
 INFERENCE_CHOICES = [
-    ("avx2", 1, 1, "int8", False),
+    ("avx2", 1, 1, "int8", True),  # our AVX2 int8 kernel in a compiled step
+    ("avx2", 8, 1, "int8", True),
+    ("avx2", 16, 1, "int8", False),
+    ("avx2", 1, 4, "int8", False),  # beam search is not compiled: fbgemm's dynamic int8
     ("avx2", 16, 4, "int8", False),
     ("avx2-vnni", 1, 4, "int8", False),
+    ("avx512", 1, 1, "int8", True),  # AVX-512 without VNNI: the AVX2 kernel
     ("avx512", 16, 1, "int8", False),
-    ("avx512-vnni", 1, 1, "int8", True),
-    ("avx512-vnni", 16, 4, "int8", True),
+    ("avx512-vnni", 1, 1, "int8", True),  # no native bf16: the AVX2 kernel, as on AVX2 CPUs
+    ("avx512-vnni", 16, 1, "int8", False),
+    ("avx512-vnni", 16, 4, "int8", False),
     ("avx512-bf16", 1, 1, "int8", True),
     ("avx512-bf16", 1, 4, "int8", True),
     ("avx512-bf16", 16, 1, "int8", True),
@@ -138,16 +144,24 @@ def test_auto_on_a_native_bf16_cpu_decodes_large_beams_in_bf16(monkeypatch):
     assert not model_is_compiled(model)
 
 
-def test_auto_on_an_avx512_vnni_cpu_compiles_int8_steps(monkeypatch):
-    with_capabilities(monkeypatch, "avx512-vnni")
+def test_auto_on_an_avx512_bf16_cpu_compiles_int8_steps_with_the_vnni_kernel(monkeypatch):
+    with_capabilities(monkeypatch, "avx512-bf16")
     model = optimize_for_inference(tiny_model())
     # the VNNI kernel where this CPU has the instructions too (a faked map never runs what the CPU lacks)
     expected = "vnni" if int8_vnni.int8_vnni_available() else "weight_only"
     assert model_is_compiled(model) and model.lm_head.kernel == expected
 
 
+def test_auto_on_a_cpu_without_native_bf16_compiles_greedy_steps_with_the_avx2_kernel(monkeypatch):
+    for cpu_class in ("avx2", "avx512-vnni"):
+        with_capabilities(monkeypatch, cpu_class)
+        model = optimize_for_inference(tiny_model())
+        assert model_is_compiled(model) and model.dtype == torch.float32
+        assert model.lm_head.kernel == ("avx2" if int8_avx2_available() else "weight_only")
+
+
 def test_a_quantization_named_compiles_only_when_compiling_is_named_too(monkeypatch):
-    with_capabilities(monkeypatch, "avx512-vnni")  # where "auto" compiles
+    with_capabilities(monkeypatch, "avx512-bf16")  # where "auto" compiles
     assert model_is_compiled(optimize_for_inference(tiny_model(), "auto"))
     assert not model_is_compiled(optimize_for_inference(tiny_model(), "int8"))
     assert not model_is_compiled(optimize_for_inference(tiny_model(), None))

@@ -15,6 +15,7 @@ from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipe
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.generation_hf_attention import GrowingCacheLayer
 from hf_attention.inference import int8_vnni
+from hf_attention.inference.int8_vnni import int8_avx2_available
 from hf_attention.inference.quantization import (
     DEQUANTIZE_FROM_ROWS,
     INT8_KERNELS,
@@ -25,8 +26,7 @@ from hf_attention.inference.quantization import (
     compile_without_module_guards,
 )
 
-from .conftest import padded_batch
-from .helpers import toy_tokenizer, with_capabilities
+from .helpers import padded_batch, toy_tokenizer, with_capabilities
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -150,7 +150,7 @@ def test_a_vnni_int8_layer_sums_its_weight_rows_again_when_they_load():
         assert torch.equal(layer(hidden), quantized_rows_product(hidden, other).to(torch.bfloat16))
 
 
-def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monkeypatch):
+def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(monkeypatch):
     from torch.utils import cpp_extension
 
     built = []
@@ -158,6 +158,8 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
     monkeypatch.delitem(int8_vnni._state, "built", raising=False)
     with_capabilities(monkeypatch, "avx2-vnni")
     assert not int8_vnni.int8_vnni_available() and built == []  # no AVX512-VNNI: nothing is built
+    with_capabilities(monkeypatch, "arm-dotprod")
+    assert not int8_avx2_available() and built == []  # not x86: nothing is built
 
     path = os.environ.get("PATH", "")
     paths_seen = []
@@ -170,9 +172,11 @@ def test_the_vnni_operation_is_unavailable_without_the_cpu_flag_or_a_build(monke
     vnni_machine = with_capabilities(monkeypatch, "avx512-vnni")
     monkeypatch.setattr(hardware, "detect", lambda: vnni_machine)  # as on a CPU with the instructions: the build fails
     with pytest.warns(
-        UserWarning, match=r"VNNI kernel did not build \(Error building extension 'hf_attention_int8_vnni'\)"
+        UserWarning,
+        match=r"int8 kernels \(VNNI, AVX2\) did not build \(Error building extension 'hf_attention_int8_vnni'\)",
     ):
         assert not int8_vnni.int8_vnni_available()
+    assert not int8_avx2_available()  # one build holds both operations
     ninja = pytest.importorskip("ninja")  # torch's builder runs ninja by name: the pip package's comes first
     assert paths_seen == [os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))] and os.environ["PATH"] == path
     model = optimize_for_inference(HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny")), "int8",
@@ -362,23 +366,33 @@ def test_compile_without_module_guards_takes_the_modes_options_with_the_guard_fi
     assert compiled_with["options"] == expected
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eager_tokens(
-    tiny_config, tmp_path, vnni, monkeypatch
+# The compiled int8 kernel each CPU gets: (kernel, the faked CPU's flags, parameters' dtype); the operations run only
+# where this CPU has the instructions as well
+COMPILED_KERNELS = [
+    ("vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}, torch.bfloat16),  # Zen 4/5
+    ("avx2", {"avx2", "fma", "avx512f", "avx512bw"}, torch.float32),  # no VNNI, bf16 emulated: float32 throughout
+    ("weight_only", {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}, torch.bfloat16),  # native bf16, no VNNI
+]
+
+
+@pytest.mark.parametrize("kernel, flags, dtype", COMPILED_KERNELS, ids=[kernel for kernel, _, _ in COMPILED_KERNELS])
+def test_compiled_int8_uses_the_machines_kernel_and_generates_its_eager_tokens(
+    tiny_config, tmp_path, kernel, flags, dtype, monkeypatch
 ):
-    """fbgemm's packed weights cannot be compiled: with compile, the int8 weights multiply bf16 activations, or, in
-    decoding steps on CPUs with AVX512-VNNI, activations quantised to int8 by our operation."""
-    if vnni and not int8_vnni.int8_vnni_available():
+    """fbgemm's packed weights cannot be compiled: with compile, decoding steps' activations are quantised to int8 by
+    our operations (VNNI; AVX2 where bf16 would be emulated), or multiply the int8 weights in bf16."""
+    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
         pytest.skip("no AVX512-VNNI, or no build")
-    if not vnni:
-        with_capabilities(monkeypatch, "avx512")  # a CPU without AVX512-VNNI
-    kernel = "vnni" if vnni else "weight_only"
+    if kernel == "avx2" and not int8_avx2_available():
+        pytest.skip("no AVX2, or no build")
+    if flags is not None:
+        monkeypatch.setattr(hardware, "_installed", [hardware.Capabilities("x86_64", "faked", frozenset(flags))])
     batch = padded_batch([7, 4, 6], max_length=7)
     torch._dynamo.reset()
     counters.clear()
     model = optimize_for_inference(random_model(tiny_config), "int8", compile=True)
     assert {module.kernel for module in model.modules() if isinstance(module, Int8Linear)} == {kernel}
-    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    assert {parameter.dtype for parameter in model.parameters()} == {dtype}
     eager = model.generate(**batch, max_new_tokens=8, disable_compile=True)
     assert counters["stats"]["unique_graphs"] == 0
     assert torch.equal(model.generate(**batch, max_new_tokens=8), eager)
@@ -391,6 +405,57 @@ def test_compiled_int8_uses_the_vnni_or_weight_only_kernel_and_generates_its_eag
     # torch's int8 kernel crashes on weights that are not 64-byte aligned, as the loader's views of the file are
     assert all(module.weight.data_ptr() % 64 == 0 for module in reloaded.modules() if isinstance(module, Int8Linear))
     assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, disable_compile=True), eager)
+
+
+def seven_bit_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """The AVX2 operation's product, in torch: each float32 row rounded to steps of max|row| / 63 (7 bits, so that
+    vpmaddubsw's 16-bit pair sums cannot saturate), exact integer products, then both scales."""
+    scale = rows.abs().amax(dim=1, keepdim=True) / 63
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    steps = torch.round(rows * (1 / scale)).clamp(-63, 63)
+    products = (steps.double() @ layer.weight.double().t()).float()
+    return products * scale * layer.weight_scale.float() + layer.bias.float()
+
+
+needs_avx2_operation = pytest.mark.skipif(not int8_avx2_available(), reason="no AVX2, or no build")
+
+
+@needs_avx2_operation
+@pytest.mark.parametrize("shape", [(1, 10, 100), (3, 4, 64), (23, 37, 130), (2, 5, 32), (64, 9, 33)])
+def test_an_avx2_int8_layer_quantizes_each_row_to_7_bits_and_multiplies_exactly(shape):
+    rows, outputs, inputs = shape  # every tail of 32 inputs, odd and even row counts
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="avx2")
+    hidden = torch.randn(rows, inputs)
+    hidden[rows // 2] = 0
+    expected = seven_bit_rows_product(hidden, layer)
+    with torch.no_grad():
+        product = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale, layer.weight_sums)
+        assert torch.equal(product + layer.bias, expected)
+        if rows < DEQUANTIZE_FROM_ROWS:  # eager decoding steps and compiled ones both use the operation
+            assert torch.equal(layer(hidden), expected)
+            assert torch.equal(torch.compile(layer, fullgraph=True)(hidden), expected)
+        else:  # eager calls with many rows (the encoder) go to fbgemm, as the "dynamic" kernel
+            dynamic = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="dynamic")
+            dynamic.load_state_dict(layer.state_dict())
+            assert torch.equal(layer(hidden), dynamic(hidden))
+
+
+@needs_avx2_operation
+def test_the_avx2_operation_gives_nan_for_a_row_with_nan_and_refuses_sizes_it_cannot_sum():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(40, 6), kernel="avx2")
+    hidden = torch.randn(3, 40)
+    hidden[1, 7] = float("nan")
+    hidden[2, 0] = float("inf")
+    with torch.no_grad():
+        output = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale, layer.weight_sums)
+    assert torch.isfinite(output[0]).all() and output[1:].isnan().all()
+    with pytest.raises(RuntimeError, match="weight_scale and weight_sums need one value per weight row"):
+        torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale[:3], layer.weight_sums)
+    wide = torch.zeros(2, 1 << 17, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="could overflow the 32-bit sums"):
+        torch.ops.hf_attention.int8_avx2_matmul(torch.zeros(1, 1 << 17), wide, torch.ones(2), torch.zeros(2).int())
 
 
 def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):

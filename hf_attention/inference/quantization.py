@@ -36,7 +36,7 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import hardware
-from .int8_vnni import int8_vnni_available
+from .int8_vnni import int8_avx2_available, int8_vnni_available
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +51,7 @@ def cpu_has_vnni() -> bool:
     return machine.avx512_vnni or machine.avx_vnni
 
 
-INT8_KERNELS = ("dynamic", "weight_only", "vnni")
+INT8_KERNELS = ("dynamic", "weight_only", "vnni", "avx2")
 DEQUANTIZE_FROM_ROWS = 24
 
 
@@ -69,6 +69,11 @@ class Int8Linear(nn.Module):
       weights with AVX512-VNNI dot products (`torch.ops.hf_attention.int8_vnni_matmul`, which torch.compile
       captures; see `int8_vnni.py`). From that many rows on, and where that operation is not available (no
       AVX512-VNNI, no compiler), it computes as `"weight_only"`.
+    - `"avx2"`, for CPUs without AVX512-VNNI, whose bf16 is emulated: float32 inputs throughout. Inside a compiled
+      step, and eagerly below `DEQUANTIZE_FROM_ROWS` rows, each input row quantised to int8 (its own scale) times the
+      int8 weights with AVX2 (`torch.ops.hf_attention.int8_avx2_matmul`); eager calls with more rows (the encoder)
+      go to fbgemm's dynamic int8 product, as `"dynamic"`. Without the operation: the float32 product of the
+      dequantized weights when compiling, fbgemm's otherwise.
 
     The weights are kept as plain int8 and float tensors, so that safetensors stores them (the same for both kernels);
     the packed form that fbgemm reads is built on first use and after every load.
@@ -81,7 +86,10 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         if kernel == "vnni":
             int8_vnni_available()  # builds the operation now: torch.compile's tracing only reads whether it built
-            # each weight row's sum, which the operation takes at every call: derived from the weights, not saved
+        if kernel == "avx2":
+            int8_avx2_available()
+        if kernel in ("vnni", "avx2"):
+            # each weight row's sum, which the operations take at every call: derived from the weights, not saved
             sums = torch.zeros(out_features, dtype=torch.int32, device=device)
             self.register_buffer("weight_sums", sums, persistent=False)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -141,7 +149,7 @@ class Int8Linear(nn.Module):
         self._sum_weight_rows()
 
     def _sum_weight_rows(self):
-        if self.kernel == "vnni":
+        if self.kernel in ("vnni", "avx2"):
             with torch.no_grad():
                 self.weight_sums.copy_(self.weight.sum(dim=1, dtype=torch.int32))
 
@@ -174,6 +182,21 @@ class Int8Linear(nn.Module):
         return state
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "avx2" and hidden_states.device.type == "cpu":
+            rows = hidden_states.reshape(-1, self.in_features).float()
+            compiling = torch.compiler.is_compiling()
+            if compiling or rows.shape[0] < DEQUANTIZE_FROM_ROWS:
+                if int8_avx2_available():
+                    weight_scale = self.weight_scale.float()
+                    output = torch.ops.hf_attention.int8_avx2_matmul(rows, self.weight, weight_scale, self.weight_sums)
+                elif compiling:
+                    output = rows @ self.dequantized_weight().t()
+                else:
+                    return self._dynamic_product(hidden_states)
+                if self.bias is not None:
+                    output = output + self.bias.float()
+                return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
+            return self._dynamic_product(hidden_states)
         if self.kernel in ("weight_only", "vnni"):
             rows = hidden_states.reshape(-1, self.in_features).to(torch.bfloat16)
             few_rows = rows.shape[0] < DEQUANTIZE_FROM_ROWS
@@ -191,6 +214,10 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 output = output + self.bias.to(torch.bfloat16)
             return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
+        return self._dynamic_product(hidden_states)
+
+    def _dynamic_product(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """fbgemm's (or qnnpack's) dynamic int8 product: the input quantised per call, weights packed once."""
         if self._packed is None:
             self._packed = self._pack()
         dtype = hidden_states.dtype
@@ -358,11 +385,12 @@ def optimize_for_inference(
             with the growing cache of an unoptimized model). Pays off where the per-token overhead dominates (small
             batches); compiling takes tens of seconds. With `"int8"`, layers use kernels torch.compile can capture:
             "vnni" on CPUs with AVX512-VNNI (rows of fewer than 24 quantised to int8, our operation, built on first
-            use), else "weight_only" (bf16 activations). On a CPU the compiled step does not check the model's
+            use), "avx2" on CPUs without it or native bf16 (float32 activations, our AVX2 operation), else
+            "weight_only" (bf16 activations). On a CPU the compiled step does not check the model's
             modules for changes (`compile_without_module_guards`): change the model after its first `generate()`
             only with `disable_compile=True`.
-        batch_size, num_beams: the workload `"auto"` chooses for (sentences per `generate()` call, beams; default:
-            one sentence, the generation config's beams).
+        batch_size: the workload `"auto"` chooses for: sentences per `generate()` call.
+        num_beams: the workload's beams (default: the generation config's).
 
     Raises:
         ValueError: an unknown `quantization`, or `"int8"` for a model that is not on the CPU.
@@ -388,32 +416,26 @@ def optimize_for_inference(
         # decoding steps on CPUs with AVX512-VNNI, times activations quantised to int8 by our own operation.
         kernel = "dynamic"
         if compile:
-            kernel = "vnni" if model.device.type == "cpu" and int8_vnni_available() else "weight_only"
+            kernel = compiled_int8_kernel() if model.device.type == "cpu" else "weight_only"
         # The output projection gets its own int8 copy of the embedding matrix, which stays float for the lookups.
         model.config.tie_word_embeddings = False
         replace_linear_layers(model, functools.partial(Int8Linear.from_linear, kernel=kernel))
-        if kernel != "dynamic":
+        if kernel in ("weight_only", "vnni"):
             model.to(torch.bfloat16)  # embeddings, norms and activations
         fuse_self_attention_projections(model)
         model.config.quantization_config = HfAttentionInt8Config(kernel=kernel)
         model.hf_quantizer = HfAttentionInt8Quantizer(model.config.quantization_config, pre_quantized=True)
         model.is_quantized, model.quantization_method = True, INT8_METHOD
     if compile:
-        generation_config = model.generation_config
-        generation_config.cache_implementation = "static"
         compile_config = CompileConfig(fullgraph=True)
         compile_config._compile_all_devices = True  # transformers compiles only on GPUs unless told
-        generation_config.compile_config = compile_config
-        model._static_cache_for_compiled_steps = True  # beam search, not compiled, keeps the growing cache
+        compiled_call = None
         if model.device.type == "cpu":
             # inductor's C++ wrapper calls the step's kernels from C++ rather than from generated Python: greedy
             # decoding of one sentence (int8) 0.1325 -> 0.1290 s. CUDA graphs, which it turns off, are for GPUs.
             compile_config.mode, compile_config.options = "default", {"cpp_wrapper": True}
-            # transformers compiles `model.__call__` on the first generate() and keeps it (`get_compiled_call`,
-            # which reuses `_compiled_call` while the compile config is `_last_compile_config`); this one skips
-            # dynamo's guards on the model's modules.
-            model._compiled_call = compile_without_module_guards(model.__call__, compile_config)
-            model._last_compile_config = compile_config
+            compiled_call = compile_without_module_guards(model.__call__, compile_config)  # skips module guards
+        model.install_compiled_steps(compile_config, compiled_call)
     return model
 
 
@@ -444,6 +466,18 @@ def resolve_auto(
     engine = (quantization or "fp32") + (" + compile" if compile else "")
     logger.info(f"{hardware.describe()}: decoding with {engine} ({batch_size} x {num_beams} beams)")
     return quantization, compile
+
+
+def compiled_int8_kernel() -> str:
+    """The int8 kernel of a compiled step on this CPU. "vnni" (bf16 activations) only where bf16 is native too:
+    on an AVX512-VNNI Xeon without AVX512-BF16 it decoded 16 sentences at 0.89x MarianMTModel, eager int8 at 1.82x.
+    "avx2" (float32 activations) where bf16 would be emulated; "weight_only" (bf16 activations) elsewhere."""
+    native_bf16 = hardware.capabilities().native_cpu_bf16
+    if native_bf16 and int8_vnni_available():
+        return "vnni"
+    if not native_bf16 and int8_avx2_available():
+        return "avx2"
+    return "weight_only"
 
 
 def model_is_compiled(model: PreTrainedModel) -> bool:

@@ -1,7 +1,11 @@
-// torch.ops.hf_attention.int8_vnni_matmul(rows, weight, weight_scale, weight_sums): the matrix product of a decoding
-// step with int8 weights on CPUs with AVX512-VNNI. Each input row is quantised to int8 (symmetric, its own scale) and
-// multiplied with VNNI's 4-way int8 dot products (vpdpbusd), which read the weights faster than torch's
-// _weight_int8pack_mm (which converts every weight to float first). See hf_attention/inference/int8_vnni.py.
+// The int8 matrix products of a decoding step, as torch operations torch.compile captures
+// (see hf_attention/inference/int8_vnni.py). Each input row is quantised to int8 (symmetric, its own scale):
+// - torch.ops.hf_attention.int8_vnni_matmul(rows, weight, weight_scale, weight_sums): bf16 rows, AVX512-VNNI's 4-way
+//   int8 dot products (vpdpbusd), which read the weights faster than torch's _weight_int8pack_mm (which converts every
+//   weight to float first);
+// - torch.ops.hf_attention.int8_avx2_matmul(rows, weight, weight_scale, weight_sums): float32 rows (no bf16, which
+//   AVX2 CPUs emulate), quantised to 7 bits and multiplied with vpmaddubsw, as fbgemm does on AVX2, two input rows
+//   at a time so that each loaded weight serves both.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -10,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -65,6 +70,80 @@ void int8_vnni_kernel(const uint16_t* rows, const int8_t* weight, const float* w
     }
 }
 
+// out (M x N) = quantised(rows (M x K, float32)) @ weight (N x K, int8).T * row scales * weight_scale (N), with AVX2.
+// vpmaddubsw multiplies unsigned by signed bytes and adds pairs in 16 bits, saturating: rows are quantised to 7 bits,
+// steps in [-63, 63] shifted into [1, 127] (|pair| <= 2 * 127 * 127 < 2^15, as fbgemm's reduce_range on AVX2), and
+// 64 * weight_sums takes the shift back out. A row holding NaN or infinity gives NaN outputs, not finite garbage.
+__attribute__((target("avx2,fma")))
+void int8_avx2_kernel(const float* rows, const int8_t* weight, const float* weight_scale, const int32_t* weight_sums,
+                      float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
+    const int64_t k_padded = (k_size + 31) / 32 * 32;
+    std::vector<uint8_t> quantized(m_size * k_padded, 0);  // zero tail: no product there
+    std::vector<float> row_scale(m_size);
+    for (int64_t m = 0; m < m_size; ++m) {
+        const float* row = rows + m * k_size;
+        float largest = 0.f;
+        bool finite = true;
+        for (int64_t k = 0; k < k_size; ++k) {
+            finite = finite && std::isfinite(row[k]);
+            largest = std::max(largest, std::fabs(row[k]));
+        }
+        if (!finite) {  // the NaN scale carries into every output of the row
+            row_scale[m] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+        }
+        const float scale = largest > 0.f ? largest / 63.f : 1.f, inverse = 1.f / scale;
+        for (int64_t k = 0; k < k_size; ++k) {
+            const int step = static_cast<int>(std::nearbyint(row[k] * inverse));
+            quantized[m * k_padded + k] = static_cast<uint8_t>(std::clamp(step, -63, 63) + 64);
+        }
+        row_scale[m] = scale;
+    }
+    const int64_t k_full = k_size / 32 * 32;
+    const uint8_t* x = quantized.data();
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < (n_size + 3) / 4; ++block) {
+        // Four weight rows and two input rows at a time: each loaded weight serves both rows.
+        const int8_t* w[4];
+        for (int r = 0; r < 4; ++r) w[r] = weight + std::min(block * 4 + r, n_size - 1) * k_size;
+        alignas(32) int8_t tail[4][32];
+        for (int r = 0; r < 4; ++r) {
+            std::memset(tail[r], 0, 32);
+            std::memcpy(tail[r], w[r] + k_full, k_size - k_full);
+        }
+        for (int64_t m = 0; m < m_size; m += 2) {
+            const bool pair = m + 1 < m_size;
+            const uint8_t* x0 = x + m * k_padded;
+            const uint8_t* x1 = pair ? x0 + k_padded : x0;
+            __m256i total[2][4];
+            for (int i = 0; i < 2; ++i)
+                for (int r = 0; r < 4; ++r) total[i][r] = _mm256_setzero_si256();
+            for (int64_t k = 0; k < k_padded; k += 32) {
+                const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + k));
+                const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + k));
+                for (int r = 0; r < 4; ++r) {
+                    const int8_t* source = k < k_full ? w[r] + k : tail[r];
+                    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+                    total[0][r] = _mm256_add_epi32(total[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, wv), ones));
+                    total[1][r] = _mm256_add_epi32(total[1][r], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, wv), ones));
+                }
+            }
+            for (int i = 0; i < (pair ? 2 : 1); ++i) {
+                for (int r = 0; r < 4 && block * 4 + r < n_size; ++r) {
+                    const __m128i folded = _mm_add_epi32(_mm256_castsi256_si128(total[i][r]),
+                                                         _mm256_extracti128_si256(total[i][r], 1));
+                    const __m128i pairs = _mm_add_epi32(folded, _mm_shuffle_epi32(folded, 0x4e));
+                    const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32(pairs, 0xb1)));
+                    const int64_t n = block * 4 + r;
+                    const int32_t product = sum - 64 * weight_sums[n];
+                    out[(m + i) * n_size + n] = static_cast<float>(product) * row_scale[m + i] * weight_scale[n];
+                }
+            }
+        }
+    }
+}
+
 at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
                             const at::Tensor& weight_sums) {
     TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1),
@@ -80,10 +159,33 @@ at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& weight, co
     return out;
 }
 
+at::Tensor int8_avx2_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const at::Tensor& weight_sums) {
+    TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1),
+                "int8_avx2_matmul: rows (M, K) and weight (N, K), not ", rows.sizes(), " and ", weight.sizes());
+    TORCH_CHECK(rows.scalar_type() == at::kFloat && weight.scalar_type() == at::kChar &&
+                    weight_scale.scalar_type() == at::kFloat && weight_sums.scalar_type() == at::kInt,
+                "int8_avx2_matmul: float32 rows, int8 weight, float32 weight_scale, int32 weight_sums");
+    TORCH_CHECK(weight_scale.numel() == weight.size(0) && weight_sums.numel() == weight.size(0),
+                "int8_avx2_matmul: weight_scale and weight_sums need one value per weight row (", weight.size(0), ")");
+    TORCH_CHECK(weight.size(1) < (int64_t{1} << 17), "int8_avx2_matmul: K = ", weight.size(1),
+                " could overflow the 32-bit sums (at most 131071)");
+    const at::Tensor x = rows.contiguous(), w = weight.contiguous();
+    const at::Tensor scale = weight_scale.contiguous(), sums = weight_sums.contiguous();
+    at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+    int8_avx2_kernel(x.data_ptr<float>(), w.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<int32_t>(),
+                     out.data_ptr<float>(), x.size(0), w.size(0), x.size(1));
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_attention, m) {
     m.def("int8_vnni_matmul(Tensor rows, Tensor weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
+    m.def("int8_avx2_matmul(Tensor rows, Tensor weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hf_attention, CPU, m) { m.impl("int8_vnni_matmul", &int8_vnni_matmul); }
+TORCH_LIBRARY_IMPL(hf_attention, CPU, m) {
+    m.impl("int8_vnni_matmul", &int8_vnni_matmul);
+    m.impl("int8_avx2_matmul", &int8_avx2_matmul);
+}
