@@ -21,6 +21,7 @@ relative to MarianMTModel fp32, followed by CTranslate2's and (engine `auto`: a 
 The first line is the machine's capability map (`hf_attention.hardware`). --json FILE writes every figure.
 """
 
+import gc
 import json
 import resource
 import statistics
@@ -158,6 +159,9 @@ def measure(engine: str, args: BenchmarkArguments) -> dict:
     for workload in args.workloads.split(","):
         batch_size, beams = WORKLOADS[workload]
         if engine == "auto":  # a model set up for this workload, as a user who states it gets
+            model = None
+            gc.collect()
+            torch._dynamo.reset()  # the previous workload's compiled steps go with its model
             model = build_engine(engine, args, batch_size, beams)
             choices[workload] = hardware.inference_choice(args.device, batch_size, beams).describe()
         input_ids = sources(batch_size, args)

@@ -48,3 +48,17 @@ def test_bad_engines_and_workloads_are_refused_in_one_line(tmp_path, arguments, 
     result = benchmark(*arguments, temporary=tmp_path)
     assert result.returncode != 0 and result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert message in result.stderr
+
+
+def test_the_auto_engine_reports_the_choice_made_for_each_workload(tmp_path):
+    """With HF_ATTENTION_CPU_CAPABILITY=avx2, every machine chooses as an AVX2 one: eager int8 for beam search."""
+    environment = dict(os.environ, TMPDIR=str(tmp_path), HF_ATTENTION_CPU_CAPABILITY="avx2")
+    command = [sys.executable, "scripts/benchmark_generate.py", *TINY_RUN, "--engines", "marian,auto", "--workloads",
+               "beam4_b16", "--json", str(tmp_path / "figures.json")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = result.stdout.splitlines()[0], result.stdout.strip().splitlines()[-1]
+    assert first.startswith("CPU: ") and "(avx2" in first  # the capability map, masked
+    assert last.startswith("beam4_b16: ") and ", auto " in last and "(int8 (dynamic int8 kernels))" in last, last
+    figures = json.loads((tmp_path / "figures.json").read_text())["figures"]
+    assert figures["auto"]["choices"] == {"beam4_b16": "int8 (dynamic int8 kernels)"}
