@@ -104,6 +104,9 @@ class SplitModule(types.ModuleType):
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports `hf_attention.OLD` of `MOVED_MODULES` as its new module(s)."""
 
+    def __init__(self):
+        self._home_specs = {}  # a home module's own spec, which the import system replaces with the old name's
+
     def find_spec(self, fullname: str, path=None, target=None):
         package, _, old = fullname.rpartition(".")
         if package == __name__ and old in MOVED_MODULES:
@@ -114,12 +117,11 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         homes = [importlib.import_module(f"{__name__}.{home}") for home in MOVED_MODULES[spec.name.rpartition(".")[2]]]
         if len(homes) > 1:
             return SplitModule(spec.name, homes)
-        home = homes[0]
-        self._home_specs = {**getattr(self, "_home_specs", {}), home.__name__: home.__spec__}
-        return home
+        self._home_specs[homes[0].__name__] = homes[0].__spec__
+        return homes[0]
 
     def exec_module(self, module) -> None:
-        if module.__name__ in getattr(self, "_home_specs", {}):  # the import system set the old name's spec on it
+        if module.__name__ in self._home_specs:
             module.__spec__ = self._home_specs.pop(module.__name__)
 
 

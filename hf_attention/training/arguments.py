@@ -431,13 +431,10 @@ def validate_arguments(
         "--preset": (model_args.preset, sorted(PRESETS)),
         "--tokenizer_model": (model_args.tokenizer_model, ["bpe", "unigram"]),
         "--too_long": (data_args.too_long, ["drop", "truncate"]),
+        "--dtype": (model_args.dtype, list(DTYPES)),
     }
-    for flag, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
     if model_args.attn_implementation is not None:
         choices["--attn_implementation"] = (model_args.attn_implementation, ATTENTION_KERNELS)
-    choices["--dtype"] = (model_args.dtype, list(DTYPES))
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
