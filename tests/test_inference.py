@@ -466,3 +466,33 @@ def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="only loads models saved in int8; load the fp32 model"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=HfAttentionInt8Config())
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_int8_scales_and_biases_stay_float32_when_the_model_turns_bf16(kernel, tiny_config, tmp_path):
+    """Issue 24's item 11: `model.to(torch.bfloat16)` rounded the per-row scales (a gain error up to 0.4%)."""
+    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
+        pytest.skip("no AVX512-VNNI, or no build")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 48), kernel=kernel)
+    scale, bias = layer.weight_scale.clone(), layer.bias.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_scale.dtype == layer.bias.dtype == torch.float32 and layer.weight.dtype == torch.int8
+    assert torch.equal(layer.weight_scale, scale) and torch.equal(layer.bias, bias)
+    model = optimize_for_inference(random_model(tiny_config), "int8", compile=True)  # turns the model bf16 or not
+    scales = {module.weight_scale.dtype for module in model.modules() if isinstance(module, Int8Linear)}
+    assert scales == {torch.float32}
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("lm_head.weight_scale").dtype == torch.float32
+
+
+def test_the_int8_quantizer_tells_transformers_it_cannot_be_trained(tiny_config, monkeypatch):
+    """Issue 24's item 14: as a method, `is_trainable` was a bound method, which transformers' guard read as true."""
+    from transformers import trainer_utils
+
+    model = optimize_for_inference(random_model(tiny_config), "int8")
+    assert model.hf_quantizer.is_trainable is False
+    monkeypatch.setattr(trainer_utils, "_is_peft_model", lambda model: True)  # past the adapters check
+    with pytest.raises(ValueError, match="hf_attention_int8 but that quantization method do not support training"):
+        trainer_utils.validate_quantization_for_training(model)
