@@ -92,6 +92,11 @@ class Int8Linear(nn.Module):
             # each weight row's sum, which the operations take at every call: derived from the weights, not saved
             sums = torch.zeros(out_features, dtype=torch.int32, device=device)
             self.register_buffer("weight_sums", sums, persistent=False)
+        if kernel in ("vnni", "weight_only"):
+            # the scales as torch's int8 product takes them, kept as a buffer: inductor's lowering of
+            # `_weight_int8pack_mm` fails on scales converted inside the compiled step. Derived, not saved.
+            scale_bf16 = torch.ones(out_features, dtype=torch.bfloat16, device=device)
+            self.register_buffer("weight_scale_bf16", scale_bf16, persistent=False)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -149,9 +154,12 @@ class Int8Linear(nn.Module):
         self._sum_weight_rows()
 
     def _sum_weight_rows(self):
-        if self.kernel in ("vnni", "avx2"):
-            with torch.no_grad():
+        """The tensors derived from the weights and scales (row sums, bf16 scales), taken again after they change."""
+        with torch.no_grad():
+            if self.kernel in ("vnni", "avx2"):
                 self.weight_sums.copy_(self.weight.sum(dim=1, dtype=torch.int32))
+            if self.kernel in ("vnni", "weight_only"):
+                self.weight_scale_bf16.copy_(self.weight_scale)
 
     def after_loading(self):
         """transformers' loader hands over tensors that view the checkpoint file at any byte offset, and
@@ -178,8 +186,9 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """`model.to(dtype)` converts every floating-point buffer; the per-row scales and the bias stay float32, as
-        documented and saved (in bf16 a scale's gain error reaches 0.4%)."""
-        kept = {name: self._buffers[name] for name in ("weight_scale", "bias") if self._buffers.get(name) is not None}
+        documented and saved (in bf16 a scale's gain error reaches 0.4%), and the bf16 scales stay bf16."""
+        names = ("weight_scale", "bias", "weight_scale_bf16")
+        kept = {name: self._buffers[name] for name in names if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, original in kept.items():
             if self._buffers[name].dtype != original.dtype:  # the device moves; the dtype does not
@@ -216,7 +225,7 @@ class Int8Linear(nn.Module):
                 if self.bias is not None:
                     output = output + self.bias
                 return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
-            scale = self.weight_scale.to(torch.bfloat16)
+            scale = self.weight_scale_bf16
             if few_rows and self.in_features % 16 == 0:  # torch's int8 kernel is wrong otherwise (see above)
                 output = torch._weight_int8pack_mm(rows, self.weight, scale)
             else:
