@@ -138,6 +138,21 @@ def test_a_vnni_int8_layer_computes_as_weight_only_from_24_rows_and_where_the_op
 
 
 @needs_vnni
+def test_the_vnni_operation_refuses_scales_sums_and_sizes_it_cannot_use():
+    layer = Int8Linear.from_linear(torch.nn.Linear(40, 6), kernel="vnni")
+    rows = torch.randn(2, 40).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="int8_vnni_matmul: weight_scale and weight_sums need one value per"):
+        torch.ops.hf_attention.int8_vnni_matmul(rows, layer.weight, layer.weight_scale[:3], layer.weight_sums)
+    wide = torch.zeros(2, 1 << 16, dtype=torch.int8)
+    with pytest.raises(
+        RuntimeError, match=r"int8_vnni_matmul: K = 65536 could overflow the 32-bit sums \(at most 65535\)"
+    ):
+        torch.ops.hf_attention.int8_vnni_matmul(
+            torch.zeros(1, 1 << 16, dtype=torch.bfloat16), wide, torch.ones(2), torch.zeros(2, dtype=torch.int32)
+        )
+
+
+@needs_vnni
 def test_a_vnni_int8_layer_sums_its_weight_rows_again_when_they_load():
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel="vnni")

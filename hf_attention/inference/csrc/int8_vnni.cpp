@@ -144,13 +144,27 @@ void int8_avx2_kernel(const float* rows, const int8_t* weight, const float* weig
     }
 }
 
+// The checks both operations make before reading any memory: shapes, dtypes, one scale and one sum per weight row,
+// and K small enough that a row's integer sum fits in int32 (`max_k`: each input adds at most 255 * 127 with VNNI's
+// shifted bytes, 127 * 127 with AVX2's shifted 7-bit steps).
+void check_operands(const char* name, const at::Tensor& rows, at::ScalarType row_type, const char* row_type_name,
+                    const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& weight_sums,
+                    int64_t max_k) {
+    TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1), name,
+                ": rows (M, K) and weight (N, K), not ", rows.sizes(), " and ", weight.sizes());
+    TORCH_CHECK(rows.scalar_type() == row_type && weight.scalar_type() == at::kChar &&
+                    weight_scale.scalar_type() == at::kFloat && weight_sums.scalar_type() == at::kInt,
+                name, ": ", row_type_name, " rows, int8 weight, float32 weight_scale, int32 weight_sums");
+    TORCH_CHECK(weight_scale.numel() == weight.size(0) && weight_sums.numel() == weight.size(0), name,
+                ": weight_scale and weight_sums need one value per weight row (", weight.size(0), ")");
+    TORCH_CHECK(weight.size(1) <= max_k, name, ": K = ", weight.size(1), " could overflow the 32-bit sums (at most ",
+                max_k, ")");
+}
+
 at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
                             const at::Tensor& weight_sums) {
-    TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1),
-                "int8_vnni_matmul: rows (M, K) and weight (N, K), not ", rows.sizes(), " and ", weight.sizes());
-    TORCH_CHECK(rows.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kChar &&
-                    weight_scale.scalar_type() == at::kFloat && weight_sums.scalar_type() == at::kInt,
-                "int8_vnni_matmul: bf16 rows, int8 weight, float32 weight_scale, int32 weight_sums");
+    check_operands("int8_vnni_matmul", rows, at::kBFloat16, "bf16", weight, weight_scale, weight_sums,
+                   (int64_t{1} << 16) - 1);
     const at::Tensor x = rows.contiguous(), w = weight.contiguous();
     const at::Tensor scale = weight_scale.contiguous(), sums = weight_sums.contiguous();
     at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
@@ -161,15 +175,8 @@ at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& weight, co
 
 at::Tensor int8_avx2_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
                             const at::Tensor& weight_sums) {
-    TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1),
-                "int8_avx2_matmul: rows (M, K) and weight (N, K), not ", rows.sizes(), " and ", weight.sizes());
-    TORCH_CHECK(rows.scalar_type() == at::kFloat && weight.scalar_type() == at::kChar &&
-                    weight_scale.scalar_type() == at::kFloat && weight_sums.scalar_type() == at::kInt,
-                "int8_avx2_matmul: float32 rows, int8 weight, float32 weight_scale, int32 weight_sums");
-    TORCH_CHECK(weight_scale.numel() == weight.size(0) && weight_sums.numel() == weight.size(0),
-                "int8_avx2_matmul: weight_scale and weight_sums need one value per weight row (", weight.size(0), ")");
-    TORCH_CHECK(weight.size(1) < (int64_t{1} << 17), "int8_avx2_matmul: K = ", weight.size(1),
-                " could overflow the 32-bit sums (at most 131071)");
+    check_operands("int8_avx2_matmul", rows, at::kFloat, "float32", weight, weight_scale, weight_sums,
+                   (int64_t{1} << 17) - 1);
     const at::Tensor x = rows.contiguous(), w = weight.contiguous();
     const at::Tensor scale = weight_scale.contiguous(), sums = weight_sums.contiguous();
     at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
