@@ -43,6 +43,15 @@ class TranslationError(ValueError):
     """Bad input to the translate command, named in one line."""
 
 
+@dataclass(frozen=True)
+class Hypothesis:
+    """One translation of a sentence and, when asked for, its score: the log-probability beam search ranks by (the
+    sum of the tokens' log-probabilities divided by length ** length_penalty; greedy decoding: the plain sum)."""
+
+    text: str
+    score: float | None = None
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Indices of the sentences, longest first, in batches of at most `batch_size` sentences, or (with `max_tokens`)
     of at most `max_tokens` padded tokens (sentences × the longest): `data.batching.cut_into_batches`."""
@@ -107,14 +116,33 @@ class TorchEngine:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
 
     def translate(self, sentences: list[str]) -> list[str]:
-        batch = self.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
         # Each batch stops at --max_new_tokens or twice its longest source + 10 tokens (Marian's and fairseq's
         # limits), so an untrained model does not run to the full length for every sentence.
-        limit = min(self.max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
+        longest = max(self.token_count(sentence) for sentence in sentences)
+        limit = min(self.max_new_tokens, 2 * longest + 10)
+        return [best.text for best, *_ in self.decode(sentences, max_new_tokens=limit)]
+
+    def decode(self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None,
+               n_best: int = 1, scores: bool = False) -> list[list[Hypothesis]]:  # fmt: skip
+        """The `n_best` best hypotheses of each sentence, best first, each decoded as `generate()` decodes it alone
+        (every row of a batch stops at `max_new_tokens`, not at a limit that depends on the other rows)."""
+        batch = self.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
+        num_beams = num_beams or self.num_beams
         with torch.inference_mode():
             # max_length=None: a `max_length` saved in the generation config must not clash with the limit
-            generated = self.model.generate(**batch, num_beams=self.num_beams, max_new_tokens=limit, max_length=None)
-        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+            output = self.model.generate(
+                **batch, num_beams=num_beams, num_return_sequences=n_best, max_new_tokens=max_new_tokens or
+                self.max_new_tokens, max_length=None, return_dict_in_generate=True, output_scores=scores,
+            )  # fmt: skip
+        texts = [text.strip() for text in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
+        values = [None] * len(texts)
+        if scores and num_beams > 1:
+            values = output.sequences_scores.tolist()
+        elif scores:  # greedy: the chosen tokens' log-probabilities, summed (padding after the end adds 0)
+            steps = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+            values = steps.masked_fill(steps.isinf(), 0.0).sum(dim=1).tolist()
+        hypotheses = [Hypothesis(text, value) for text, value in zip(texts, values, strict=True)]
+        return [hypotheses[row * n_best : (row + 1) * n_best] for row in range(len(sentences))]
 
 
 class CTranslate2Engine:
@@ -160,15 +188,27 @@ class CTranslate2Engine:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
 
     def translate(self, sentences: list[str]) -> list[str]:
+        longest = max(self.token_count(sentence) for sentence in sentences)
+        limit = min(self.max_new_tokens, 2 * longest + 10)
+        return [best.text for best, *_ in self.decode(sentences, max_new_tokens=limit)]
+
+    def decode(self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None,
+               n_best: int = 1, scores: bool = False) -> list[list[Hypothesis]]:  # fmt: skip
+        """The `n_best` best hypotheses of each sentence, best first, with CTranslate2's scores when asked for."""
         ids = self.tokenizer(sentences, truncation=True)["input_ids"]
         tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in ids]
-        limit = min(self.max_new_tokens, 2 * max(map(len, tokens)) + 10)
         results = self.translator.translate_batch(
-            tokens, beam_size=self.num_beams, max_decoding_length=limit, max_batch_size=len(tokens),
-            length_penalty=self.length_penalty,
+            tokens, beam_size=num_beams or self.num_beams, max_decoding_length=max_new_tokens or self.max_new_tokens,
+            max_batch_size=len(tokens), length_penalty=self.length_penalty, num_hypotheses=n_best,
+            return_scores=scores,
         )  # fmt: skip
-        outputs = [self.tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results]
-        return [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+        decoded = []
+        for result in results:
+            outputs = [self.tokenizer.convert_tokens_to_ids(hypothesis) for hypothesis in result.hypotheses]
+            texts = [text.strip() for text in self.tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+            values = result.scores if scores else [None] * len(texts)
+            decoded.append([Hypothesis(text, value) for text, value in zip(texts, values, strict=True)])
+        return decoded
 
 
 class OnnxEngine(TorchEngine):
@@ -180,8 +220,6 @@ class OnnxEngine(TorchEngine):
         that is deleted once onnxruntime's sessions and the tokenizer have read it."""
         from .onnx_export import export_onnx
 
-        if quantization not in (None, "auto"):
-            raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
         if (Path(model_dir) / "encoder.onnx").is_file():
             return cls._from_exported(Path(model_dir), device, **options)
         with tempfile.TemporaryDirectory(prefix="hf_attention-onnx-") as temporary:
@@ -212,13 +250,13 @@ def translate_sentences(
     return translations
 
 
-def load_engine(engine: str, model: str, quantization: str | None = None, device: str = "cpu",
-                dtype: str = "float32", **options):  # fmt: skip
-    """The engine, after every option is checked.
+def check_engine_options(engine: str, quantization: str | None = None, device: str = "cpu", dtype: str = "float32",
+                         compile_step: bool | None = None) -> None:  # fmt: skip
+    """Refuses an engine setting this machine cannot run, before anything is loaded or written.
 
     Raises:
-        TranslationError: an unknown engine, quantization or dtype, or a device this machine does not have.
-        ExportError: the engine's optional package is missing (the extra to install is named).
+        TranslationError: an unknown engine, quantization or dtype, a device this machine does not have, or
+            `--compile` for an engine other than torch.
     """
     if engine not in ENGINES:
         raise TranslationError(f"--engine {engine}: must be one of {', '.join(ENGINES)}.")
@@ -227,14 +265,27 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
     if engine == "ctranslate2" and quantization not in (*CTRANSLATE2_QUANTIZATIONS, "auto"):
         offered = ", ".join(name for name in ("auto", *CTRANSLATE2_QUANTIZATIONS) if name)
         raise TranslationError(f"--quantization {quantization}: the ctranslate2 engine offers {offered}.")
+    if engine == "onnx" and quantization not in (None, "auto"):
+        raise TranslationError(f"--quantization {quantization}: the onnx engine runs the exported float32 graphs.")
     if dtype not in DTYPES:
         raise TranslationError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TranslationError(f"--device {device}: this machine has no CUDA device.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise TranslationError(f"--device {device}: must be cpu or cuda.")
-    if options.get("compile") and engine != "torch":
+    if compile_step and engine != "torch":
         raise TranslationError(f"--compile: compiles the torch engine's decoding step, not {engine}'s.")
+
+
+def load_engine(engine: str, model: str, quantization: str | None = None, device: str = "cpu",
+                dtype: str = "float32", **options):  # fmt: skip
+    """The engine, after every option is checked (`check_engine_options`).
+
+    Raises:
+        TranslationError: an option this machine cannot run.
+        ExportError: the engine's optional package is missing (the extra to install is named).
+    """
+    check_engine_options(engine, quantization, device, dtype, options.get("compile"))
     if engine != "torch":
         options.pop("compile", None)
     if engine == "onnx":
