@@ -29,6 +29,7 @@ from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .inference.ctranslate2_export import export_ctranslate2
 from .inference.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 from .inference.quantization import optimize_for_inference
+from .inference.scoring import TargetScore, score
 from .modeling_hf_attention import HfAttentionForConditionalGeneration, HfAttentionModel, HfAttentionPreTrainedModel
 from .pipeline_hf_attention import SummarizationPipeline, Text2TextGenerationPipeline, TranslationPipeline
 from .registration import register_peft_defaults, register_pipelines
@@ -55,12 +56,14 @@ __all__ = [
     "HfAttentionPreTrainedModel",
     "OnnxModelForSeq2SeqLM",
     "SummarizationPipeline",
+    "TargetScore",
     "Text2TextGenerationPipeline",
     "TranslationPipeline",
     "__version__",
     "export_ctranslate2",
     "export_onnx",
     "optimize_for_inference",
+    "score",
 ]
 
 

@@ -15,7 +15,9 @@ spent most of its time moving the key/value cache, not computing:
   preparation takes 0.12 ms per token here (it reads the model's device and dtype by walking its parameters, and
   builds the static cache's mask, which the compiled decoder builds itself), a twentieth of a compiled int8 step of
   one sentence. Inputs it does not cover (a decoder mask, position ids, embeddings) go to transformers' own.
-- §6.1's length limit (input length + 50) is applied by `generate` itself.
+- §6.1's length limit (input length + 50) is applied by `generate` itself, and so is §6.1's length penalty: with
+  `length_penalty_style="gnmt"` (a generation config field, or a `generate()` argument) beam search divides a
+  hypothesis's log-probability by GNMT's ((5 + |Y|) / 6)^α (Wu et al., 2016) in place of transformers' |Y|^α.
 
 With a static cache (`cache_implementation="static"`), whose sizes are fixed in advance, the encoder output is
 expanded as transformers does. `optimize_for_inference(compile=True)` asks for one so that greedy steps compile;
@@ -227,9 +229,48 @@ class HfAttentionGenerationMixin(GenerationMixin):
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
-        """transformers' `generate`, plus §6.1's length limit (`with_source_length_limit`)."""
-        kwargs = with_source_length_limit(generation_config or self.generation_config, inputs, kwargs)
+        """transformers' `generate`, plus §6.1's length limit (`with_source_length_limit`) and length penalty
+        (`with_length_penalty_style`)."""
+        config = generation_config or self.generation_config
+        kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+
+LENGTH_PENALTY_STYLES = ("transformers", "gnmt")
+
+
+class GnmtLengthPenalty(float):
+    """GNMT's length penalty α (Wu et al., 2016), which the paper's §6.1 uses (α = 0.6): lp(Y) = ((5 + |Y|) / 6)^α.
+
+    transformers' beam search divides a hypothesis's log-probability by `length ** length_penalty`, with `length` a
+    Python int; this float is α, and raising a length to it gives ((5 + length) / 6)^α. The private arithmetic this
+    relies on is pinned by `test_generation.py::test_gnmt_length_penalty_scores_hypotheses_by_wu_et_al_s_formula`,
+    which fails if transformers applies the penalty another way.
+    """
+
+    def __rpow__(self, length):
+        if isinstance(length, int):
+            return ((5 + length) / 6) ** float(self)
+        return NotImplemented  # a tensor or float length: transformers changed its arithmetic (see the test)
+
+    def __repr__(self) -> str:
+        return f"GnmtLengthPenalty({float(self)})"
+
+
+def with_length_penalty_style(generation_config: GenerationConfig, kwargs: dict) -> dict:
+    """`generate()`'s keyword arguments with the length penalty of `length_penalty_style` (a keyword argument, else
+    the generation config's field; default "transformers": |Y|^α).
+
+    Raises:
+        ValueError: a style other than "transformers" or "gnmt".
+    """
+    style = kwargs.pop("length_penalty_style", None) or getattr(generation_config, "length_penalty_style", None)
+    if style in (None, "transformers"):
+        return kwargs
+    if style != "gnmt":
+        raise ValueError(f"length_penalty_style {style!r}: must be one of {', '.join(LENGTH_PENALTY_STYLES)}.")
+    alpha = kwargs.get("length_penalty", generation_config.length_penalty)
+    return {**kwargs, "length_penalty": GnmtLengthPenalty(1.0 if alpha is None else alpha)}
 
 
 def with_source_length_limit(generation_config: GenerationConfig, inputs: torch.Tensor | None, kwargs: dict) -> dict:

@@ -78,3 +78,34 @@ def with_capabilities(
     machine = hardware.Capabilities.for_cpu_class(cpu_class, cuda_devices)
     monkeypatch.setattr(hardware, "_installed", [machine])
     return machine
+
+
+def save_toy_translation_model(folder: Path) -> Path:
+    """A seeded tiny untrained model and the toy tokenizer, saved in `folder`: what the translate and serve tests
+    load."""
+    from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+
+    tokenizer = toy_tokenizer()
+    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), **special)
+    torch.manual_seed(0)
+    HfAttentionForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def generate_alone(folder: Path, sentence: str, num_beams: int, n_best: int = 1, max_new_tokens: int = 12):
+    """`generate()` on `sentence` alone: its `n_best` hypotheses with their scores (beam search: the length-normalised
+    score it ranks by; greedy: the sum of the chosen tokens' log-probabilities)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    output = model.generate(**tokenizer([sentence], return_tensors="pt"), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens, num_return_sequences=n_best, return_dict_in_generate=True,
+                            output_scores=True)  # fmt: skip
+    texts = [text.strip() for text in tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
+    if num_beams > 1:
+        return list(zip(texts, output.sequences_scores.tolist(), strict=True))
+    steps = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+    return list(zip(texts, steps.masked_fill(steps.isinf(), 0).sum(1).tolist(), strict=True))

@@ -80,6 +80,7 @@ def test_averaging_that_cannot_happen_stops_the_run_before_it_writes(tmp_path, o
 def test_the_trained_model_decodes_as_the_paper_by_default(run):
     saved = json.loads((run / "generation_config.json").read_text())
     assert saved["length_penalty"] == 0.6 and saved["max_new_tokens_over_source"] == 50
+    assert saved["length_penalty_style"] == "gnmt"  # §6.1's penalty: ((5 + |Y|) / 6)^α
     assert saved["max_new_tokens"] == 8 and "max_length" not in saved
 
 

@@ -194,3 +194,25 @@ def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds():
     for ours, theirs in zip(growing.update(keys, values), dynamic.update(keys, values), strict=True):
         assert torch.equal(ours, theirs)
     assert growing.get_seq_length() == dynamic.get_seq_length() == 25
+
+
+@pytest.mark.parametrize("style", ["transformers", "gnmt"])
+def test_gnmt_length_penalty_scores_hypotheses_by_wu_et_al_s_formula(model, style):
+    """§6.1's penalty, ((5 + |Y|) / 6)^α, rides on transformers' private beam-search arithmetic (`length ** α` with
+    an int length; `GnmtLengthPenalty`): this test fails when transformers applies the penalty another way."""
+    alpha, batch = 0.6, padded_batch([7, 4, 6], max_length=7)
+    model.generation_config.length_penalty_style = style  # the saved field; "transformers" is the default
+    output = model.generate(**batch, num_beams=4, num_return_sequences=4, max_new_tokens=10, length_penalty=alpha,
+                            return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    steps = model.compute_transition_scores(output.sequences, output.scores, output.beam_indices)
+    lengths = (output.beam_indices >= 0).sum(dim=1).float()  # generated tokens, the end token included
+    penalty = ((5 + lengths) / 6) ** alpha if style == "gnmt" else lengths**alpha
+    assert torch.allclose(output.sequences_scores, steps.sum(dim=1) / penalty, atol=1e-5)
+    ranked = output.sequences_scores.view(3, 4)
+    assert (ranked[:, :-1] >= ranked[:, 1:]).all()  # each source's hypotheses come best first by that score
+    other = "transformers" if style == "gnmt" else "gnmt"  # the argument overrides the config
+    overridden = model.generate(**batch, num_beams=4, max_new_tokens=10, length_penalty=alpha, output_scores=True,
+                                length_penalty_style=other, return_dict_in_generate=True)  # fmt: skip
+    assert not torch.allclose(overridden.sequences_scores, output.sequences_scores.view(3, 4)[:, 0])
+    with pytest.raises(ValueError, match="length_penalty_style 'wu': must be one of transformers, gnmt"):
+        model.generate(**batch, num_beams=2, max_new_tokens=3, length_penalty_style="wu")

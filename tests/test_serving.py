@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
-
-from .helpers import toy_tokenizer
+from .helpers import generate_alone, save_toy_translation_model
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -32,14 +30,7 @@ SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i s
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = toy_tokenizer()
-    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), **special)
-    torch.manual_seed(0)
-    HfAttentionForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_toy_translation_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +38,6 @@ def server(model_dir):
     with ServerProcess([str(model_dir), "--quantization", "none", "--max_wait_ms", "50", "--max_new_tokens", "16",
                         "--max_request_sentences", "8", "--max_batch_tokens", "512"]) as server:  # fmt: skip
         yield server
-
-
-def alone(model_dir, sentence: str, num_beams: int, n_best: int = 1) -> list[tuple[str, float]]:
-    """`generate()` on the sentence alone: its n best hypotheses and their scores."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    output = model.generate(**tokenizer([sentence], return_tensors="pt"), num_beams=num_beams, max_new_tokens=12,
-                            num_return_sequences=n_best, return_dict_in_generate=True, output_scores=True)  # fmt: skip
-    texts = [text.strip() for text in tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
-    if num_beams > 1:
-        return list(zip(texts, output.sequences_scores.tolist(), strict=True))
-    steps = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
-    return list(zip(texts, steps.masked_fill(steps.isinf(), 0).sum(1).tolist(), strict=True))
 
 
 def translate(server, **body) -> httpx.Response:
@@ -77,13 +53,13 @@ def test_translations_and_scores_equal_generate_alone(server, model_dir, num_bea
     body = response.json()
     assert body["model"] == model_dir.name and len(body["translations"]) == 3
     for sentence, translation in zip(SOURCES, body["translations"], strict=False):
-        expected = alone(model_dir, sentence, num_beams, n_best)
+        expected = generate_alone(model_dir, sentence, num_beams, n_best)
         assert translation["text"] == expected[0][0]
         assert translation["score"] == pytest.approx(expected[0][1], abs=1e-4)
         if n_best > 1:
             assert [(h["text"], pytest.approx(h["score"], abs=1e-4)) for h in translation["n_best"]] == expected
     plain = translate(server, text=SOURCES[0], num_beams=num_beams, max_new_tokens=12).json()["translations"]
-    assert plain == [{"text": alone(model_dir, SOURCES[0], num_beams)[0][0]}]  # no score unless asked for
+    assert plain == [{"text": generate_alone(model_dir, SOURCES[0], num_beams)[0][0]}]  # no score unless asked for
 
 
 def test_32_concurrent_clients_get_what_one_client_gets_and_are_batched(server):

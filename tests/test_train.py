@@ -147,6 +147,7 @@ def two_processes(port: int, *distribution: str) -> list[str]:
             "tests/distributed_train.py"]  # fmt: skip
 
 
+@pytest.mark.slow  # test_reliability's run killed anywhere covers it in the default suite
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
     arguments = [*QUICK, "--max_steps", "150", "--save_steps", "20", "--toy_eval_size", "4"]
     # Every run in a subprocess with the same thread count, so that floating-point sums run in the same order.
@@ -176,6 +177,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")  # fmt: skip
+@pytest.mark.slow  # the FSDP test below trains two DDP processes too, in the default suite
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     # SGD, not Adam: Adam's normalised first steps turn float-rounding noise in near-zero gradients into full-size
     # steps, which hides the comparison; SGD compares the gradients themselves.
@@ -199,7 +201,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")  # fmt: skip
 @pytest.mark.parametrize(
-    "streaming", [[], ["--streaming"], ["--streaming", "--max_tokens", "64"]], ids=["cached", "streaming", "tokens"]
+    "streaming",
+    [  # the streaming case in the default suite; the other two (17 s each) with the slow tests
+        pytest.param([], marks=pytest.mark.slow),
+        ["--streaming"],
+        pytest.param(["--streaming", "--max_tokens", "64"], marks=pytest.mark.slow),
+    ],
+    ids=["cached", "streaming", "tokens"],
 )
 def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streaming):
     """The main process trains the tokenizer and tokenises; the other loads both from the cache. A stream is split

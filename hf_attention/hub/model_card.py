@@ -28,6 +28,7 @@ REPORTED_HYPERPARAMETERS = (
     "seed",
     "average_last_n_checkpoints",
     "generation_length_penalty",
+    "generation_length_penalty_style",
     "bf16",
     "fp16",
 )

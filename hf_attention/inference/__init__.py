@@ -1,6 +1,8 @@
 """Inference: quantization and kernels for fast `generate()` (`quantization`, `int8_vnni` with its C++ in `csrc/`),
-exports to other engines (`ctranslate2_export`, `onnx_export`, the `export` command), translating a file
-(`translate`: `hf-attention-translate`, `scripts/translate.py`) and scoring a saved model (`evaluate`)."""
+exports to other engines (`ctranslate2_export`, `onnx_export`, the `export` command), the engines that decode with
+them (`engines`), translating a file (`translate`: `hf-attention-translate`, `scripts/translate.py`, with n-best
+lists in `output_formats`, sampling and minimum Bayes risk in `mbr`), scoring given translations (`scoring`) and
+scoring a saved model on a test set (`evaluate`)."""
 
 from .ctranslate2_export import export_ctranslate2
 from .errors import ExportError

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from ..checkpoint_io_hf_attention import replacing_folder
 from ..configuration_hf_attention import HfAttentionConfig
-from ..generation_hf_attention import with_source_length_limit
+from ..generation_hf_attention import with_length_penalty_style, with_source_length_limit
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 from .errors import ExportError
 
@@ -246,8 +246,9 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
-        """transformers' `generate`, with §6.1's length limit as the PyTorch model applies it."""
-        kwargs = with_source_length_limit(generation_config or self.generation_config, inputs, kwargs)
+        """transformers' `generate`, with §6.1's length limit and length penalty as the PyTorch model applies them."""
+        config = generation_config or self.generation_config
+        kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:

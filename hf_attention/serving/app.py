@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..inference.translate import load_engine
+from ..inference.engines import load_engine
 from .arguments import ServeArguments
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServingMetrics
@@ -162,12 +162,14 @@ def create_app(
     async def lifespan(app: FastAPI):
         if batcher is not None:
             batcher.start()
-        loading = asyncio.create_task(load_in_background())
+        # a service loaded already (a Ray replica loads before it takes requests) is not loaded again
+        loading = asyncio.create_task(load_in_background()) if service.engine is None else None
         yield
         service.status = "draining"
         if batcher is not None:
             await batcher.drain()
-        await asyncio.gather(loading, return_exceptions=True)
+        if loading is not None:
+            await asyncio.gather(loading, return_exceptions=True)
 
     app = FastAPI(title="hf_attention translation server", lifespan=lifespan)
     app.state.service = service

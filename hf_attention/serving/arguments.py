@@ -3,7 +3,8 @@
 import typing
 from dataclasses import dataclass, field, fields
 
-from ..inference.translate import ENGINES, TranslationError, check_engine_options
+from ..inference.engines import ENGINES, check_engine_options
+from ..inference.errors import TranslationError
 
 
 class ServeArgumentError(ValueError):

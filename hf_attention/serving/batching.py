@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..inference.translate import Hypothesis
+from ..inference.engines import Hypothesis
 from .metrics import ServingMetrics
 from .schema import DecodingOptions
 

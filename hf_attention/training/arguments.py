@@ -192,9 +192,14 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     )
     generation_length_penalty: float = field(
         default=0.6,
+        metadata={"help": "Beam search length penalty α (§6.1: 0.6); saved in the generation config."},
+    )
+    generation_length_penalty_style: str = field(
+        default="gnmt",
         metadata={
-            "help": "Beam search length penalty α (§6.1: 0.6); saved in the generation config. Differs from paper: "
-            "transformers divides scores by length^α where GNMT's penalty is ((5 + length) / 6)^α."
+            "help": "gnmt: divide a hypothesis's log-probability by ((5 + length) / 6)^α, GNMT's penalty that §6.1 "
+            "uses; transformers: by length^α, as transformers' beam search does by default. Saved in the "
+            "generation config (length_penalty_style)."
         },
     )
     generation_max_new_tokens_over_source: int = field(
@@ -432,6 +437,7 @@ def validate_arguments(
         "--tokenizer_model": (model_args.tokenizer_model, ["bpe", "unigram"]),
         "--too_long": (data_args.too_long, ["drop", "truncate"]),
         "--dtype": (model_args.dtype, list(DTYPES)),
+        "--generation_length_penalty_style": (training_args.generation_length_penalty_style, ["gnmt", "transformers"]),
     }
     if model_args.attn_implementation is not None:
         choices["--attn_implementation"] = (model_args.attn_implementation, ATTENTION_KERNELS)

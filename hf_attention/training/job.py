@@ -198,6 +198,7 @@ def set_decoding_defaults(model: PreTrainedModel, data_args: DataArguments, trai
     generation_config.num_beams = training_args.generation_num_beams
     if generation_config.num_beams and generation_config.num_beams > 1:  # transformers refuses it for greedy search
         generation_config.length_penalty = training_args.generation_length_penalty
+        generation_config.length_penalty_style = training_args.generation_length_penalty_style
     generation_config.max_new_tokens_over_source = training_args.generation_max_new_tokens_over_source
     if data_args.forced_bos_token:
         token_id = tokenizer.convert_tokens_to_ids(data_args.forced_bos_token)
