@@ -4,6 +4,7 @@ torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
 import copy
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from hf_attention.inference.quantization import (
     PrepackedLinear,
     can_prepack_bf16,
     compile_without_module_guards,
+    compiled_int8_kernel,
 )
 
 from .helpers import padded_batch, toy_tokenizer, with_capabilities
@@ -511,3 +513,34 @@ def test_the_int8_quantizer_tells_transformers_it_cannot_be_trained(tiny_config,
     monkeypatch.setattr(trainer_utils, "_is_peft_model", lambda model: True)  # past the adapters check
     with pytest.raises(ValueError, match="hf_attention_int8 but that quantization method do not support training"):
         trainer_utils.validate_quantization_for_training(model)
+
+
+@pytest.mark.parametrize("kernel", ["dynamic", "batch_invariant"])
+def test_batch_invariant_int8_gives_each_row_the_output_it_gets_alone(tiny_config, kernel):
+    """fbgemm quantises a whole batch's activations with one scale, so a loud row changes its neighbours' outputs;
+    `batch_invariant=True` quantises each row with its own: a sentence decodes the same in any company."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    rows = torch.randn(DEQUANTIZE_FROM_ROWS + 16, 64)
+    rows[0] *= 50  # one row of much larger activations
+    layer = Int8Linear.from_linear(linear, kernel="dynamic" if kernel == "dynamic" else compiled_int8_kernel())
+    if kernel == "batch_invariant":
+        layer.rows_for_own_kernel = sys.maxsize
+    together = layer(rows)
+    alone = torch.cat([layer(rows[index : index + 1]) for index in range(1, len(rows))])
+    assert torch.equal(together[1:], alone) == (kernel == "batch_invariant")
+    if kernel == "dynamic":
+        return
+    model = optimize_for_inference(random_model(tiny_config), "int8", compile=False, batch_invariant=True)
+    assert all(m.rows_for_own_kernel == sys.maxsize for m in model.modules() if isinstance(m, Int8Linear))
+    batch = padded_batch([7, 4, 6], max_length=7)
+    together = model.generate(**batch, max_new_tokens=8, num_beams=2, output_scores=True, return_dict_in_generate=True)
+    for row in range(3):
+        length = int(batch["attention_mask"][row].sum())
+        single = {"input_ids": batch["input_ids"][row : row + 1, :length],
+                  "attention_mask": batch["attention_mask"][row : row + 1, :length]}  # fmt: skip
+        alone = model.generate(**single, max_new_tokens=8, num_beams=2, output_scores=True,
+                               return_dict_in_generate=True)  # fmt: skip
+        generated = alone.sequences[0]
+        assert torch.equal(together.sequences[row, : len(generated)], generated)
+        assert together.sequences_scores[row].item() == pytest.approx(alone.sequences_scores[0].item(), abs=1e-5)

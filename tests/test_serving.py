@@ -62,20 +62,37 @@ def test_translations_and_scores_equal_generate_alone(server, model_dir, num_bea
     assert plain == [{"text": generate_alone(model_dir, SOURCES[0], num_beams)[0][0]}]  # no score unless asked for
 
 
-def test_32_concurrent_clients_get_what_one_client_gets_and_are_batched(server):
-    requests = [{"text": SOURCES[i % len(SOURCES)], "num_beams": 1 + i % 2} for i in range(64)]
+def concurrent_clients_get_what_one_client_gets(server, requests: list[dict]) -> tuple[str, str]:
+    """Sends `requests` one at a time, then from 32 concurrent clients; asserts equal answers. Returns /metrics
+    before and after the concurrent round."""
     one_client = [translate(server, **body).json()["translations"] for body in requests]
     before = httpx.get(server.url + "/metrics").text
     with ThreadPoolExecutor(32) as clients:
         responses = list(clients.map(lambda body: translate(server, **body), requests))
     assert [response.status_code for response in responses] == [200] * len(requests)
     assert [response.json()["translations"] for response in responses] == one_client
-    after = httpx.get(server.url + "/metrics").text
+    return before, httpx.get(server.url + "/metrics").text
+
+
+def test_32_concurrent_clients_get_what_one_client_gets_and_are_batched(server):
+    requests = [{"text": SOURCES[i % len(SOURCES)], "num_beams": 1 + i % 2} for i in range(64)]
+    before, after = concurrent_clients_get_what_one_client_gets(server, requests)
     batches = metric(after, "hf_attention_batches_total") - metric(before, "hf_attention_batches_total")
     sentences = metric(after, "hf_attention_batch_sentences_sum") - metric(before, "hf_attention_batch_sentences_sum")
     assert sentences == len(requests) and batches < len(requests) / 4  # dynamic batching took place
     assert metric(after, "hf_attention_requests_total", 'status="200"') >= 2 * len(requests)
     assert metric(after, "hf_attention_queue_depth") == 0
+
+
+def test_an_int8_server_answers_each_request_as_alone_when_batched(model_dir):
+    """int8 activations are quantised row by row (`--batch_invariant`, the default), not with one scale per batch."""
+    with ServerProcess([str(model_dir), "--quantization", "int8", "--max_wait_ms", "50",
+                        "--max_new_tokens", "16"]) as int8_server:  # fmt: skip
+        requests = [{"text": SOURCES[i % len(SOURCES)] + " " + "und " * (i % 5)} for i in range(48)]
+        before, after = concurrent_clients_get_what_one_client_gets(int8_server, requests)
+        assert metric(after, "hf_attention_batches_total") - metric(before, "hf_attention_batches_total") < 24
+        models = httpx.get(int8_server.url + "/v1/models").json()["data"]
+        assert models[0]["setting"] == "int8"
 
 
 @pytest.mark.parametrize(

@@ -92,15 +92,17 @@ class TorchEngine(Engine):
     def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "TorchEngine":
         """The model on `device`, `optimize_for_inference`d: with `quantization="auto"` (and `compile=None`, also
         "auto") the setting measured fastest on this machine for `batch_size` sentences and the beam size. A
-        `dtype` other than float32 is the user's choice of precision: "auto" then leaves it as it is."""
+        `dtype` other than float32 is the user's choice of precision: "auto" then leaves it as it is. With
+        `batch_invariant=True`, a sentence decodes to the same tokens in any batch (int8: row-wise kernels)."""
         compile_step = options.pop("compile", None)
         batch_size = options.pop("batch_size", 1)
+        batch_invariant = options.pop("batch_invariant", False)
         model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
         if quantization == "auto" and dtype != "float32":
             quantization = None
         compile_step = "auto" if compile_step is None else compile_step
         num_beams = options.get("num_beams")
-        model = optimize_for_inference(model, quantization, compile_step, batch_size, num_beams)
+        model = optimize_for_inference(model, quantization, compile_step, batch_size, num_beams, batch_invariant)
         engine = cls(model, AutoTokenizer.from_pretrained(model_dir), **options)
         quantized = getattr(model.config, "quantization_config", None) is not None
         engine.setting = ("int8" if quantized else engine.setting) + (" + compile" if model_is_compiled(model) else "")
@@ -281,6 +283,7 @@ def load_engine(engine: str, model: str, quantization: str | None = None, device
                                "onnx engine for GNMT's penalty.")  # fmt: skip
     if engine != "torch":
         options.pop("compile", None)
+        options.pop("batch_invariant", None)  # a torch option: CTranslate2 and onnxruntime choose their kernels
     if engine == "onnx":
         options.pop("batch_size", None)
     loader = {"torch": TorchEngine, "ctranslate2": CTranslate2Engine, "onnx": OnnxEngine}[engine]

@@ -25,6 +25,7 @@ An int8 model saves and reloads through transformers' quantization config (`quan
 """
 
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -77,7 +78,13 @@ class Int8Linear(nn.Module):
 
     The weights are kept as plain int8 and float tensors, so that safetensors stores them (the same for both kernels);
     the packed form that fbgemm reads is built on first use and after every load.
+
+    `rows_for_own_kernel` (default `DEQUANTIZE_FROM_ROWS`) is the row count from which the "vnni" and "avx2" kernels
+    hand eager calls to the faster batch kernels; `optimize_for_inference(batch_invariant=True)` raises it past any
+    batch, so that every row is quantised with its own scale and a sentence's outputs never depend on its batch.
     """
+
+    rows_for_own_kernel: int = DEQUANTIZE_FROM_ROWS  # a layer may raise its own
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "dynamic", device=None):
         super().__init__()
@@ -204,7 +211,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "avx2" and hidden_states.device.type == "cpu":
             rows = hidden_states.reshape(-1, self.in_features).float()
             compiling = torch.compiler.is_compiling()
-            if compiling or rows.shape[0] < DEQUANTIZE_FROM_ROWS:
+            if compiling or rows.shape[0] < self.rows_for_own_kernel:
                 if int8_avx2_available():
                     weight_scale = self.weight_scale.float()
                     output = torch.ops.hf_attention.int8_avx2_matmul(rows, self.weight, weight_scale, self.weight_sums)
@@ -219,7 +226,8 @@ class Int8Linear(nn.Module):
         if self.kernel in ("weight_only", "vnni"):
             rows = hidden_states.reshape(-1, self.in_features).to(torch.bfloat16)
             few_rows = rows.shape[0] < DEQUANTIZE_FROM_ROWS
-            if few_rows and self.kernel == "vnni" and rows.device.type == "cpu" and int8_vnni_available():
+            own_kernel = rows.shape[0] < self.rows_for_own_kernel
+            if own_kernel and self.kernel == "vnni" and rows.device.type == "cpu" and int8_vnni_available():
                 weight_scale = self.weight_scale.float()
                 output = torch.ops.hf_attention.int8_vnni_matmul(rows, self.weight, weight_scale, self.weight_sums)
                 if self.bias is not None:
@@ -391,6 +399,7 @@ def optimize_for_inference(
     compile: bool | str = "auto",
     batch_size: int = 1,
     num_beams: int | None = None,
+    batch_invariant: bool = False,
 ) -> PreTrainedModel:
     """The model, changed in place for fast generation; `generate()` and the pipelines work as before.
 
@@ -411,6 +420,10 @@ def optimize_for_inference(
             only with `disable_compile=True`.
         batch_size: the workload `"auto"` chooses for: sentences per `generate()` call.
         num_beams: the workload's beams (default: the generation config's).
+        batch_invariant: with int8, quantise every input row with its own scale (the row-wise kernel of
+            `compiled_int8_kernel()`, at every row count), never a whole batch with one scale as fbgemm's dynamic
+            product does, so that a sentence decodes to the same tokens in any batch (what a server batching
+            strangers' requests needs); slower than fbgemm for many rows.
 
     Raises:
         ValueError: an unknown `quantization`, or `"int8"` for a model that is not on the CPU.
@@ -435,7 +448,7 @@ def optimize_for_inference(
         # fbgemm's packed weights cannot be compiled: with compile, int8 weights times bf16 activations, or, for
         # decoding steps on CPUs with AVX512-VNNI, times activations quantised to int8 by our own operation.
         kernel = "dynamic"
-        if compile:
+        if compile or batch_invariant:
             kernel = compiled_int8_kernel() if model.device.type == "cpu" else "weight_only"
         # The output projection gets its own int8 copy of the embedding matrix, which stays float for the lookups.
         model.config.tie_word_embeddings = False
@@ -443,6 +456,10 @@ def optimize_for_inference(
         if kernel in ("weight_only", "vnni"):
             model.to(torch.bfloat16)  # embeddings, norms and activations
         fuse_self_attention_projections(model)
+        if batch_invariant:
+            for layer in model.modules():
+                if isinstance(layer, Int8Linear):
+                    layer.rows_for_own_kernel = sys.maxsize
         model.config.quantization_config = HfAttentionInt8Config(kernel=kernel)
         model.hf_quantizer = HfAttentionInt8Quantizer(model.config.quantization_config, pre_quantized=True)
         model.is_quantized, model.quantization_method = True, INT8_METHOD

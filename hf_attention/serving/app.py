@@ -53,7 +53,7 @@ class TranslationService:
         engine = load_engine(
             arguments.engine, arguments.model, arguments.quantization, arguments.device, arguments.dtype,
             num_beams=arguments.num_beams, max_new_tokens=arguments.max_new_tokens, compile=arguments.compile,
-            batch_size=arguments.max_batch_sentences,
+            batch_size=arguments.max_batch_sentences, batch_invariant=arguments.batch_invariant,
         )  # fmt: skip
         engine.decode([WARM_UP_SENTENCE], max_new_tokens=8)
         self.engine = engine

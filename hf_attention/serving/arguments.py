@@ -27,6 +27,13 @@ class ServeArguments:
         default=False,
         metadata={"help": "torch engine: decode with a compiled static-cache step (tens of seconds at start-up)."},
     )
+    batch_invariant: bool = field(
+        default=True,
+        metadata={
+            "help": "torch engine, int8: quantise each sentence's activations with their own scales, so that a "
+            "request gets exactly the translation it gets alone; false: fbgemm's faster batch-wide scales."
+        },
+    )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "torch engine: float32, bfloat16 or float16."})
     num_beams: int | None = field(default=None, metadata={"help": "Default beam size (default: the model's)."})
