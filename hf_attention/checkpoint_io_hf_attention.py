@@ -33,6 +33,13 @@ REPLACED_MARK = ".replaced-"
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies inside it, links resolved: what replacing `folder` would delete. Every
+    command that replaces a folder refuses one that holds one of its own inputs."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
 def _beside(target: Path, mark: str) -> Path:
     return target.parent / f".{target.name}{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

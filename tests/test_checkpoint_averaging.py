@@ -100,3 +100,11 @@ def test_logged_entries_carry_the_wall_clock_time_for_time_to_quality_curves(run
     state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
     times = [entry["wall_seconds"] for entry in state["log_history"]]
     assert times and times == sorted(times) and times[-1] > 0
+
+
+def test_averaging_into_a_folder_that_holds_its_inputs_is_refused_and_deletes_nothing(run, tmp_path):
+    held = sorted(path.name for path in run.iterdir())
+    for output in (run, run.parent):
+        with pytest.raises(SystemExit, match=f"--output_dir {output} holds --inputs {run}: replacing it would delete"):
+            average(["--inputs", str(run), "--output_dir", str(output), "--overwrite_output_dir"])
+    assert sorted(path.name for path in run.iterdir()) == held

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, export_onnx
 from hf_attention.hub.marian_conversion import convert_checkpoint
 from hf_attention.inference.ctranslate2_export import export_ctranslate2
 from hf_attention.inference.errors import ExportError
@@ -121,6 +121,13 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, monkeypat
     with pytest.raises(ExportError, match="already exists; pass --overwrite"):
         export_ctranslate2(model_dir, existing)
     assert [path.name for path in existing.iterdir()] == ["mine.txt"]
+    held = sorted(path.name for path in model_dir.iterdir())
+    for destination in (model_dir, tmp_path):  # the source itself, or a folder holding it
+        with pytest.raises(ExportError, match=f"DESTINATION {destination} holds SOURCE {model_dir}"):
+            export_ctranslate2(model_dir, destination, overwrite=True)
+    with pytest.raises(ExportError, match="holds SOURCE"):
+        export_onnx(model_dir, model_dir, overwrite=True)
+    assert sorted(path.name for path in model_dir.iterdir()) == held
     tanh = saved_model(tmp_path / "tanh", activation_function="tanh")
     with pytest.raises(ExportError, match="activation_function='tanh': CTranslate2 offers"):
         export_ctranslate2(tanh, tmp_path / "out")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..checkpoint_io_hf_attention import replacing_folder
+from ..checkpoint_io_hf_attention import is_inside, replacing_folder
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 from .errors import ExportError
 
@@ -168,6 +168,9 @@ def export_ctranslate2(
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"--quantization {quantization}: must be one of {', '.join(map(str, QUANTIZATIONS[1:]))}.")
     output_dir = Path(output_dir)
+    if is_inside(model_dir, output_dir):
+        raise ExportError(f"DESTINATION {output_dir} holds SOURCE {model_dir}: the export would replace its own "
+                          "input; choose another folder.")  # fmt: skip
     if output_dir.exists() and not overwrite:
         raise ExportError(f"{output_dir} already exists; pass --overwrite to replace it.")
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)

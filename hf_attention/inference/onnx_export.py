@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
-from ..checkpoint_io_hf_attention import replacing_folder
+from ..checkpoint_io_hf_attention import is_inside, replacing_folder
 from ..configuration_hf_attention import HfAttentionConfig
 from ..generation_hf_attention import with_length_penalty_style, with_source_length_limit
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
@@ -110,10 +110,13 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, overwrite: bool =
         ExportError: the onnx packages are missing, `output_dir` exists without `overwrite`, or the folder holds no
             hf_attention model. Nothing is written then.
     """
-    import_onnx_runtime()
     output_dir = Path(output_dir)
+    if is_inside(model_dir, output_dir):
+        raise ExportError(f"DESTINATION {output_dir} holds SOURCE {model_dir}: the export would replace its own "
+                          "input; choose another folder.")  # fmt: skip
     if output_dir.exists() and not overwrite:
         raise ExportError(f"{output_dir} already exists; pass --overwrite to replace it.")
+    import_onnx_runtime()
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     if not isinstance(model, HfAttentionForConditionalGeneration):
         raise ExportError(f"{model_dir} holds a {type(model).__name__}, not an hf_attention model.")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, HfArgumentParser, PreTrainedModel
 
-from ..checkpoint_io_hf_attention import replacing_folder
+from ..checkpoint_io_hf_attention import is_inside, replacing_folder
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Config entries that differ between checkpoints of one model without changing what the weights mean.
@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
             raise CheckpointAveragingError(
                 f"--output_dir {output_dir} holds files; pass --overwrite_output_dir to replace them."
             )
+        for name in args.inputs:
+            if is_inside(name, output_dir):
+                raise CheckpointAveragingError(
+                    f"--output_dir {output_dir} holds --inputs {name}: replacing it would delete the checkpoints "
+                    "being averaged; choose another output folder."
+                )
         checkpoints = find_checkpoints(args.inputs, args.num_checkpoints)
         average_checkpoints(checkpoints, output_dir)
     except (CheckpointAveragingError, OSError) as error:

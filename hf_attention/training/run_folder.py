@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpoint_io_hf_attention import swap_into_place
+from ..checkpoint_io_hf_attention import is_inside, swap_into_place
 
 OLD_CHECKPOINTS = "checkpoints"  # where runs before hf_attention 0.9 kept them
 TRAINER_STATE = "trainer_state.json"
@@ -20,10 +20,6 @@ TRAINER_STATE = "trainer_state.json"
 
 class OutputFolderError(ValueError):
     """An output folder or resume request that would lose or mix up a user's files; nothing has been written."""
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 @dataclass
@@ -92,7 +88,7 @@ def plan_run_folder(
     if output.exists() and not output.is_dir():
         raise OutputFolderError(f"--output_dir {output_dir} is a file; the run needs a folder.")
     for flag, value in inputs.items():
-        if value and _inside(Path(os.path.realpath(value)), output):
+        if value and is_inside(value, output):
             raise OutputFolderError(
                 f"--output_dir {output_dir} contains {flag} {value}: the run would write over its own input; "
                 "choose another output folder."
@@ -100,7 +96,7 @@ def plan_run_folder(
     staging = output.parent / f".{output.name}.training"
     if resume_from_checkpoint:
         checkpoint = _checkpoint_to_resume(resume_from_checkpoint, output)
-        if _inside(Path(os.path.realpath(checkpoint)), output):
+        if is_inside(checkpoint, output):
             return RunFolder(output, output, checkpoint)
         if _holds_files(output) and not overwrite_output_dir:
             raise OutputFolderError(
