@@ -110,14 +110,17 @@ class HfAttentionGenerationMixin(GenerationMixin):
     # True once `install_compiled_steps` ran: greedy search and sampling decode with a static cache in compiled steps,
     # and the searches transformers runs eagerly (beam search) keep the growing cache.
     static_cache_for_compiled_steps: bool = False
+    compiled_steps_config: CompileConfig | None = None
 
     def install_compiled_steps(self, compile_config: CompileConfig, compiled_call: Callable | None = None) -> None:
         """Decode greedy search and sampling with a static cache in steps compiled as `compile_config` says
-        (transformers compiles them on the first `generate()`). `compiled_call`: the compiled `__call__` to use
-        instead of transformers' own, set where transformers' `get_compiled_call` reads it (`_compiled_call`,
-        reused while the compile config is `_last_compile_config`; tests/test_inference.py fails if that changes)."""
-        self.generation_config.cache_implementation = "static"
-        self.generation_config.compile_config = compile_config
+        (transformers compiles them on the first `generate()`). Each `generate()` call asks for them
+        (`cache_implementation="static"`, `compile_config`); the generation config is left as it is, so that a
+        saved model reloads to decode as an unoptimized one does (optimize it again after loading).
+        `compiled_call`: the compiled `__call__` to use instead of transformers' own, set where transformers'
+        `get_compiled_call` reads it (`_compiled_call`, reused while the compile config is `_last_compile_config`;
+        tests/test_inference.py fails if that changes)."""
+        self.compiled_steps_config = compile_config
         self.static_cache_for_compiled_steps = True
         if compiled_call is not None:
             self._compiled_call, self._last_compile_config = compiled_call, compile_config
@@ -233,6 +236,9 @@ class HfAttentionGenerationMixin(GenerationMixin):
         (`with_length_penalty_style`)."""
         config = generation_config or self.generation_config
         kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
+        if self.static_cache_for_compiled_steps:  # this call's settings, not the saved generation config's
+            kwargs.setdefault("cache_implementation", "static")
+            kwargs.setdefault("compile_config", self.compiled_steps_config)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 

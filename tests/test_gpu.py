@@ -81,7 +81,7 @@ def test_compiled_static_cache_on_cuda_generates_the_eager_tokens(tiny_config, q
     batch = {k: v.cuda() for k, v in padded_batch([7, 4, 6], max_length=7).items()}
     eager = model.generate(**batch, max_new_tokens=10)
     optimize_for_inference(model, quantization, compile=True)
-    assert model.generation_config.compile_config.mode == "reduce-overhead"
+    assert model.compiled_steps_config.mode == "reduce-overhead"
     for _ in range(2):  # the second call replays the captured graphs
         assert torch.equal(model.generate(**batch, max_new_tokens=10), eager)
 

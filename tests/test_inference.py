@@ -339,7 +339,24 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     else:  # which runs faster eagerly with the growing cache
         assert {type(layer) for layer in self_attention_cache.layers} == {GrowingCacheLayer}
     assert torch.equal(compiled.sequences, eager)
-    assert model.generation_config.cache_implementation == "static"
+    assert model.generation_config.cache_implementation is None  # each call asks for the static cache
+
+
+def test_a_compiled_model_saves_a_generation_config_a_reloaded_model_decodes_with(tiny_config, tmp_path):
+    """The compiled steps are this process's: saved, the generation config asks for no static cache, so the reloaded
+    model runs beam search on the growing cache and greedy search eagerly, with the tokens of the unoptimized model."""
+    model = random_model(tiny_config)
+    batch = padded_batch([7, 4, 6], max_length=7)
+    expected = {beams: model.generate(**batch, num_beams=beams, max_new_tokens=8) for beams in (1, 3)}
+    optimize_for_inference(model, None, compile=True).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert "cache_implementation" not in saved and "compile_config" not in saved
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    for beams, tokens in expected.items():
+        output = reloaded.generate(**batch, num_beams=beams, max_new_tokens=8, return_dict_in_generate=True)
+        assert torch.equal(output.sequences, tokens)
+        layers = output.past_key_values.self_attention_cache.layers
+        assert {type(layer) for layer in layers} == {GrowingCacheLayer}
 
 
 def test_a_compiled_step_on_a_cpu_skips_the_module_guards_and_still_recompiles_for_new_inputs(

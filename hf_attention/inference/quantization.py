@@ -408,8 +408,8 @@ def optimize_for_inference(
             `None` (as trained), `"int8"` (int8 weights, dynamic activation quantisation; CPU) or `"bf16"` (bf16
             weights and activations; on a CPU without bf16 instructions it is emulated, and a warning says so).
         compile: `"auto"` (with `quantization="auto"`, as `hardware.inference_choice` says; with a quantization
-            named, no compiling, as before `"auto"` existed), or whether to decode
-            with a static cache and a `torch.compile`d forward (`generation_config.cache_implementation = "static"`;
+            named, no compiling, as before `"auto"` existed), or whether to decode with a static cache and a
+            `torch.compile`d forward (each `generate()` asks for `cache_implementation="static"`, not the saved config;
             transformers compiles greedy search and sampling on the first `generate()`; beam search runs eagerly,
             with the growing cache of an unoptimized model). Pays off where the per-token overhead dominates (small
             batches); compiling takes tens of seconds. With `"int8"`, layers use kernels torch.compile can capture:
@@ -519,9 +519,7 @@ def compiled_int8_kernel() -> str:
 
 def model_is_compiled(model: PreTrainedModel) -> bool:
     """Whether `optimize_for_inference` set the model to decode with compiled static-cache steps."""
-    return getattr(model.generation_config, "cache_implementation", None) == "static" and bool(
-        getattr(model.generation_config, "compile_config", None)
-    )
+    return bool(getattr(model, "static_cache_for_compiled_steps", False))
 
 
 def compile_without_module_guards(function, compile_config: CompileConfig):
