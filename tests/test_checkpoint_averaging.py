@@ -108,3 +108,30 @@ def test_averaging_into_a_folder_that_holds_its_inputs_is_refused_and_deletes_no
         with pytest.raises(SystemExit, match=f"--output_dir {output} holds --inputs {run}: replacing it would delete"):
             average(["--inputs", str(run), "--output_dir", str(output), "--overwrite_output_dir"])
     assert sorted(path.name for path in run.iterdir()) == held
+
+
+def test_averaging_checkpoints_that_lack_a_tensor_fails_loudly(run, tmp_path):
+    """Tied weights are saved once and count as present; any other tensor missing is named, never left at its
+    initial value."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hf_attention.training.checkpoint_averaging import CheckpointAveragingError, average_into_model
+
+    checkpoints = sorted(run.glob("checkpoint-*"))[-2:]
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoints[-1])
+    average_into_model(model, checkpoints)  # complete checkpoints, tied embeddings saved once: fine
+    damaged = []
+    for checkpoint in checkpoints:
+        copy = tmp_path / checkpoint.name
+        copy.mkdir()
+        for file in checkpoint.iterdir():
+            if file.is_file():
+                (copy / file.name).write_bytes(file.read_bytes())
+        tensors = load_file(copy / "model.safetensors")
+        removed = next(name for name in tensors if name.endswith("fc1.weight"))
+        del tensors[removed]
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        damaged.append(copy)
+    with pytest.raises(CheckpointAveragingError, match=rf"missing \['{removed}'\]"):
+        average_into_model(model, damaged)

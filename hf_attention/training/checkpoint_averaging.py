@@ -96,14 +96,24 @@ def average_state_dicts(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
 def average_into_model(model: PreTrainedModel, checkpoints: list[Path]) -> None:
     """Load the average of `checkpoints` into `model` (which has their architecture), in place."""
     averaged = average_state_dicts(checkpoints)
-    missing, unexpected = model.load_state_dict(averaged, strict=False)
-    tied = set(model.state_dict()) - set(averaged)  # tied weights are saved once
-    if unexpected or set(missing) - tied:
+    missing = missing_weights(model, set(averaged))
+    unexpected = sorted(set(averaged) - set(model.state_dict()))
+    if missing or unexpected:
         raise CheckpointAveragingError(
-            f"The checkpoints' tensors do not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}."
+            f"The checkpoints' tensors do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
         )
+    model.load_state_dict(averaged, strict=False)  # strict would ask for every name of a tied tensor
     model.tie_weights()
+
+
+def missing_weights(model: torch.nn.Module, present: set[str]) -> list[str]:
+    """The names of `model`'s tensors that `present` lacks; a tied tensor (one storage, several names, saved once)
+    counts as present when any of its names is."""
+    names_by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        names_by_storage.setdefault(key, []).append(name)
+    return sorted(name for names in names_by_storage.values() if not present.intersection(names) for name in names)
 
 
 def average_checkpoints(checkpoints: list[Path], output_dir: str | Path) -> PreTrainedModel:

@@ -32,7 +32,7 @@ from transformers.trainer_utils import (
 
 from ..data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
 from ..modeling_hf_attention import label_smoothed_cross_entropy
-from .checkpoint_averaging import average_into_model, average_state_dicts
+from .checkpoint_averaging import average_into_model, average_state_dicts, missing_weights
 
 STAGING_DIR = ".checkpoint-staging"
 
@@ -216,7 +216,10 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             return None
         model_class = next(cls for cls in type(self.model).__mro__ if not issubclass(cls, FSDPModule))
         model = model_class(self.model.config)
-        model.load_state_dict(state_dict, strict=False)
+        missing = missing_weights(model, set(state_dict))
+        if missing:  # never a model silently half initialised
+            raise RuntimeError(f"The gathered state dict lacks {len(missing)} of the model's tensors: {missing[:3]}.")
+        model.load_state_dict(state_dict, strict=False)  # strict would ask for every name of a tied tensor
         model.tie_weights()
         model.generation_config = copy.deepcopy(self.model.generation_config)
         return model.eval()
