@@ -4,6 +4,7 @@ torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
 import copy
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -561,3 +562,29 @@ def test_batch_invariant_int8_gives_each_row_the_output_it_gets_alone(tiny_confi
         generated = alone.sequences[0]
         assert torch.equal(together.sequences[row, : len(generated)], generated)
         assert together.sequences_scores[row].item() == pytest.approx(alone.sequences_scores[0].item(), abs=1e-5)
+
+
+@pytest.mark.skipif(int8_vnni.fcntl is None, reason="no flock on this system")
+def test_a_build_killed_midway_leaves_no_lock_that_hangs_later_uses(tmp_path):
+    """torch's builder waits forever on the `lock` file a killed build leaves; ours clears it under an flock."""
+    if not int8_avx2_available():
+        pytest.skip("no AVX2, or no build")
+    folder = int8_vnni.build_directory()
+    (folder / "lock").write_text("")  # torch's FileBaton, as a build killed midway leaves it
+    check = "from hf_attention.inference.int8_vnni import int8_avx2_available as a; print(a())"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+    assert not (folder / "lock").exists()
+
+
+@pytest.mark.skipif(int8_vnni.fcntl is None, reason="no flock on this system")
+def test_a_build_held_by_another_process_is_waited_for_and_then_given_up(tmp_path):
+    import fcntl
+
+    with open(tmp_path / "hf_attention.flock", "w") as holder:  # another build in progress
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with int8_vnni.exclusive_build(tmp_path, wait_seconds=0.3) as building:
+            assert building is False
+    (tmp_path / "lock").write_text("")
+    with int8_vnni.exclusive_build(tmp_path, wait_seconds=0.3) as building:  # released: ours, stale lock removed
+        assert building is True and not (tmp_path / "lock").exists()
