@@ -1,6 +1,7 @@
 """scripts/translate.py: length-sorted batches written back in input order, the torch and ctranslate2 engines giving
 the same translations, stdin/stdout, and bad input refused in one line with nothing written."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -159,6 +160,9 @@ def test_stdin_to_stdout_through_the_script(model_dir):
         (["--mbr", "4", "--num_beams", "4"], "--num_beams 4: sampling and --mbr draw one sample at a time"),
         (["--mbr", "4", "--mbr_metric", "ter"], "--mbr_metric ter: must be one of chrf, bleu"),
         (["--length_penalty_style", "wu"], "--length_penalty_style wu: must be one of transformers, gnmt"),
+        (["--target_prefix", "two_lines.txt"], "two_lines.txt: 2 lines for 1 in --input; give one start per"),
+        (["--target_prefix", "source.txt", "--engine", "onnx"], "--target_prefix: the onnx graphs decode one token"),
+        (["--target_prefix", "missing.txt"], "--target_prefix .*missing.txt: No such file"),
         (["--engine", "ctranslate2", "--length_penalty_style", "gnmt"], "CTranslate2 divides by length"),
     ],
 )
@@ -293,3 +297,32 @@ def test_the_length_penalty_style_reaches_beam_search(tmp_path, model_dir):
                                   return_dict_in_generate=True, output_scores=True)  # fmt: skip
         assert scores["gnmt"][index] == pytest.approx(expected.sequences_scores.item(), abs=1e-5)
     assert scores["gnmt"] != pytest.approx(scores["transformers"])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_translations_continue_their_target_prefix_in_torch_and_ctranslate2(tmp_path, model_dir, num_beams):
+    """Autocompletion: each line's translation continues its prefix, as `generate(decoder_input_ids=...)` does
+    alone; CTranslate2's `target_prefix` gives the same translations."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    starts = ["wir kaufen", "", "ich", "sie zählen drei"]
+    source, prefix = tmp_path / "source.txt", tmp_path / "prefix.txt"
+    source.write_text("".join(f"{line}\n" for line in SOURCES), encoding="utf-8")
+    prefix.write_text("".join(f"{line}\n" for line in starts), encoding="utf-8")
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = []
+    for sentence, start in zip(SOURCES, starts, strict=True):
+        ids = tokenizer(text_target=start, add_special_tokens=False)["input_ids"] if start else []
+        decoder_input_ids = torch.tensor([[model.generation_config.decoder_start_token_id, *ids]])
+        generated = model.generate(**tokenizer([sentence], return_tensors="pt"), decoder_input_ids=decoder_input_ids,
+                                   num_beams=num_beams, max_new_tokens=12)  # fmt: skip
+        expected.append(tokenizer.decode(generated[0], skip_special_tokens=True).strip())
+    engines = ["torch", "ctranslate2"] if importlib.util.find_spec("ctranslate2") else ["torch"]
+    for engine in engines:
+        output = tmp_path / f"{engine}.txt"
+        main(["--model", str(model_dir), "--input", str(source), "--target_prefix", str(prefix), "--output",
+              str(output), "--num_beams", str(num_beams), "--max_new_tokens", "12", "--quantization", "none",
+              "--progress", "false", "--engine", engine])  # fmt: skip
+        assert output.read_text(encoding="utf-8").splitlines() == expected, engine
+    assert expected[0].startswith("wir kaufen") and expected[2].startswith("ich")

@@ -63,20 +63,49 @@ class Engine:
     def token_count(self, sentence: str) -> int:
         return len(self.tokenizer(sentence, truncation=True)["input_ids"])
 
-    def translate(self, sentences: list[str], n_best: int = 1, scores: bool = False,
-                  sampling: Sampling | None = None) -> list[list[Hypothesis]]:  # fmt: skip
+    def translate(
+        self, sentences: list[str], n_best: int = 1, scores: bool = False, sampling: Sampling | None = None,
+        prefixes: list[str] | None = None,
+    ) -> list[list[Hypothesis]]:  # fmt: skip
         """The `n_best` hypotheses of each sentence. Each batch stops at --max_new_tokens or twice its longest
         source + 10 tokens (Marian's and fairseq's limits), so an untrained model does not run to the full length
         for every sentence."""
         longest = max(self.token_count(sentence) for sentence in sentences)
         limit = min(self.max_new_tokens, 2 * longest + 10)
-        return self.decode(sentences, max_new_tokens=limit, n_best=n_best, scores=scores, sampling=sampling)
+        return self.decode(sentences, max_new_tokens=limit, n_best=n_best, scores=scores, sampling=sampling,
+                           prefixes=prefixes)  # fmt: skip
 
     def decode(
         self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None, n_best: int = 1,
-        scores: bool = False, sampling: Sampling | None = None,
+        scores: bool = False, sampling: Sampling | None = None, prefixes: list[str] | None = None,
     ) -> list[list[Hypothesis]]:  # fmt: skip
+        """The `n_best` hypotheses of each sentence, best first, each decoded as it decodes alone (every row stops at
+        `max_new_tokens` new tokens, not at a limit that depends on the other rows); with `sampling`, `n_best`
+        samples of each; with `prefixes`, each translation continues its prefix ("" for none; the prefix's tokens
+        are part of the hypothesis), and rows whose prefixes have as many tokens decode together."""
+        prefix_ids = self.prefix_ids(prefixes)
+        if prefix_ids is None:
+            return self._decode(sentences, num_beams, max_new_tokens, n_best, scores, sampling)
+        found: list[list[Hypothesis]] = [[] for _ in sentences]
+        for length in sorted(set(map(len, prefix_ids))):
+            rows = [row for row, ids in enumerate(prefix_ids) if len(ids) == length]
+            group = self._decode([sentences[row] for row in rows], num_beams, max_new_tokens, n_best, scores,
+                                 sampling, [prefix_ids[row] for row in rows] if length else None)  # fmt: skip
+            for row, hypotheses in zip(rows, group, strict=True):
+                found[row] = hypotheses
+        return found
+
+    def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
+        """One batch whose prefixes (if any) have the same number of tokens."""
         raise NotImplementedError
+
+    def prefix_ids(self, prefixes: list[str] | None) -> list[list[int]] | None:
+        """The target tokens of each prefix, without an end token; None when no sentence has one."""
+        if not prefixes or not any(prefixes):
+            return None
+        return [self.tokenizer(text_target=prefix, add_special_tokens=False)["input_ids"] if prefix else []
+                for prefix in prefixes]  # fmt: skip
 
 
 class TorchEngine(Engine):
@@ -108,18 +137,20 @@ class TorchEngine(Engine):
         engine.setting = ("int8" if quantized else engine.setting) + (" + compile" if model_is_compiled(model) else "")
         return engine
 
-    def decode(
-        self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None, n_best: int = 1,
-        scores: bool = False, sampling: Sampling | None = None,
-    ) -> list[list[Hypothesis]]:  # fmt: skip
-        """The `n_best` best hypotheses of each sentence, best first, each decoded as `generate()` decodes it alone
-        (every row of a batch stops at `max_new_tokens`, not at a limit that depends on the other rows); with
-        `sampling`, `n_best` samples of each."""
+    def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
+        """`generate()` over one batch; prefixes go in as `decoder_input_ids` after the decoder start token."""
         batch = self.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
         num_beams = 1 if sampling else num_beams or self.num_beams
         options = sampling.generate_options() if sampling else {}
         if self.length_penalty_style and num_beams > 1:
             options["length_penalty_style"] = self.length_penalty_style
+        if prefix_ids is not None:  # the rows' prefixes have as many tokens (Engine.decode)
+            start = self.model.generation_config.decoder_start_token_id
+            if start is None:
+                start = self.model.config.decoder_start_token_id
+            prefix = torch.tensor([[start, *ids] for ids in prefix_ids], device=self.model.device)
+            options["decoder_input_ids"] = prefix
         with torch.inference_mode():
             # max_length=None: a `max_length` saved in the generation config must not clash with the limit
             output = self.model.generate(
@@ -180,20 +211,22 @@ class CTranslate2Engine(Engine):
             length_penalty=generation_config.length_penalty if generation_config.length_penalty is not None else 1.0,
         )
 
-    def decode(
-        self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None, n_best: int = 1,
-        scores: bool = False, sampling: Sampling | None = None,
-    ) -> list[list[Hypothesis]]:  # fmt: skip
-        """The `n_best` best hypotheses of each sentence, best first, with CTranslate2's scores when asked for; with
-        `sampling`, `n_best` samples of each (CTranslate2 samples with top-k, top-p and temperature, no epsilon)."""
+    def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
+        """CTranslate2's `translate_batch`, with its scores when asked for; it samples with top-k, top-p and
+        temperature (no epsilon), and counts a prefix's tokens in its length limit."""
         ids = self.tokenizer(sentences, truncation=True)["input_ids"]
         tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in ids]
         options = {"beam_size": num_beams or self.num_beams}
         if sampling:
             options = {"beam_size": 1, "sampling_topk": sampling.top_k or 0, "sampling_topp": sampling.top_p or 1.0,
                        "sampling_temperature": sampling.temperature or 1.0}  # fmt: skip
+        extra = 0
+        if prefix_ids is not None:  # the rows' prefixes have as many tokens (Engine.decode)
+            options["target_prefix"] = [self.tokenizer.convert_ids_to_tokens(ids) for ids in prefix_ids]
+            extra = len(prefix_ids[0])
         results = self.translator.translate_batch(
-            tokens, max_decoding_length=max_new_tokens or self.max_new_tokens, max_batch_size=len(tokens),
+            tokens, max_decoding_length=(max_new_tokens or self.max_new_tokens) + extra, max_batch_size=len(tokens),
             length_penalty=self.length_penalty, num_hypotheses=n_best, return_scores=scores, **options,
         )  # fmt: skip
         decoded = []

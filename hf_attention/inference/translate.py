@@ -50,7 +50,7 @@ def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int |
     return cut_into_batches(lengths, None, max_rows=batch_size, longest_first=True)
 
 
-def read_lines(path: str) -> list[str]:
+def read_lines(path: str, flag: str = "--input") -> list[str]:
     """The lines of `path` (`-`: standard input), without their line ends.
 
     Raises:
@@ -62,14 +62,14 @@ def read_lines(path: str) -> list[str]:
         try:
             data = Path(path).read_bytes()
         except OSError as error:
-            raise TranslationError(f"--input {path}: {error.strerror or error}.") from None
+            raise TranslationError(f"{flag} {path}: {error.strerror or error}.") from None
     lines = data.splitlines()
     for number, line in enumerate(lines, start=1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as error:
             raise TranslationError(
-                f"--input {path}: line {number} is not UTF-8 (byte {line[error.start]:#04x} at column "
+                f"{flag} {path}: line {number} is not UTF-8 (byte {line[error.start]:#04x} at column "
                 f"{error.start + 1})."
             ) from None
     return [line.decode("utf-8") for line in lines]
@@ -78,20 +78,24 @@ def read_lines(path: str) -> list[str]:
 def translate_hypotheses(
     engine: Engine, sentences: list[str], batch_size: int = 32, max_tokens: int | None = None, progress: bool = False,
     n_best: int = 1, scores: bool = False, sampling: Sampling | None = None, mbr: int = 0, mbr_metric: str = "chrf",
+    prefixes: list[str] | None = None,
 ) -> list[list[Hypothesis]]:  # fmt: skip
     """The `n_best` hypotheses of each of `sentences` (with scores when asked for), in their order, from
-    length-sorted batches; with `mbr` N, the one of N samples that `mbr_select` prefers."""
+    length-sorted batches; with `mbr` N, the one of N samples that `mbr_select` prefers; with `prefixes` (one per
+    sentence, "" for none), translations that continue them."""
     found: list[list[Hypothesis]] = [[] for _ in sentences]
     lengths = [engine.token_count(sentence) for sentence in sentences] if max_tokens else [len(s) for s in sentences]
     with tqdm(total=len(sentences), disable=not progress, unit="sentence", file=sys.stderr) as bar:
         for batch in length_sorted_batches(lengths, batch_size, max_tokens):
+            starts = [prefixes[i] for i in batch] if prefixes else None
             if mbr:
+                drawing = sampling or Sampling(epsilon_cutoff=0.02)
                 samples = engine.translate([sentences[i] for i in batch], n_best=mbr, scores=scores,
-                                           sampling=sampling or Sampling(epsilon_cutoff=0.02))  # fmt: skip
+                                           sampling=drawing, prefixes=starts)  # fmt: skip
                 hypotheses = [[found[mbr_select([h.text for h in found], mbr_metric)]] for found in samples]
             else:
                 hypotheses = engine.translate([sentences[i] for i in batch], n_best=n_best, scores=scores,
-                                              sampling=sampling)  # fmt: skip
+                                              sampling=sampling, prefixes=starts)  # fmt: skip
             for index, hypotheses_of_one in zip(batch, hypotheses, strict=True):
                 found[index] = hypotheses_of_one
             bar.update(len(batch))
@@ -149,6 +153,13 @@ class TranslateArguments:
         metadata={
             "help": "Beam search: gnmt (§6.1's ((5 + length) / 6)^α) or transformers (length^α); default: the "
             "model's generation config."
+        },  # fmt: skip
+    )
+    target_prefix: str | None = field(
+        default=None,
+        metadata={
+            "help": "A file of translation starts, one per --input line (empty: none), that each translation "
+            "continues (torch and ctranslate2 engines)."
         },  # fmt: skip
     )
     do_sample: bool = field(default=False, metadata={"help": "Sample translations in place of beam search."})
@@ -212,6 +223,12 @@ def check_output_options(args: TranslateArguments) -> None:
         raise TranslationError(f"--n_best {args.n_best}: --mbr keeps one translation per sentence.")
     if args.epsilon_cutoff is not None and args.engine == "ctranslate2":
         raise TranslationError("--epsilon_cutoff: CTranslate2 samples with --top_k, --top_p and --temperature only.")
+    if args.target_prefix and args.engine == "onnx":
+        raise TranslationError("--target_prefix: the onnx graphs decode one token per step from the start; use the "
+                               "torch or ctranslate2 engine.")  # fmt: skip
+    if args.target_prefix and args.score_targets:
+        raise TranslationError("--target_prefix: --score_targets scores whole given translations; give one or the "
+                               "other.")  # fmt: skip
     if args.output_format not in OUTPUT_FORMATS:
         raise TranslationError(f"--output_format {args.output_format}: must be one of {', '.join(OUTPUT_FORMATS)}.")
     if args.num_beams is not None and args.n_best > args.num_beams and not args.do_sample:
@@ -231,10 +248,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_output_options(args)
         sentences = read_lines(args.input)
-        targets = read_lines(args.score_targets) if args.score_targets else None
+        targets = read_lines(args.score_targets, "--score_targets") if args.score_targets else None
         if targets is not None and len(targets) != len(sentences):
             raise TranslationError(f"--score_targets {args.score_targets}: {len(targets)} lines for "
                                    f"{len(sentences)} in --input; give one translation per source line.")  # fmt: skip
+        prefixes = read_lines(args.target_prefix, "--target_prefix") if args.target_prefix else None
+        if prefixes is not None and len(prefixes) != len(sentences):
+            raise TranslationError(f"--target_prefix {args.target_prefix}: {len(prefixes)} lines for "
+                                   f"{len(sentences)} in --input; give one start per source line.")  # fmt: skip
         quantization = None if (args.quantization or "none").lower() == "none" else args.quantization
         # compiling takes tens of seconds: "auto" compiles only for files long enough to gain that back
         compile_step = args.compile
@@ -267,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                     import_ctranslate2().set_random_seed(args.seed)
             found = translate_hypotheses(engine, sentences, args.batch_size, args.max_tokens, args.progress,
                                          n_best=args.n_best, scores=with_scores, sampling=sampling, mbr=args.mbr,
-                                         mbr_metric=args.mbr_metric)  # fmt: skip
+                                         mbr_metric=args.mbr_metric, prefixes=prefixes)  # fmt: skip
             token_scores = None
             if args.token_scores:
                 token_scores = [score(engine.model, engine.tokenizer, [sentence] * len(hypotheses),
