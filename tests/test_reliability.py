@@ -333,3 +333,33 @@ def test_bad_evaluation_options_are_named(finished_run, tmp_path, options, messa
     (tmp_path / "test.tsv").write_text("we buy two dogs\twir kaufen zwei hunde\n")
     with pytest.raises(SystemExit, match=message):
         evaluate_main(["--model_dir", str(finished_run), "--test_file", str(tmp_path / "test.tsv"), *options])
+
+
+def test_an_interrupted_overwrite_resumes_from_its_own_checkpoints_with_latest(tmp_path):
+    """A replacing run trains in `.NAME.training`; killed there, `--resume_from_checkpoint latest` (or the path)
+    with `--overwrite_output_dir` continues it instead of deleting it, and ends with the uninterrupted parameters."""
+    arguments = [*T, "--max_steps", "12", "--save_steps", "4"]
+    script = [sys.executable, "scripts/train.py", *arguments]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=ROOT, env=subprocess_environment(), capture_output=True, text=True)
+
+    whole, target = tmp_path / "whole", tmp_path / "target"
+    assert run([*script, "--output_dir", str(whole)]).returncode == 0
+    target.mkdir()
+    (target / "old-notes.txt").write_text("the folder being replaced")
+    killed = run([sys.executable, "tests/killed_during_training.py", "step:6", *arguments, "--output_dir",
+                  str(target), "--overwrite_output_dir"])  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    staging = tmp_path / ".target.training"
+    assert (staging / "checkpoint-4").is_dir()
+    assert folder_bytes(target) == {"old-notes.txt": b"the folder being replaced"}
+    with pytest.raises(SystemExit, match="belongs to an unfinished run that replaces .* pass --overwrite_output_dir"):
+        main([*arguments, "--output_dir", str(target), "--resume_from_checkpoint", str(staging / "checkpoint-4")])
+    assert (staging / "checkpoint-4").is_dir()
+    resumed = run([*script, "--output_dir", str(target), "--overwrite_output_dir", "--resume_from_checkpoint",
+                   "latest"])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((target / "results.json").read_text())["steps"] == 12
+    assert not (target / "old-notes.txt").exists() and not staging.exists()
+    assert_same_parameters(whole / "model.safetensors", target / "model.safetensors")

@@ -39,9 +39,16 @@ class RunFolder:
         """`checkpoint-N` folders go straight into the run's folder, where transformers users look for them."""
         return self.work_dir
 
+    @property
+    def continues_unfinished_replacement(self) -> bool:
+        """Whether this run resumes a checkpoint of a replacing run that was interrupted (in the staging folder)."""
+        resume = self.resume_from_checkpoint
+        return self.replaces_output_dir and resume is not None and is_inside(resume, self.work_dir)
+
     def clear_unfinished_replacement(self) -> None:
-        """Main process, before training: drop the staging folder of an earlier replacing run that never finished."""
-        if self.replaces_output_dir:
+        """Main process, before training: drop the staging folder of an earlier replacing run that never finished,
+        unless this run continues it."""
+        if self.replaces_output_dir and not self.continues_unfinished_replacement:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def finish(self) -> None:
@@ -55,9 +62,16 @@ def _holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def _checkpoint_to_resume(resume: str, output_dir: Path) -> str:
+def staging_folder(output_dir: Path) -> Path:
+    """Where a run that replaces `output_dir` trains until it is complete."""
+    return output_dir.parent / f".{output_dir.name}.training"
+
+
+def _checkpoint_to_resume(resume: str, output_dir: Path, overwrite_output_dir: bool) -> str:
     if resume in ("latest", "true", "True"):
-        for folder in (output_dir, output_dir / OLD_CHECKPOINTS):
+        # a replacing run (--overwrite_output_dir) that was interrupted left its checkpoints in the staging folder
+        staging = [staging_folder(output_dir)] if overwrite_output_dir else []
+        for folder in (*staging, output_dir, output_dir / OLD_CHECKPOINTS):
             latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
             if latest is not None:
                 return latest
@@ -93,11 +107,18 @@ def plan_run_folder(
                 f"--output_dir {output_dir} contains {flag} {value}: the run would write over its own input; "
                 "choose another output folder."
             )
-    staging = output.parent / f".{output.name}.training"
+    staging = staging_folder(output)
     if resume_from_checkpoint:
-        checkpoint = _checkpoint_to_resume(resume_from_checkpoint, output)
+        checkpoint = _checkpoint_to_resume(resume_from_checkpoint, output, overwrite_output_dir)
         if is_inside(checkpoint, output):
             return RunFolder(output, output, checkpoint)
+        if is_inside(checkpoint, staging):  # an interrupted replacing run: it goes on where it stopped
+            if not overwrite_output_dir:
+                raise OutputFolderError(
+                    f"--resume_from_checkpoint {resume_from_checkpoint} belongs to an unfinished run that replaces "
+                    f"{output_dir}; pass --overwrite_output_dir to continue it."
+                )
+            return RunFolder(output, staging, checkpoint)
         if _holds_files(output) and not overwrite_output_dir:
             raise OutputFolderError(
                 f"--output_dir {output_dir} holds files of another run than --resume_from_checkpoint "
