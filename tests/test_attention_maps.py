@@ -34,6 +34,7 @@ def test_maps_hold_each_layers_weights_with_the_tokens_on_the_axes(model_and_tok
     assert model.config._attn_implementation == "sdpa"  # restored after the eager pass
 
 
+@pytest.mark.slow  # 13 s of plotting; the maps' numbers are tested above
 def test_one_png_per_kind_and_layer(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     maps = attention_maps(model, tokenizer, "they sell five trees")  # target: the model's own translation

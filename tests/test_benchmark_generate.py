@@ -19,6 +19,7 @@ def benchmark(*arguments: str, temporary: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # 23 s; the auto-engine run below checks the last lines
 def test_one_run_ends_with_a_line_per_workload_and_leaves_no_export_behind(tmp_path):
     pytest.importorskip("ctranslate2")
     (tmp_path / "exports").mkdir()

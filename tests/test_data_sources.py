@@ -149,6 +149,7 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
+@pytest.mark.slow  # 17 s; the hub client's round trips are tested in test_hub_roundtrip
 def test_training_on_a_hub_dataset_through_the_hub_client(tmp_path):
     """`--dataset_name alice/tiny-wmt --dataset_config_name de-en`, served by the loopback Hub as the Hub serves
     datasets (a card with configs, jsonl data files), fetched by `datasets` through huggingface_hub's client."""

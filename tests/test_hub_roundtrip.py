@@ -109,6 +109,7 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
     assert_same_outputs(tmp_path / "offline.pt", expected_outputs(model, batch))
 
 
+@pytest.mark.slow  # 19 s
 def test_revision_pins_a_commit(hub, tmp_path):
     first = save_model(tmp_path / "v1", seed=1)
     pushed = client(hub, tmp_path / "alice", "push", str(tmp_path / "v1"), "alice/versioned")

@@ -122,6 +122,7 @@ def test_the_translation_pipeline_runs_on_the_onnx_model(exported):
     assert translations[0] == translations[1] and len(translations[0]) == len(SOURCES)
 
 
+@pytest.mark.slow  # 30 s; the graphs' tokens equal the model's in the tests above
 def test_translate_py_and_evaluate_model_give_the_torch_engine_s_translations_with_the_onnx_engine(
     tmp_path, exported, monkeypatch
 ):
