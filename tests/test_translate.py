@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.inference.translate import length_sorted_batches, main
 
-from .helpers import generate_alone, toy_tokenizer, with_capabilities
+from .helpers import generate_alone, save_toy_translation_model, with_capabilities
 
 ROOT = Path(__file__).parent.parent
 SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i see cats", "you count three hundred"]
@@ -22,14 +21,7 @@ SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i s
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = toy_tokenizer()
-    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), **special)
-    torch.manual_seed(0)
-    HfAttentionForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_toy_translation_model(tmp_path_factory.mktemp("model"))
 
 
 def one_by_one(model_dir: Path, num_beams: int) -> list[str]:
