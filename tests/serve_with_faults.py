@@ -15,9 +15,10 @@ decode, load = TranslationService.decode, TranslationService.load
 
 
 def slow_or_failing_decode(self, sentences, options):
-    if any("FAIL" in sentence for sentence in sentences):
+    texts = [sentence.text for sentence in sentences]  # serving.schema.Source: the text and its target prefix
+    if any("FAIL" in text for text in texts):
         raise RuntimeError("a fault the test injected")
-    if any("SLOW" in sentence for sentence in sentences):
+    if any("SLOW" in text for text in texts):
         time.sleep(float(os.environ.get("HF_ATTENTION_TEST_SLOW_SECONDS", "1.5")))
     return decode(self, sentences, options)
 

@@ -62,6 +62,23 @@ def test_translations_and_scores_equal_generate_alone(server, model_dir, num_bea
     assert plain == [{"text": generate_alone(model_dir, SOURCES[0], num_beams)[0][0]}]  # no score unless asked for
 
 
+def test_a_target_prefix_is_continued_as_generate_continues_it_alone(server, model_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    starts = ["wir kaufen", "", "ich"]
+    response = translate(server, text=SOURCES[:3], target_prefix=starts, num_beams=2, max_new_tokens=12)
+    assert response.status_code == 200, response.text
+    for sentence, start, translation in zip(SOURCES, starts, response.json()["translations"], strict=False):
+        ids = tokenizer(text_target=start, add_special_tokens=False)["input_ids"] if start else []
+        prefix = torch.tensor([[model.generation_config.decoder_start_token_id, *ids]])
+        generated = model.generate(**tokenizer([sentence], return_tensors="pt"), decoder_input_ids=prefix,
+                                   num_beams=2, max_new_tokens=12)  # fmt: skip
+        assert translation["text"] == tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+        assert translation["text"].startswith(start)
+
+
 def concurrent_clients_get_what_one_client_gets(server, requests: list[dict]) -> tuple[str, str]:
     """Sends `requests` one at a time, then from 32 concurrent clients; asserts equal answers. Returns /metrics
     before and after the concurrent round."""
@@ -109,6 +126,7 @@ def test_an_int8_server_answers_each_request_as_alone_when_batched(model_dir):
         ({"text": "a dog", "max_new_tokens": 17}, "max_new_tokens", "--max_new_tokens 16"),
         ({"text": "a dog", "num_beams": 0}, "num_beams", "greater than or equal to 1"),
         ({"text": "dog " * 600}, "text", "more than the 512"),
+        ({"text": ["a dog", "a cat"], "target_prefix": ["ein"]}, "target_prefix", "1 prefixes for 2 sentences"),
     ],
     ids=[
         "unknown-option",
@@ -122,6 +140,7 @@ def test_an_int8_server_answers_each_request_as_alone_when_batched(model_dir):
         "too-long-output",
         "no-beam",
         "too-long-source",
+        "prefixes",
     ],  # fmt: skip
 )
 def test_bad_input_is_answered_422_naming_the_field(server, body, field, message):

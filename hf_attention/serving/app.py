@@ -20,7 +20,15 @@ from ..inference.engines import load_engine
 from .arguments import ServeArguments
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServingMetrics
-from .schema import DecodingOptions, Hypothesis, TranslateRequest, TranslateResponse, Translation, field_error
+from .schema import (
+    DecodingOptions,
+    Hypothesis,
+    Source,
+    TranslateRequest,
+    TranslateResponse,
+    Translation,
+    field_error,
+)
 
 logger = logging.getLogger("hf_attention.serving")
 
@@ -72,11 +80,12 @@ class TranslationService:
             raise RequestError(*errors)
         return DecodingOptions(num_beams, max_new_tokens, body.n_best, body.return_scores)
 
-    def sentences(self, body: TranslateRequest) -> tuple[list[str], list[int]]:
-        """The request's sentences and their lengths in source tokens.
+    def sentences(self, body: TranslateRequest) -> tuple[list[Source], list[int]]:
+        """The request's sentences (with their target prefixes) and their lengths in source tokens.
 
         Raises:
-            RequestError: no sentence, too many, an empty one, or one longer than a batch may be.
+            RequestError: no sentence, too many, an empty one, one longer than a batch may be, or target prefixes
+                that do not pair one to one with the sentences.
         """
         sentences = [body.text] if isinstance(body.text, str) else list(body.text)
         limit = self.arguments.max_request_sentences
@@ -98,13 +107,22 @@ class TranslationService:
         ]
         if too_long:
             raise RequestError(*too_long)
-        return sentences, lengths
+        prefixes = body.target_prefix if body.target_prefix is not None else [""] * len(sentences)
+        prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+        if len(prefixes) != len(sentences):
+            raise RequestError(field_error("target_prefix", f"{len(prefixes)} prefixes for {len(sentences)} "
+                                           "sentences: give one per sentence ('' for none).", None))  # fmt: skip
+        if any(prefixes) and self.arguments.engine == "onnx":
+            raise RequestError(field_error("target_prefix", "the onnx engine decodes one token per step from the "
+                                           "start; this server cannot continue a prefix.", None))  # fmt: skip
+        return [Source(text, prefix) for text, prefix in zip(sentences, prefixes, strict=True)], lengths
 
-    def decode(self, sentences: list[str], options: DecodingOptions) -> list[list[Hypothesis]]:
+    def decode(self, sentences: list[Source], options: DecodingOptions) -> list[list[Hypothesis]]:
         """One batch, on the decoding thread; counts the tokens it returns."""
-        found = self.engine.decode(
-            sentences, options.num_beams, options.max_new_tokens, options.n_best, options.scores
-        )
+        prefixes = [sentence.prefix for sentence in sentences]
+        found = self.engine.decode([sentence.text for sentence in sentences], options.num_beams,
+                                   options.max_new_tokens, options.n_best, options.scores,
+                                   prefixes=prefixes if any(prefixes) else None)  # fmt: skip
         texts = [hypotheses[0].text for hypotheses in found]
         self.metrics.tokens.inc(sum(map(len, self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])))
         self.metrics.sentences.inc(len(sentences))

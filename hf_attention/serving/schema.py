@@ -2,6 +2,7 @@
 field with 422 naming it, before any of our code runs."""
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +17,9 @@ class TranslateRequest(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="Longest translation, in tokens.")
     n_best: int = Field(1, ge=1, le=64, description="Hypotheses per sentence, best first (at most num_beams).")
     return_scores: bool = Field(False, description="Give each hypothesis's score (its log-probability).")
+    target_prefix: str | list[str] | None = Field(
+        None, description="The start each translation must continue (autocompletion): one per sentence, '' for none."
+    )
 
 
 class Hypothesis(BaseModel):
@@ -34,6 +38,13 @@ class Translation(BaseModel):
 class TranslateResponse(BaseModel):
     translations: list[Translation]
     model: str
+
+
+class Source(NamedTuple):
+    """One sentence to translate and the start its translation must continue ("" for none)."""
+
+    text: str
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
