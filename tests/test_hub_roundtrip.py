@@ -131,6 +131,7 @@ def test_revision_pins_a_commit(hub, tmp_path):
     assert missing.returncode != 0 and "no-such-branch" in missing.stderr and "alice/versioned" in missing.stderr
 
 
+@pytest.mark.slow  # 13 s
 def test_private_repo_needs_the_token(hub, tmp_path):
     model = save_model(tmp_path / "secret")
     pushed = client(hub, tmp_path / "alice", "push", str(tmp_path / "secret"), "alice/private-model", "--private")
@@ -249,6 +250,7 @@ def test_the_training_job_publishes_what_the_publish_script_does(hub, tmp_path):
     assert sorted(path for path, _ in script_files) == sorted(path for path in files if path != ".gitattributes")
 
 
+@pytest.mark.slow  # 31 s
 def test_corrupted_cache_and_mismatched_config_are_named_with_repo_and_revision(hub, tmp_path):
     model = save_model(tmp_path / "good")
     assert client(hub, tmp_path / "alice", "push", str(tmp_path / "good"), "alice/fragile").returncode == 0

@@ -102,6 +102,7 @@ PUSH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 12 s; adapters save and load in the tests above
 def test_adapter_is_pushed_and_pulled_like_a_model(base_folder, tmp_path):
     peft_model, batch = train_adapter(base_folder)
     peft_model.peft_config["default"].base_model_name_or_path = "alice/base"  # where the base is published

@@ -276,6 +276,7 @@ def test_two_fsdp_processes_end_with_the_parameters_of_two_ddp_processes(tmp_pat
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")  # fmt: skip
+@pytest.mark.slow  # 15 s of launching two processes for a refusal
 def test_fsdp_with_sharded_checkpoints_refuses_averaging_before_training(tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()

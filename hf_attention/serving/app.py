@@ -147,7 +147,7 @@ def create_app(
     arguments: ServeArguments,
     on_load_failure: Callable[[str], None] | None = None,
     service: TranslationService | None = None,
-    submit: Callable[[list[str], list[int], DecodingOptions], Awaitable[list]] | None = None,
+    submit: Callable[[list[Source], list[int], DecodingOptions], Awaitable[list]] | None = None,
 ) -> FastAPI:
     """The server's ASGI app.
 

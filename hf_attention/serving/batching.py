@@ -23,7 +23,9 @@ from ..inference.engines import Hypothesis
 from .metrics import ServingMetrics
 from .schema import DecodingOptions
 
-Decode = Callable[[list[str], DecodingOptions], list[list[Hypothesis]]]
+# decode(sentences, options): per sentence, its hypotheses. A sentence is whatever `decode` takes (the server's:
+# `schema.Source`, the text and its target prefix); the batcher only orders them by their lengths.
+Decode = Callable[[list, DecodingOptions], list[list[Hypothesis]]]
 
 
 class QueueFull(Exception):
@@ -36,7 +38,7 @@ class ShuttingDown(Exception):
 
 @dataclass(eq=False)
 class PendingRequest:
-    sentences: list[str]
+    sentences: list
     options: DecodingOptions
     future: asyncio.Future
     results: list = field(default_factory=list)
@@ -89,7 +91,7 @@ class DynamicBatcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, sentences: list[str], lengths: list[int], options: DecodingOptions) -> list:
+    async def submit(self, sentences: list, lengths: list[int], options: DecodingOptions) -> list:
         """The hypotheses of each sentence, once every batch holding one of them has been decoded.
 
         Raises:

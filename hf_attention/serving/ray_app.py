@@ -24,7 +24,7 @@ from ray.serve import Application
 from ..data.batching import cut_into_batches
 from .app import TranslationService, create_app
 from .arguments import ServeArgumentError, ServeArguments
-from .schema import DecodingOptions
+from .schema import DecodingOptions, Source
 
 DEPLOYMENT_FLAGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus",
                     "max_ongoing_requests")  # fmt: skip
@@ -46,12 +46,12 @@ class TranslatorDeployment:
     def __serve_build_asgi_app__(self):
         return create_app(self.arguments, service=self.service, submit=self.submit)
 
-    async def submit(self, sentences: list[str], lengths: list[int], options: DecodingOptions) -> list:
+    async def submit(self, sentences: list[Source], lengths: list[int], options: DecodingOptions) -> list:
         return await asyncio.gather(*(self.decode_sentences((sentence, length, options))
                                       for sentence, length in zip(sentences, lengths, strict=True)))  # fmt: skip
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def decode_sentences(self, queued: list[tuple[str, int, DecodingOptions]]) -> list:
+    async def decode_sentences(self, queued: list[tuple[Source, int, DecodingOptions]]) -> list:
         """Ray's batch of sentences: decoded by options, in length-sorted batches, off the replica's event loop."""
         found = [None] * len(queued)
         for options in dict.fromkeys(options for _, _, options in queued):
