@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
 from .inference.ctranslate2_export import export_ctranslate2
+from .inference.ensemble import EnsembleForConditionalGeneration
 from .inference.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 from .inference.quantization import optimize_for_inference
 from .inference.scoring import TargetScore, score
@@ -50,6 +51,7 @@ register_peft_defaults(HfAttentionConfig.model_type)
 
 __all__ = [
     "PRESETS",
+    "EnsembleForConditionalGeneration",
     "HfAttentionConfig",
     "HfAttentionForConditionalGeneration",
     "HfAttentionModel",

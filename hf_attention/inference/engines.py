@@ -20,6 +20,7 @@ from .. import hardware
 from ..generation_hf_attention import LENGTH_PENALTY_STYLES
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
 from .ctranslate2_export import export_ctranslate2, import_ctranslate2
+from .ensemble import EnsembleForConditionalGeneration
 from .errors import TranslationError
 from .quantization import QUANTIZATIONS as TORCH_QUANTIZATIONS
 from .quantization import model_is_compiled, optimize_for_inference
@@ -118,23 +119,47 @@ class TorchEngine(Engine):
         self.setting = str(model.dtype).removeprefix("torch.")
 
     @classmethod
-    def load(cls, model_dir: str, quantization: str | None, device: str, dtype: str, **options) -> "TorchEngine":
+    def load(
+        cls, model_dir: str | list[str], quantization: str | None, device: str, dtype: str, **options
+    ) -> "TorchEngine":
         """The model on `device`, `optimize_for_inference`d: with `quantization="auto"` (and `compile=None`, also
         "auto") the setting measured fastest on this machine for `batch_size` sentences and the beam size. A
         `dtype` other than float32 is the user's choice of precision: "auto" then leaves it as it is. With
-        `batch_invariant=True`, a sentence decodes to the same tokens in any batch (int8: row-wise kernels)."""
+        `batch_invariant=True`, a sentence decodes to the same tokens in any batch (int8: row-wise kernels).
+        Several folders make an ensemble (`EnsembleForConditionalGeneration`, uncompiled members): their tokenizers
+        must have one vocabulary."""
+        model_dirs = [model_dir] if isinstance(model_dir, str) else list(model_dir)
         compile_step = options.pop("compile", None)
         batch_size = options.pop("batch_size", 1)
         batch_invariant = options.pop("batch_invariant", False)
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+        for other in model_dirs[1:]:
+            if AutoTokenizer.from_pretrained(other).get_vocab() != tokenizer.get_vocab():
+                raise TranslationError(f"--model {other}: its tokenizer's vocabulary differs from --model "
+                                       f"{model_dirs[0]}'s; ensemble members must share one.")  # fmt: skip
         if quantization == "auto" and dtype != "float32":
             quantization = None
         compile_step = "auto" if compile_step is None else compile_step
+        if len(model_dirs) > 1:
+            compile_step = False  # compiled static-cache steps are one model's; an ensemble steps its members
         num_beams = options.get("num_beams")
-        model = optimize_for_inference(model, quantization, compile_step, batch_size, num_beams, batch_invariant)
-        engine = cls(model, AutoTokenizer.from_pretrained(model_dir), **options)
-        quantized = getattr(model.config, "quantization_config", None) is not None
+        models = []
+        for folder in model_dirs:
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device)
+            models.append(
+                optimize_for_inference(model, quantization, compile_step, batch_size, num_beams, batch_invariant)
+            )
+        model = models[0]
+        if len(models) > 1:
+            try:
+                model = EnsembleForConditionalGeneration(models)
+            except ValueError as error:
+                raise TranslationError(f"--model: {error}") from None
+        engine = cls(model, tokenizer, **options)
+        quantized = getattr(models[0].config, "quantization_config", None) is not None
         engine.setting = ("int8" if quantized else engine.setting) + (" + compile" if model_is_compiled(model) else "")
+        if len(models) > 1:
+            engine.setting = f"ensemble of {len(models)}, {engine.setting}"
         return engine
 
     def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
@@ -298,15 +323,21 @@ def check_engine_options(engine: str, quantization: str | None = None, device: s
         raise TranslationError(f"--compile: compiles the torch engine's decoding step, not {engine}'s.")
 
 
-def load_engine(engine: str, model: str, quantization: str | None = None, device: str = "cpu",
+def load_engine(engine: str, model: str | list[str], quantization: str | None = None, device: str = "cpu",
                 dtype: str = "float32", **options):  # fmt: skip
-    """The engine, after every option is checked (`check_engine_options`).
+    """The engine, after every option is checked (`check_engine_options`); several models (torch engine) decode as
+    an ensemble.
 
     Raises:
         TranslationError: an option this machine cannot run.
         ExportError: the engine's optional package is missing (the extra to install is named).
     """
     check_engine_options(engine, quantization, device, dtype, options.get("compile"))
+    if not isinstance(model, str) and len(model) == 1:
+        model = model[0]
+    if not isinstance(model, str) and engine != "torch":
+        raise TranslationError(f"--model: {len(model)} models make an ensemble, which the torch engine decodes; "
+                               f"{engine} runs one model.")  # fmt: skip
     length_penalty_style = options.pop("length_penalty_style", None)
     if length_penalty_style not in (None, *LENGTH_PENALTY_STYLES):
         raise TranslationError(f"--length_penalty_style {length_penalty_style}: must be one of "

@@ -5,7 +5,8 @@ batch wastes little on padding; what was found is written in input order, in one
 The engines (`--engine torch|ctranslate2|onnx`) are `engines.py`'s; besides the best translation the command writes
 n-best lists with scores (`--n_best`, `--scores`, `--output_format jsonl`, `--token_scores`: `output_formats.py`),
 scores given translations (`--score_targets`: `scoring.py`), samples (`--do_sample`) and chooses among samples by
-minimum Bayes risk (`--mbr`: `mbr.py`). `scripts/evaluate_model.py` translates through the same path.
+minimum Bayes risk (`--mbr`: `mbr.py`), and decodes with an ensemble of models (`--model A --model B`:
+`ensemble.py`). `scripts/evaluate_model.py` translates through the same path.
 """
 
 import os
@@ -111,7 +112,13 @@ def translate_sentences(
 
 @dataclass
 class TranslateArguments:
-    model: str = field(metadata={"help": "An hf_attention model folder or Hub id (or, for ctranslate2, an export)."})
+    model: list[str] = field(
+        metadata={
+            "help": "An hf_attention model folder or Hub id (or, for ctranslate2, an export); give --model again "
+            "for an ensemble (torch engine), which averages the models' log-probabilities at every step.",
+            "action": "append",
+        }
+    )
     input: str = field(default="-", metadata={"help": "Source sentences, one per line (UTF-8); - for stdin."})
     output: str = field(default="-", metadata={"help": "Where the translations go, one per line; - for stdout."})
     engine: str = field(default="torch", metadata={"help": f"Inference engine: {', '.join(ENGINES)}."})
@@ -182,6 +189,10 @@ class TranslateArguments:
             "default: as --quantization auto chooses for this machine."
         },
     )
+
+    def __post_init__(self):
+        # `--model A --model B` (and `--model A B`) arrive as a list per flag: one list of models
+        self.model = [name for group in self.model for name in ([group] if isinstance(group, str) else group)]
 
 
 def write_atomically(path: str, text: str) -> None:
