@@ -26,6 +26,7 @@ import types
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_hf_attention import PRESETS, HfAttentionConfig
+from .inference.alignment import align
 from .inference.ctranslate2_export import export_ctranslate2
 from .inference.ensemble import EnsembleForConditionalGeneration
 from .inference.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
@@ -62,6 +63,7 @@ __all__ = [
     "Text2TextGenerationPipeline",
     "TranslationPipeline",
     "__version__",
+    "align",
     "export_ctranslate2",
     "export_onnx",
     "optimize_for_inference",

@@ -5,8 +5,9 @@ batch wastes little on padding; what was found is written in input order, in one
 The engines (`--engine torch|ctranslate2|onnx`) are `engines.py`'s; besides the best translation the command writes
 n-best lists with scores (`--n_best`, `--scores`, `--output_format jsonl`, `--token_scores`: `output_formats.py`),
 scores given translations (`--score_targets`: `scoring.py`), samples (`--do_sample`) and chooses among samples by
-minimum Bayes risk (`--mbr`: `mbr.py`), and decodes with an ensemble of models (`--model A --model B`:
-`ensemble.py`). `scripts/evaluate_model.py` translates through the same path.
+minimum Bayes risk (`--mbr`: `mbr.py`), writes word alignments (`--alignments`: `alignment.py`), and decodes
+with an ensemble of models (`--model A --model B`: `ensemble.py`). `scripts/evaluate_model.py` translates through
+the same path.
 """
 
 import os
@@ -20,6 +21,7 @@ from transformers import HfArgumentParser, set_seed
 
 from .. import hardware
 from ..data.batching import cut_into_batches
+from .alignment import align, check_alignment_layer
 from .engines import (  # noqa: F401 - the engines' names, also importable from here as before
     DTYPES,
     ENGINES,
@@ -182,6 +184,16 @@ class TranslateArguments:
         metadata={"help": "Minimum Bayes risk: sample N translations, keep the one closest to the others (0: off)."},
     )
     mbr_metric: str = field(default="chrf", metadata={"help": "MBR's utility: chrf or bleu."})
+    alignments: bool = field(
+        default=False,
+        metadata={"help": "Write each hypothesis's word alignment, Moses i-j pairs from cross-attention (torch)."},
+    )
+    alignment_layer: int | None = field(
+        default=None, metadata={"help": "The decoder layer whose cross-attention aligns (default: the penultimate)."}
+    )
+    alignment_head: int | None = field(
+        default=None, metadata={"help": "One cross-attention head to align with (default: the heads' mean)."}
+    )
     compile: bool | None = field(
         default=None,
         metadata={
@@ -250,6 +262,11 @@ def check_output_options(args: TranslateArguments) -> None:
     if (args.token_scores or args.score_targets) and args.engine != "torch":
         flag = "--token_scores" if args.token_scores else "--score_targets"
         raise TranslationError(f"{flag}: scores tokens with the torch engine's model, not with {args.engine}.")
+    if (args.alignment_layer is not None or args.alignment_head is not None) and not args.alignments:
+        raise TranslationError("--alignment_layer/--alignment_head: alignment options; give --alignments.")
+    if args.alignments and (args.engine != "torch" or args.score_targets):
+        reason = "scores, it does not translate" if args.score_targets else f"not with {args.engine}"
+        raise TranslationError(f"--alignments: aligns with the torch engine's cross-attention, {reason}.")
     if args.output != "-" and not Path(args.output).parent.is_dir():
         raise TranslationError(f"--output {args.output}: its folder does not exist.")
 
@@ -280,6 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.n_best > engine.num_beams and not args.do_sample:
             raise TranslationError(f"--n_best {args.n_best}: more than the model's {engine.num_beams} beams; "
                                    "give --num_beams.")  # fmt: skip
+        aligner = getattr(engine.model, "members", [engine.model])[0]  # an ensemble aligns with its first model
+        if args.alignments:
+            try:
+                check_alignment_layer(aligner, args.alignment_layer, args.alignment_head)
+            except ValueError as error:
+                raise TranslationError(f"--{error}") from None
         started = time.perf_counter()
         if targets is not None:
             scored = score(engine.model, engine.tokenizer, sentences, targets, args.batch_size)
@@ -305,7 +328,12 @@ def main(argv: list[str] | None = None) -> None:
                 token_scores = [score(engine.model, engine.tokenizer, [sentence] * len(hypotheses),
                                       [list(h.token_ids) for h in hypotheses]) for sentence, hypotheses in
                                 zip(sentences, found, strict=True)]  # fmt: skip
-            text = format_hypotheses(found, args.output_format, with_scores, token_scores)
+            alignments = None
+            if args.alignments:
+                alignments = [align(aligner, engine.tokenizer, [sentence] * len(hypotheses),
+                                    [h.text for h in hypotheses], args.alignment_layer, args.alignment_head)
+                              for sentence, hypotheses in zip(sentences, found, strict=True)]  # fmt: skip
+            text = format_hypotheses(found, args.output_format, with_scores, token_scores, alignments)
             words = sum(len(hypotheses[0].text.split()) for hypotheses in found)
             done = f"translated {len(sentences)} sentences ({words} words)"
         seconds = time.perf_counter() - started
