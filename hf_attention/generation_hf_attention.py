@@ -15,6 +15,8 @@ spent most of its time moving the key/value cache, not computing:
   preparation takes 0.12 ms per token here (it reads the model's device and dtype by walking its parameters, and
   builds the static cache's mask, which the compiled decoder builds itself), a twentieth of a compiled int8 step of
   one sentence. Inputs it does not cover (a decoder mask, position ids, embeddings) go to transformers' own.
+- Lexical constraints (`generate(constraints=[...])`) switch beam search to `constraints_hf_attention.py`'s
+  constrained search, a `custom_generate` method.
 - §6.1's length limit (input length + 50) is applied by `generate` itself, and so is §6.1's length penalty: with
   `length_penalty_style="gnmt"` (a generation config field, or a `generate()` argument) beam search divides a
   hypothesis's log-probability by GNMT's ((5 + |Y|) / 6)^α (Wu et al., 2016) in place of transformers' |Y|^α.
@@ -34,6 +36,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderC
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils.deprecation import deprecate_kwarg
+
+from .constraints_hf_attention import constrained_beam_search
 
 # The step inputs `prepare_inputs_for_generation` passes on as they are; any other goes to transformers' preparation.
 PLAIN_STEP_INPUTS = frozenset({"encoder_outputs", "use_cache", "output_attentions", "output_hidden_states"})
@@ -233,13 +237,27 @@ class HfAttentionGenerationMixin(GenerationMixin):
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
         """transformers' `generate`, plus §6.1's length limit (`with_source_length_limit`) and length penalty
-        (`with_length_penalty_style`)."""
+        (`with_length_penalty_style`), and lexical constraints (`constraints=[...]`, one `LexicalConstraints` per
+        source: `constraints_hf_attention.py`)."""
         config = generation_config or self.generation_config
-        kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
-        if self.static_cache_for_compiled_steps:  # this call's settings, not the saved generation config's
+        kwargs = with_constrained_search(
+            with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
+        )
+        if (
+            self.static_cache_for_compiled_steps and "constraints" not in kwargs
+        ):  # this call's settings, not the saved generation config's
             kwargs.setdefault("cache_implementation", "static")
             kwargs.setdefault("compile_config", self.compiled_steps_config)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+
+def with_constrained_search(kwargs: dict) -> dict:
+    """`generate()`'s keyword arguments, with constrained beam search as the decoding method when `constraints` are
+    given (transformers 5 dropped its own; ours is a `custom_generate` method)."""
+    if kwargs.get("constraints") is None:
+        kwargs.pop("constraints", None)
+        return kwargs
+    return {"custom_generate": constrained_beam_search, **kwargs}
 
 
 LENGTH_PENALTY_STYLES = ("transformers", "gnmt")

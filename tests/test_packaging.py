@@ -88,7 +88,7 @@ def test_the_wheel_installs_and_works_outside_the_source_tree(tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert "model-index" in card and "sacreBLEU" in card
     for code in ("modeling_hf_attention.py", "generation_hf_attention.py", "checkpoint_io_hf_attention.py",
-                 "pipeline_hf_attention.py"):  # fmt: skip
+                 "pipeline_hf_attention.py", "constraints_hf_attention.py"):  # fmt: skip
         assert (tmp_path / "model" / code).is_file(), code
 
     load = run_without_hf_attention(LOAD_WITHOUT_HF_ATTENTION, str(tmp_path / "model"))

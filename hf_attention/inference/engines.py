@@ -17,6 +17,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging
 
 from .. import hardware
+from ..constraints_hf_attention import LexicalConstraints
 from ..generation_hf_attention import LENGTH_PENALTY_STYLES
 from .ctranslate2_export import QUANTIZATIONS as CTRANSLATE2_QUANTIZATIONS
 from .ctranslate2_export import export_ctranslate2, import_ctranslate2
@@ -66,40 +67,58 @@ class Engine:
 
     def translate(
         self, sentences: list[str], n_best: int = 1, scores: bool = False, sampling: Sampling | None = None,
-        prefixes: list[str] | None = None,
+        prefixes: list[str] | None = None, constraints: list[LexicalConstraints | None] | None = None,
     ) -> list[list[Hypothesis]]:  # fmt: skip
         """The `n_best` hypotheses of each sentence. Each batch stops at --max_new_tokens or twice its longest
         source + 10 tokens (Marian's and fairseq's limits), so an untrained model does not run to the full length
         for every sentence."""
         longest = max(self.token_count(sentence) for sentence in sentences)
         limit = min(self.max_new_tokens, 2 * longest + 10)
+        constraint_tokens = [c.token_count for c in constraints or () if c]
+        if constraint_tokens:  # room for every constraint token
+            limit = max(limit, min(self.max_new_tokens, 2 * max(constraint_tokens) + longest))
         return self.decode(sentences, max_new_tokens=limit, n_best=n_best, scores=scores, sampling=sampling,
-                           prefixes=prefixes)  # fmt: skip
+                           prefixes=prefixes, constraints=constraints)  # fmt: skip
 
     def decode(
         self, sentences: list[str], num_beams: int | None = None, max_new_tokens: int | None = None, n_best: int = 1,
         scores: bool = False, sampling: Sampling | None = None, prefixes: list[str] | None = None,
+        constraints: list[LexicalConstraints | None] | None = None,
     ) -> list[list[Hypothesis]]:  # fmt: skip
         """The `n_best` hypotheses of each sentence, best first, each decoded as it decodes alone (every row stops at
         `max_new_tokens` new tokens, not at a limit that depends on the other rows); with `sampling`, `n_best`
         samples of each; with `prefixes`, each translation continues its prefix ("" for none; the prefix's tokens
-        are part of the hypothesis), and rows whose prefixes have as many tokens decode together."""
+        are part of the hypothesis), and rows whose prefixes have as many tokens decode together; with `constraints`
+        (one `LexicalConstraints` or None per sentence), translations that meet them (torch engine)."""
         prefix_ids = self.prefix_ids(prefixes)
+        if constraints is not None and not any(constraints):
+            constraints = None
         if prefix_ids is None:
-            return self._decode(sentences, num_beams, max_new_tokens, n_best, scores, sampling)
+            return self._decode(sentences, num_beams, max_new_tokens, n_best, scores, sampling,
+                                constraints=constraints)  # fmt: skip
         found: list[list[Hypothesis]] = [[] for _ in sentences]
         for length in sorted(set(map(len, prefix_ids))):
             rows = [row for row, ids in enumerate(prefix_ids) if len(ids) == length]
             group = self._decode([sentences[row] for row in rows], num_beams, max_new_tokens, n_best, scores,
-                                 sampling, [prefix_ids[row] for row in rows] if length else None)  # fmt: skip
+                                 sampling, [prefix_ids[row] for row in rows] if length else None,
+                                 [constraints[row] for row in rows] if constraints else None)  # fmt: skip
             for row, hypotheses in zip(rows, group, strict=True):
                 found[row] = hypotheses
         return found
 
     def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
-                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None,
+                constraints: list[LexicalConstraints | None] | None = None):  # fmt: skip
         """One batch whose prefixes (if any) have the same number of tokens."""
         raise NotImplementedError
+
+    def lexical_constraints(self, include: list[str], avoid: list[str]) -> LexicalConstraints:
+        """Phrases as the target tokens the model generates (no end token)."""
+
+        def tokens(phrase: str) -> list[int]:
+            return self.tokenizer(text_target=phrase, add_special_tokens=False)["input_ids"]
+
+        return LexicalConstraints.from_token_ids([tokens(p) for p in include], [tokens(p) for p in avoid])
 
     def prefix_ids(self, prefixes: list[str] | None) -> list[list[int]] | None:
         """The target tokens of each prefix, without an end token; None when no sentence has one."""
@@ -163,8 +182,10 @@ class TorchEngine(Engine):
         return engine
 
     def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
-                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
-        """`generate()` over one batch; prefixes go in as `decoder_input_ids` after the decoder start token."""
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None,
+                constraints: list[LexicalConstraints | None] | None = None):  # fmt: skip
+        """`generate()` over one batch; prefixes go in as `decoder_input_ids` after the decoder start token, and
+        constraints switch beam search to the constrained search."""
         batch = self.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
         num_beams = 1 if sampling else num_beams or self.num_beams
         options = sampling.generate_options() if sampling else {}
@@ -176,6 +197,8 @@ class TorchEngine(Engine):
                 start = self.model.config.decoder_start_token_id
             prefix = torch.tensor([[start, *ids] for ids in prefix_ids], device=self.model.device)
             options["decoder_input_ids"] = prefix
+        if constraints:
+            options["constraints"] = constraints
         with torch.inference_mode():
             # max_length=None: a `max_length` saved in the generation config must not clash with the limit
             output = self.model.generate(
@@ -237,9 +260,13 @@ class CTranslate2Engine(Engine):
         )
 
     def _decode(self, sentences: list[str], num_beams: int | None, max_new_tokens: int | None, n_best: int,
-                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None):  # fmt: skip
+                scores: bool, sampling: Sampling | None, prefix_ids: list[list[int]] | None = None,
+                constraints: list[LexicalConstraints | None] | None = None):  # fmt: skip
         """CTranslate2's `translate_batch`, with its scores when asked for; it samples with top-k, top-p and
-        temperature (no epsilon), and counts a prefix's tokens in its length limit."""
+        temperature (no epsilon), and counts a prefix's tokens in its length limit. It has no lexical constraints."""
+        if constraints:
+            raise TranslationError("--constraints: CTranslate2 has no lexically constrained search; use the torch "
+                                   "engine.")  # fmt: skip
         ids = self.tokenizer(sentences, truncation=True)["input_ids"]
         tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in ids]
         options = {"beam_size": num_beams or self.num_beams}

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from ..configuration_hf_attention import HfAttentionConfig
-from ..generation_hf_attention import with_length_penalty_style, with_source_length_limit
+from ..generation_hf_attention import with_constrained_search, with_length_penalty_style, with_source_length_limit
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 
 COMBINATIONS = ("log_linear", "linear")
@@ -247,7 +247,10 @@ class EnsembleForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs):  # fmt: skip
-        """transformers' `generate`, with the first member's §6.1 length limit and length penalty style."""
+        """transformers' `generate`, with the first member's §6.1 length limit and length penalty style, and lexical
+        constraints (`constraints=[...]`), as `HfAttentionForConditionalGeneration.generate`."""
         config = generation_config or self.generation_config
-        kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
+        kwargs = with_constrained_search(
+            with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
+        )
         return super().generate(inputs, generation_config=generation_config, **kwargs)

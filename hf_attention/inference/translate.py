@@ -5,11 +5,12 @@ batch wastes little on padding; what was found is written in input order, in one
 The engines (`--engine torch|ctranslate2|onnx`) are `engines.py`'s; besides the best translation the command writes
 n-best lists with scores (`--n_best`, `--scores`, `--output_format jsonl`, `--token_scores`: `output_formats.py`),
 scores given translations (`--score_targets`: `scoring.py`), samples (`--do_sample`) and chooses among samples by
-minimum Bayes risk (`--mbr`: `mbr.py`), writes word alignments (`--alignments`: `alignment.py`), and decodes
-with an ensemble of models (`--model A --model B`: `ensemble.py`). `scripts/evaluate_model.py` translates through
-the same path.
+minimum Bayes risk (`--mbr`: `mbr.py`), writes word alignments (`--alignments`: `alignment.py`), meets lexical
+constraints (`--constraints`: `constraints_hf_attention.py`), and decodes with an ensemble of models (`--model A
+--model B`: `ensemble.py`). `scripts/evaluate_model.py` translates through the same path.
 """
 
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 from .. import hardware
+from ..constraints_hf_attention import LexicalConstraints
 from ..data.batching import cut_into_batches
 from .alignment import align, check_alignment_layer
 from .engines import (  # noqa: F401 - the engines' names, also importable from here as before
@@ -81,16 +83,18 @@ def read_lines(path: str, flag: str = "--input") -> list[str]:
 def translate_hypotheses(
     engine: Engine, sentences: list[str], batch_size: int = 32, max_tokens: int | None = None, progress: bool = False,
     n_best: int = 1, scores: bool = False, sampling: Sampling | None = None, mbr: int = 0, mbr_metric: str = "chrf",
-    prefixes: list[str] | None = None,
+    prefixes: list[str] | None = None, constraints: list[LexicalConstraints | None] | None = None,
 ) -> list[list[Hypothesis]]:  # fmt: skip
     """The `n_best` hypotheses of each of `sentences` (with scores when asked for), in their order, from
     length-sorted batches; with `mbr` N, the one of N samples that `mbr_select` prefers; with `prefixes` (one per
-    sentence, "" for none), translations that continue them."""
+    sentence, "" for none), translations that continue them; with `constraints` (one per sentence, None for none),
+    translations that meet them."""
     found: list[list[Hypothesis]] = [[] for _ in sentences]
     lengths = [engine.token_count(sentence) for sentence in sentences] if max_tokens else [len(s) for s in sentences]
     with tqdm(total=len(sentences), disable=not progress, unit="sentence", file=sys.stderr) as bar:
         for batch in length_sorted_batches(lengths, batch_size, max_tokens):
             starts = [prefixes[i] for i in batch] if prefixes else None
+            wanted = [constraints[i] for i in batch] if constraints else None
             if mbr:
                 drawing = sampling or Sampling(epsilon_cutoff=0.02)
                 samples = engine.translate([sentences[i] for i in batch], n_best=mbr, scores=scores,
@@ -98,10 +102,48 @@ def translate_hypotheses(
                 hypotheses = [[found[mbr_select([h.text for h in found], mbr_metric)]] for found in samples]
             else:
                 hypotheses = engine.translate([sentences[i] for i in batch], n_best=n_best, scores=scores,
-                                              sampling=sampling, prefixes=starts)  # fmt: skip
+                                              sampling=sampling, prefixes=starts, constraints=wanted)  # fmt: skip
             for index, hypotheses_of_one in zip(batch, hypotheses, strict=True):
                 found[index] = hypotheses_of_one
             bar.update(len(batch))
+    return found
+
+
+CONSTRAINT_KEYS = ("constraints", "avoid")
+
+
+def read_constraints(path: str, sentences: int) -> list[tuple[list[str], list[str]] | None]:
+    """Each line's (include, avoid) phrases from a file of JSON lines (Sockeye's `constraints` and `avoid` keys; a
+    `text` key, Sockeye's source, is allowed and ignored); None for an empty line or `{}`.
+
+    Raises:
+        TranslationError: another number of lines than `sentences`, or a line that is not such an object (its
+            number named).
+    """
+    lines = read_lines(path, "--constraints")
+    if len(lines) != sentences:
+        raise TranslationError(f"--constraints {path}: {len(lines)} lines for {sentences} in --input; give one "
+                               "(possibly empty) per source line.")  # fmt: skip
+    found = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as error:
+            raise TranslationError(f"--constraints {path}: line {number} is not JSON ({error.msg}).") from None
+        unknown = set(entry) - {*CONSTRAINT_KEYS, "text"} if isinstance(entry, dict) else None
+        phrases = [entry.get(key, []) for key in CONSTRAINT_KEYS] if isinstance(entry, dict) else None
+        if (
+            unknown is None
+            or unknown
+            or any(
+                not isinstance(given, list) or not all(isinstance(p, str) and p.strip() for p in given)
+                for given in phrases
+            )
+        ):
+            listed = f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else ""
+            raise TranslationError(f"--constraints {path}: line {number} must be an object whose \"constraints\" "
+                                   f"and \"avoid\" are lists of non-empty phrases{listed}.")  # fmt: skip
+        found.append((phrases[0], phrases[1]) if any(phrases) else None)
     return found
 
 
@@ -184,6 +226,13 @@ class TranslateArguments:
         metadata={"help": "Minimum Bayes risk: sample N translations, keep the one closest to the others (0: off)."},
     )
     mbr_metric: str = field(default="chrf", metadata={"help": "MBR's utility: chrf or bleu."})
+    constraints: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Lexical constraints, a JSON line per --input line: {"constraints": [phrases that must appear], '
+            '"avoid": [phrases that must not]} (Sockeye\'s keys; an empty line or {}: none). Torch engine.'
+        },
+    )
     alignments: bool = field(
         default=False,
         metadata={"help": "Write each hypothesis's word alignment, Moses i-j pairs from cross-attention (torch)."},
@@ -262,6 +311,9 @@ def check_output_options(args: TranslateArguments) -> None:
     if (args.token_scores or args.score_targets) and args.engine != "torch":
         flag = "--token_scores" if args.token_scores else "--score_targets"
         raise TranslationError(f"{flag}: scores tokens with the torch engine's model, not with {args.engine}.")
+    if args.constraints and (args.engine != "torch" or args.do_sample or args.mbr or args.score_targets):
+        other = "--score_targets" if args.score_targets else "sampling" if args.do_sample or args.mbr else args.engine
+        raise TranslationError(f"--constraints: a beam search of the torch engine; not with {other}.")
     if (args.alignment_layer is not None or args.alignment_head is not None) and not args.alignments:
         raise TranslationError("--alignment_layer/--alignment_head: alignment options; give --alignments.")
     if args.alignments and (args.engine != "torch" or args.score_targets):
@@ -284,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         if prefixes is not None and len(prefixes) != len(sentences):
             raise TranslationError(f"--target_prefix {args.target_prefix}: {len(prefixes)} lines for "
                                    f"{len(sentences)} in --input; give one start per source line.")  # fmt: skip
+        wanted = read_constraints(args.constraints, len(sentences)) if args.constraints else None
         quantization = None if (args.quantization or "none").lower() == "none" else args.quantization
         # compiling takes tens of seconds: "auto" compiles only for files long enough to gain that back
         compile_step = args.compile
@@ -297,6 +350,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.n_best > engine.num_beams and not args.do_sample:
             raise TranslationError(f"--n_best {args.n_best}: more than the model's {engine.num_beams} beams; "
                                    "give --num_beams.")  # fmt: skip
+        constraints = None
+        if wanted is not None:
+            constraints = [engine.lexical_constraints(*phrases) if phrases else None for phrases in wanted]
+            for number, given in enumerate(constraints, start=1):
+                if given and given.token_count > args.max_new_tokens:
+                    raise TranslationError(
+                        f"--constraints {args.constraints}: line {number} has {given.token_count} constraint "
+                        f"tokens, more than --max_new_tokens {args.max_new_tokens}."
+                    )
         aligner = getattr(engine.model, "members", [engine.model])[0]  # an ensemble aligns with its first model
         if args.alignments:
             try:
@@ -322,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
                     import_ctranslate2().set_random_seed(args.seed)
             found = translate_hypotheses(engine, sentences, args.batch_size, args.max_tokens, args.progress,
                                          n_best=args.n_best, scores=with_scores, sampling=sampling, mbr=args.mbr,
-                                         mbr_metric=args.mbr_metric, prefixes=prefixes)  # fmt: skip
+                                         mbr_metric=args.mbr_metric, prefixes=prefixes,
+                                         constraints=constraints)  # fmt: skip
             token_scores = None
             if args.token_scores:
                 token_scores = [score(engine.model, engine.tokenizer, [sentence] * len(hypotheses),
