@@ -144,8 +144,10 @@ def constrained_beam_search(
                              f"{max_length - prompt_length} new tokens allowed (max_new_tokens).")  # fmt: skip
     eos = generation_config._eos_token_tensor
     eos_ids = set(eos.flatten().tolist()) if eos is not None else set()
-    pad_id = generation_config._pad_token_tensor
-    pad_id = int(pad_id) if pad_id is not None else min(eos_ids, default=0)
+    pad = generation_config._pad_token_tensor
+    # what transformers' beam search fills ended sequences with (`pad_token_id or eos_token_id[0]`: a pad id of 0
+    # counts as none), so that both searches return the same tensors
+    pad_id = int(pad) if pad is not None and int(pad) else min(eos_ids, default=0)
     length_penalty = generation_config.length_penalty if generation_config.length_penalty is not None else 1.0
 
     device = input_ids.device
