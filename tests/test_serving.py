@@ -79,6 +79,31 @@ def test_a_target_prefix_is_continued_as_generate_continues_it_alone(server, mod
         assert translation["text"].startswith(start)
 
 
+def test_constraints_and_alignments_are_the_python_api_s(server, model_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from hf_attention import align
+    from hf_attention.inference.alignment import format_alignment
+    from hf_attention.inference.engines import TorchEngine
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = TorchEngine(model, tokenizer)
+    include, avoid = [["hunde kaufen"], [], ["drei"]], [[], ["z"], []]
+    response = translate(server, text=SOURCES[:3], constraints=include, avoid=avoid, alignments=True, num_beams=2,
+                         max_new_tokens=12)  # fmt: skip
+    assert response.status_code == 200, response.text
+    for row, translation in enumerate(response.json()["translations"]):
+        wanted = engine.lexical_constraints(include[row], avoid[row])
+        generated = model.generate(**tokenizer([SOURCES[row]], return_tensors="pt"), num_beams=2, max_new_tokens=12,
+                                   constraints=[wanted])  # fmt: skip
+        text = tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+        assert translation["text"] == text and all(phrase in text for phrase in include[row])
+        assert translation["alignment"] == format_alignment(align(model, tokenizer, [SOURCES[row]], [text])[0])
+    one = translate(server, text=SOURCES[0], constraints=["hunde kaufen"], num_beams=2, max_new_tokens=12).json()
+    assert "hunde kaufen" in one["translations"][0]["text"]
+
+
 def concurrent_clients_get_what_one_client_gets(server, requests: list[dict]) -> tuple[str, str]:
     """Sends `requests` one at a time, then from 32 concurrent clients; asserts equal answers. Returns /metrics
     before and after the concurrent round."""
@@ -127,6 +152,9 @@ def test_an_int8_server_answers_each_request_as_alone_when_batched(model_dir):
         ({"text": "a dog", "num_beams": 0}, "num_beams", "greater than or equal to 1"),
         ({"text": "dog " * 600}, "text", "more than the 512"),
         ({"text": ["a dog", "a cat"], "target_prefix": ["ein"]}, "target_prefix", "1 prefixes for 2 sentences"),
+        ({"text": ["a dog", "a cat"], "constraints": [["hund"]]}, "constraints", "a list of 2 phrase lists"),
+        ({"text": "a dog", "avoid": ["hund", " "]}, ["avoid", 1], "an empty phrase"),
+        ({"text": "a dog", "constraints": ["hund " * 20]}, "constraints", "more than max_new_tokens 16"),
     ],
     ids=[
         "unknown-option",
@@ -141,6 +169,9 @@ def test_an_int8_server_answers_each_request_as_alone_when_batched(model_dir):
         "no-beam",
         "too-long-source",
         "prefixes",
+        "constraints-shape",
+        "empty-phrase",
+        "constraint-too-long",
     ],  # fmt: skip
 )
 def test_bad_input_is_answered_422_naming_the_field(server, body, field, message):

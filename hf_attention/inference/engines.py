@@ -40,6 +40,7 @@ class Hypothesis:
     text: str
     score: float | None = None
     token_ids: tuple[int, ...] = ()  # the generated tokens (torch engines), for per-token scores
+    alignment: tuple[tuple[int, int], ...] | None = None  # (source word, target word) pairs, when asked for
 
 
 @dataclass(frozen=True)

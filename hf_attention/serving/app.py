@@ -10,12 +10,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..inference.alignment import align, format_alignment
 from ..inference.engines import load_engine
 from .arguments import ServeArguments
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
@@ -73,12 +75,15 @@ class TranslationService:
         if max_new_tokens > self.arguments.max_new_tokens:
             errors.append(field_error("max_new_tokens", f"{max_new_tokens}: more than this server's --max_new_tokens "
                                       f"{self.arguments.max_new_tokens}.", max_new_tokens))  # fmt: skip
+        if body.alignments and self.arguments.engine != "torch":
+            errors.append(field_error("alignments", f"the {self.arguments.engine} engine gives no cross-attention; "
+                                      "this server cannot align.", True))  # fmt: skip
         if body.n_best > num_beams:
             errors.append(field_error("n_best", f"{body.n_best}: more than num_beams {num_beams}; n_best hypotheses "
                                       "come from a beam at least as wide.", body.n_best))  # fmt: skip
         if errors:
             raise RequestError(*errors)
-        return DecodingOptions(num_beams, max_new_tokens, body.n_best, body.return_scores)
+        return DecodingOptions(num_beams, max_new_tokens, body.n_best, body.return_scores, body.alignments)
 
     def sentences(self, body: TranslateRequest) -> tuple[list[Source], list[int]]:
         """The request's sentences (with their target prefixes) and their lengths in source tokens.
@@ -115,14 +120,65 @@ class TranslationService:
         if any(prefixes) and self.arguments.engine == "onnx":
             raise RequestError(field_error("target_prefix", "the onnx engine decodes one token per step from the "
                                            "start; this server cannot continue a prefix.", None))  # fmt: skip
-        return [Source(text, prefix) for text, prefix in zip(sentences, prefixes, strict=True)], lengths
+        constraints = self.constraints(body, len(sentences))
+        sources = [Source(*fields) for fields in zip(sentences, prefixes, constraints, strict=True)]
+        return sources, lengths
+
+    def constraints(self, body: TranslateRequest, count: int) -> list:
+        """Each sentence's `LexicalConstraints` (None for none) from the request's `constraints` and `avoid`.
+
+        Raises:
+            RequestError: phrases not shaped as `text`, an empty phrase, more constraint tokens than
+                `max_new_tokens`, or an engine without constrained search.
+        """
+        given = {}
+        for name in ("constraints", "avoid"):
+            value = getattr(body, name)
+            if value is None:
+                continue
+            if isinstance(body.text, str) and value and not all(isinstance(phrase, str) for phrase in value):
+                raise RequestError(field_error(name, "a list of phrases for one sentence.", None))
+            if not isinstance(body.text, str) and (len(value) != count or any(isinstance(v, str) for v in value)):
+                raise RequestError(field_error(name, f"a list of {count} phrase lists, one per sentence ([] for "
+                                               "none).", None))  # fmt: skip
+            rows = [value] if isinstance(body.text, str) else value
+            empty = [f"{name}[{i}]" if isinstance(body.text, str) else f"{name}[{r}][{i}]"
+                     for r, row in enumerate(rows) for i, phrase in enumerate(row) if not phrase.strip()]  # fmt: skip
+            if empty:
+                raise RequestError(*(field_error(at, "an empty phrase.", "") for at in empty))
+            given[name] = rows
+        if not any(phrase for rows in given.values() for row in rows for phrase in row):
+            return [None] * count
+        if self.arguments.engine != "torch":
+            raise RequestError(field_error(next(iter(given)), f"the {self.arguments.engine} engine has no "
+                                           "lexically constrained search.", None))  # fmt: skip
+        found = []
+        for row in range(count):
+            include, avoid = (given.get(name, [[]] * count)[row] for name in ("constraints", "avoid"))
+            found.append(self.engine.lexical_constraints(include, avoid) if include or avoid else None)
+        limit = body.max_new_tokens or self.arguments.max_new_tokens
+        too_many = [row for row, c in enumerate(found) if c and c.token_count > limit]
+        if too_many:
+            row = too_many[0]
+            message = (
+                f"{found[row].token_count} constraint tokens for sentence {row}: more than max_new_tokens {limit}."
+            )
+            raise RequestError(field_error("constraints", message, None))
+        return found
 
     def decode(self, sentences: list[Source], options: DecodingOptions) -> list[list[Hypothesis]]:
         """One batch, on the decoding thread; counts the tokens it returns."""
         prefixes = [sentence.prefix for sentence in sentences]
-        found = self.engine.decode([sentence.text for sentence in sentences], options.num_beams,
-                                   options.max_new_tokens, options.n_best, options.scores,
-                                   prefixes=prefixes if any(prefixes) else None)  # fmt: skip
+        constraints = [sentence.constraints for sentence in sentences]
+        texts = [sentence.text for sentence in sentences]
+        found = self.engine.decode(texts, options.num_beams, options.max_new_tokens, options.n_best, options.scores,
+                                   prefixes=prefixes if any(prefixes) else None,
+                                   constraints=constraints if any(constraints) else None)  # fmt: skip
+        if options.alignments:
+            aligner = getattr(self.engine.model, "members", [self.engine.model])[0]
+            pairs = [(text, h) for text, hypotheses in zip(texts, found, strict=True) for h in hypotheses]
+            aligned = iter(align(aligner, self.engine.tokenizer, [p[0] for p in pairs], [p[1].text for p in pairs]))
+            found = [[replace(h, alignment=tuple(next(aligned))) for h in hypotheses] for hypotheses in found]
         texts = [hypotheses[0].text for hypotheses in found]
         self.metrics.tokens.inc(sum(map(len, self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])))
         self.metrics.sentences.inc(len(sentences))
@@ -131,9 +187,11 @@ class TranslationService:
     def answer(self, found: list, options: DecodingOptions) -> TranslateResponse:
         translations = []
         for hypotheses in found:
-            scored = [Hypothesis(text=h.text, score=h.score if options.scores else None) for h in hypotheses]
+            scored = [Hypothesis(text=h.text, score=h.score if options.scores else None,
+                                 alignment=format_alignment(h.alignment) if options.alignments else None)
+                      for h in hypotheses]  # fmt: skip
             best = scored[0]
-            translations.append(Translation(text=best.text, score=best.score,
+            translations.append(Translation(text=best.text, score=best.score, alignment=best.alignment,
                                             n_best=scored if options.n_best > 1 else None))  # fmt: skip
         return TranslateResponse(translations=translations, model=self.model_name)
 

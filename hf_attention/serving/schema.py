@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..constraints_hf_attention import LexicalConstraints
+
 
 class TranslateRequest(BaseModel):
     """One or several source sentences and how to decode them; an option left out takes the server's default."""
@@ -20,11 +22,21 @@ class TranslateRequest(BaseModel):
     target_prefix: str | list[str] | None = Field(
         None, description="The start each translation must continue (autocompletion): one per sentence, '' for none."
     )
+    constraints: list[str] | list[list[str]] | None = Field(
+        None,
+        description="Phrases each translation must contain (terminology): a list for one sentence, a list of lists "
+        "for a list of sentences ([] for none). With `text` and `avoid`, a request is a Sockeye JSON input line.",
+    )
+    avoid: list[str] | list[list[str]] | None = Field(
+        None, description="Phrases each translation must not contain, shaped as `constraints`."
+    )
+    alignments: bool = Field(False, description="Give each hypothesis's word alignment (Moses i-j pairs).")
 
 
 class Hypothesis(BaseModel):
     text: str
     score: float | None = None
+    alignment: str | None = None
 
 
 class Translation(BaseModel):
@@ -32,6 +44,7 @@ class Translation(BaseModel):
 
     text: str
     score: float | None = None
+    alignment: str | None = None
     n_best: list[Hypothesis] | None = None
 
 
@@ -41,10 +54,12 @@ class TranslateResponse(BaseModel):
 
 
 class Source(NamedTuple):
-    """One sentence to translate and the start its translation must continue ("" for none)."""
+    """One sentence to translate, the start its translation must continue ("" for none) and its lexical
+    constraints (None for none)."""
 
     text: str
     prefix: str = ""
+    constraints: LexicalConstraints | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class DecodingOptions:
     max_new_tokens: int
     n_best: int = 1
     scores: bool = False
+    alignments: bool = False
 
 
 def field_error(field: str, message: str, value=None) -> dict:
