@@ -54,6 +54,9 @@ def test_training_learns_and_writes_model_tokenizer_card_curves_and_results(tmp_
 
     model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
     assert isinstance(model, HfAttentionForConditionalGeneration)
+    decoding = model.generation_config  # §6.1's decoding survives the reload, our own fields included
+    assert (decoding.num_beams, decoding.length_penalty, decoding.length_penalty_style) == (4, 0.6, "gnmt")
+    assert decoding.max_new_tokens_over_source == 50
     assert AutoTokenizer.from_pretrained(output_dir).pad_token_id == model.config.pad_token_id
     assert (output_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-250", "checkpoint-500"]

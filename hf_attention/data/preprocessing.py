@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from .alignments import subword_links
+
 
 @dataclass
 class LengthReport:
@@ -33,7 +35,8 @@ def tokenize_pairs(
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
 ) -> tuple[Dataset, LengthReport]:
-    """Source ids, mask and target `labels` (via `text_target`) for Seq2SeqTrainer, cached by `datasets`.
+    """Source ids, mask and target `labels` (via `text_target`) for Seq2SeqTrainer, cached by `datasets`; with an
+    `alignment` column (Moses word links, `--guided_alignment`), also the pairs' subword links.
 
     Args:
         max_length: most source tokens, `</s>` included (run_translation's `max_source_length`); also the most
@@ -93,11 +96,26 @@ def _tokenize_function(
     def tokenize(batch: dict) -> dict:
         sources = [source_prefix + pair[source_lang] for pair in batch["translation"]]
         targets = [pair[target_lang] for pair in batch["translation"]]
-        encoded = dict(tokenizer(sources, text_target=targets))
+        encoding = tokenizer(sources, text_target=targets)
+        encoded = dict(encoding)
+        if "alignment" in batch:  # word links -> subword links (`data.alignments`)
+            target_encoding = tokenizer(text_target=targets)
+            prefix_words = len(source_prefix.split())
+            encoded["alignment"] = [
+                subword_links(line, [None if w is None else w - prefix_words for w in encoding.word_ids(row)],
+                              target_encoding.word_ids(row))
+                for row, line in enumerate(batch["alignment"])
+            ]  # fmt: skip
         encoded["too_long"] = [
             len(source) > limits["input_ids"] or len(target) > limits["labels"]
             for source, target in zip(encoded["input_ids"], encoded["labels"], strict=True)
         ]
+        if "alignment" in encoded:  # links into the part a cut to the limit removes go with it
+            encoded["alignment"] = [
+                [v for t, s in zip(flat[::2], flat[1::2], strict=True) if t < limits["labels"] - 1
+                 and s < limits["input_ids"] - 1 for v in (t, s)]
+                for flat in encoded["alignment"]
+            ]  # fmt: skip
         for key, limit in limits.items():  # cut to the limit, keeping the final </s>
             encoded[key] = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in encoded[key]]
             if pad_to_max_length:

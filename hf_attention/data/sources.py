@@ -21,6 +21,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetNotFoundError
 
+from .alignments import AlignmentFileError, read_alignment_file
 from .readers import ParallelDataError, read_parallel_corpus, stream_parallel_corpus
 from .toy import toy_translation_dataset
 
@@ -59,6 +60,7 @@ class CorpusRequest:
     dataset_revision: str | None = None
     seed: int = 0
     streaming: bool = False
+    guided_alignment: str = ""  # a file of word alignments, one line per training pair (`data.alignments`)
 
     @property
     def files(self) -> dict[str, str]:
@@ -174,6 +176,12 @@ def load_corpus(
         ParallelDataError: a local text file that cannot be read (the message names the line).
     """
     given_files = {split: path for split, path in request.files.items() if path}
+    if request.guided_alignment and (request.toy_corpus or request.streaming):
+        other = "--toy_corpus" if request.toy_corpus else "--streaming"
+        raise DataSourceError(
+            f"--guided_alignment {request.guided_alignment}: pairs its lines with the training data's, which "
+            f"{other} does not hold in a file; give --train_file or --dataset_name."
+        )
     if request.toy_corpus:
         if request.dataset_name or given_files:
             raise DataSourceError("--toy_corpus: the embedded corpus replaces --dataset_name and the data files.")
@@ -205,6 +213,13 @@ def load_corpus(
     for split in loaded:
         where = origin or f"{FILE_FLAGS[split]} {given_files[split]}"
         splits[split] = _as_translation_rows(loaded[split], where, request)
+    if request.guided_alignment and "train" in splits:  # before any split is cut or shuffled: line i is pair i
+        train = splits["train"]
+        try:
+            lines = read_alignment_file(request.guided_alignment, len(train))
+        except AlignmentFileError as error:
+            raise DataSourceError(str(error)) from None
+        splits["train"] = train.add_column("alignment", lines)
     if "validation" in needed and "validation" not in splits and "train" in splits:
         splits.update(_cut_validation_split(splits["train"], request))
     for split in needed:

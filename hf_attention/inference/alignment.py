@@ -25,7 +25,8 @@ def default_alignment_layer(model: PreTrainedModel) -> int:
 
 
 def check_alignment_layer(model: PreTrainedModel, layer: int | None, head: int | None = None) -> int:
-    """`layer` (default: `default_alignment_layer`), checked against the model.
+    """`layer` (default: the layer guided-alignment training taught, else `default_alignment_layer`), checked
+    against the model.
 
     Raises:
         ValueError: a layer or head the model does not have.
@@ -35,7 +36,10 @@ def check_alignment_layer(model: PreTrainedModel, layer: int | None, head: int |
         raise ValueError(f"alignment_layer {layer}: the decoder has layers 0 to {layers - 1}.")
     if head is not None and not 0 <= head < heads:
         raise ValueError(f"alignment_head {head}: the cross-attention has heads 0 to {heads - 1}.")
-    return default_alignment_layer(model) if layer is None else layer % layers
+    if layer is None:
+        taught = getattr(getattr(model, "generation_config", None), "alignment_layer", None)
+        return default_alignment_layer(model) if taught is None else taught
+    return layer % layers
 
 
 def format_alignment(pairs: Alignment) -> str:
@@ -58,7 +62,9 @@ def align(
         model: an hf_attention model (or any transformers encoder-decoder that returns `cross_attentions`).
         tokenizer: its tokenizer (a fast tokenizer: word ids come from it).
         sources, targets: the pairs; targets are text, for example the model's translations.
-        layer: the decoder layer (default: the penultimate); head: one head, or None to average them.
+        layer: the decoder layer; head: one head, or None to average them. Both default to what
+            guided-alignment training taught (`alignment_layer`, `alignment_head` in the generation config), else
+            to the penultimate layer's heads averaged.
 
     Raises:
         ValueError: pairs of different counts, a layer or head the model does not have, or a slow tokenizer.
@@ -67,6 +73,8 @@ def align(
         raise ValueError(f"targets: {len(targets)} targets for {len(sources)} sources; give one per source.")
     if not tokenizer.is_fast:
         raise ValueError("tokenizer: alignments need a fast tokenizer (its word ids map subwords to words).")
+    if layer is None and head is None:
+        head = getattr(getattr(model, "generation_config", None), "alignment_head", None)
     layer = check_alignment_layer(model, layer, head)
     found: list[Alignment] = [[] for _ in sources]
     lengths = [len(target) for target in targets]

@@ -139,6 +139,14 @@ class DataArguments:
     forced_bos_token: str = field(
         default="", metadata={"help": "A token forced as the first generated one (a target-language tag)."}
     )
+    guided_alignment: str = field(
+        default="",
+        metadata={
+            "help": "Word alignments of the training pairs (Moses i-j links, one line per pair in the training data's "
+            "order, e.g. from fast_align): one cross-attention head learns them (Garg et al., 2019), so that "
+            "--alignments aligns well."
+        },
+    )
     toy_train_size: int = field(default=20000, metadata={"help": "Toy corpus: training pairs."})
     toy_eval_size: int = field(default=200, metadata={"help": "Toy corpus: validation and test pairs each."})
     test_before_training: bool = field(
@@ -204,6 +212,15 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     )
     generation_max_new_tokens_over_source: int = field(
         default=50, metadata={"help": "Translations stop at source length + this many tokens (§6.1: 50)."}
+    )
+    guided_alignment_weight: float = field(
+        default=0.05, metadata={"help": "--guided_alignment: the alignment loss's weight λ (Garg et al.: 0.05)."}
+    )
+    guided_alignment_layer: int | None = field(
+        default=None, metadata={"help": "--guided_alignment: the decoder layer taught (default: the penultimate)."}
+    )
+    guided_alignment_head: int = field(
+        default=0, metadata={"help": "--guided_alignment: the head of that layer's cross-attention taught."}
     )
     max_tokens: int | None = field(
         default=None,
@@ -495,6 +512,9 @@ def validate_arguments(
                 f"--train_sampling_strategy {training_args.train_sampling_strategy} with --streaming: a stream is "
                 "read in order (shuffled in --shuffle_buffer_size); drop the flag."
             )
+    if data_args.guided_alignment and not training_args.guided_alignment_weight > 0:
+        raise TrainingArgumentError(f"--guided_alignment_weight {training_args.guided_alignment_weight}: must be "
+                                    "positive (leave --guided_alignment out to train without it).")  # fmt: skip
     if not requested_phases(training_args).train and not model_args.model_name_or_path:
         raise TrainingArgumentError(
             "--do_eval / --do_predict without --do_train evaluate a trained model: give --model_name_or_path."

@@ -29,6 +29,7 @@ from .. import hardware
 from ..checkpoint_io_hf_attention import replacing_folder
 from ..configuration_hf_attention import HfAttentionConfig
 from ..data import ParallelDataError
+from ..data.alignments import GuidedAlignmentCollator
 from ..data.batching import PaddingCounter, PaddingFractionCallback
 from ..data.sources import DataSourceError
 from ..hub.model_card import ModelCardFacts, write_model_card
@@ -118,8 +119,10 @@ def build_trainer(
     callbacks: list[TrainerCallback] | None,
     started: float,
     label_pad_token_id: int = -100,
+    guided: tuple[int, int, float] | None = None,
 ) -> CheckpointSafeSeq2SeqTrainer:
-    """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are."""
+    """The trainer, writing checkpoints into the run's folder; the user's `training_args` stay as they are. `guided`:
+    guided-alignment training's (layer, head, weight) (`guided_alignment_setting`)."""
     changes = {"push_to_hub": False}  # the job publishes the finished folder itself (see `run`)
     if folder is not None:
         changes["output_dir"] = str(folder.checkpoints_dir)
@@ -135,11 +138,35 @@ def build_trainer(
         args=trainer_args,
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,
-        data_collator=padding,
+        data_collator=GuidedAlignmentCollator(padding) if guided else padding,
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
         callbacks=[WallClockCallback(started), PaddingFractionCallback(padding), *(callbacks or [])],
+        guided_alignment=guided,
     )
+
+
+def carries_alignments(data: PreparedData) -> bool:
+    """Whether the training pairs carry word alignments (`--guided_alignment`)."""
+    return data.train_dataset is not None and "alignment" in data.train_dataset.column_names
+
+
+def guided_alignment_setting(model: PreTrainedModel, training_args: PaperTrainingArguments) -> tuple[int, int, float]:
+    """(layer, head, weight) of guided-alignment training, checked against the model.
+
+    Raises:
+        TrainingArgumentError: a layer or head the model does not have.
+    """
+    layers, heads = model.config.decoder_layers, model.config.decoder_attention_heads
+    layer = training_args.guided_alignment_layer
+    layer = max(layers - 2, 0) if layer is None else layer  # the penultimate, as `align` reads by default
+    if not 0 <= layer < layers:
+        raise TrainingArgumentError(f"--guided_alignment_layer {layer}: the decoder has layers 0 to {layers - 1}.")
+    head = training_args.guided_alignment_head
+    if not 0 <= head < heads:
+        raise TrainingArgumentError(f"--guided_alignment_head {head}: the cross-attention has heads 0 to "
+                                    f"{heads - 1}.")  # fmt: skip
+    return layer, head, training_args.guided_alignment_weight
 
 
 def held_out_scores(model, data: PreparedData, training_args: PaperTrainingArguments) -> tuple[dict, list[str]]:
@@ -194,6 +221,9 @@ def set_decoding_defaults(model: PreTrainedModel, data_args: DataArguments, trai
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.val_max_target_length or data_args.max_target_length
     generation_config = model.generation_config
+    # The config is ours now, not one derived from the model's: transformers' loading drops every field it does not
+    # know (length_penalty_style, max_new_tokens_over_source, ...) from a config saved as "_from_model_config".
+    generation_config._from_model_config = False
     generation_config.max_length = training_args.generation_max_length
     generation_config.num_beams = training_args.generation_num_beams
     if generation_config.num_beams and generation_config.num_beams > 1:  # transformers refuses it for greedy search
@@ -280,13 +310,16 @@ def run(
     model = load_model(model_args, data.tokenizer)
     training_args.resolve_learning_rate(model.config.d_model)
     set_decoding_defaults(model, data_args, training_args, data.tokenizer)
+    guided = guided_alignment_setting(model, training_args) if carries_alignments(data) else None
+    if guided is not None:  # `align` (translate.py --alignments) reads the head that learned to align
+        model.generation_config.alignment_layer, model.generation_config.alignment_head = guided[:2]
 
     # Every input is valid: from here on the run writes, into its own folder (see training/run_folder.py).
     with training_args.main_process_first(local=False):
         if training_args.process_index == 0:
             folder.clear_unfinished_replacement()
     label_pad = -100 if data_args.ignore_pad_token_for_loss else data.tokenizer.pad_token_id
-    trainer = build_trainer(model, data, training_args, folder, callbacks, started, label_pad)
+    trainer = build_trainer(model, data, training_args, folder, callbacks, started, label_pad, guided)
     if training_args.average_last_n_checkpoints and trainer.saves_sharded_checkpoints:
         raise TrainingArgumentError(
             f"--average_last_n_checkpoints {training_args.average_last_n_checkpoints}: averaging reads whole "

@@ -40,7 +40,7 @@ def corpus_request(model_args: ModelArguments, data_args: DataArguments, seed: i
 
 DATA_SOURCE_FLAGS = ("source_lang", "target_lang", "dataset_name", "dataset_config_name", "train_file",
                      "validation_file", "test_file", "source_column", "target_column", "validation_split_percentage",
-                     "toy_corpus", "toy_train_size", "toy_eval_size", "streaming")  # fmt: skip
+                     "toy_corpus", "toy_train_size", "toy_eval_size", "streaming", "guided_alignment")  # fmt: skip
 
 
 def load_tokenizer(

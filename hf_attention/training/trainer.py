@@ -33,6 +33,7 @@ from transformers.trainer_utils import (
 from ..data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
 from ..modeling_hf_attention import label_smoothed_cross_entropy
 from .checkpoint_averaging import average_into_model, average_state_dicts, missing_weights
+from .guided_alignment import capture_cross_attention_inputs, guided_alignment_loss, head_log_attention
 
 STAGING_DIR = ".checkpoint-staging"
 
@@ -115,9 +116,12 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     """
 
     _staging_root: str | None = None
+    # (layer, head, weight) of guided-alignment training (`guided_alignment.py`), or None
+    guided_alignment: tuple[int, int, float] | None = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, guided_alignment: tuple[int, int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.guided_alignment = guided_alignment
         if self.label_smoother is not None:
             self.label_smoother = TokenLabelSmoother(self.label_smoother.epsilon)
         if self.is_fsdp_enabled:
@@ -142,6 +146,28 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
                 losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
                 return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        """The model's inputs, and the training pairs' subword links (`alignment`) that the collator turns into
+        `alignment_targets` for the guided-alignment loss."""
+        super()._set_signature_columns_if_needed()
+        if self.guided_alignment is not None and "alignment" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "alignment"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The translation loss, plus λ × the guided-alignment loss on batches that carry `alignment_targets`."""
+        targets = inputs.pop("alignment_targets", None)
+        if targets is None or self.guided_alignment is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        layer, head, weight = self.guided_alignment
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_cross_attention_inputs(unwrapped, layer) as captured:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        attention = unwrapped.get_decoder().layers[layer].encoder_attn
+        log_attention = head_log_attention(attention, captured["hidden_states"], captured["key_value_states"],
+                                           inputs["attention_mask"], head)  # fmt: skip
+        loss = loss + weight * guided_alignment_loss(log_attention, targets)
+        return (loss, outputs) if return_outputs else loss
 
     def get_train_dataloader(self) -> DataLoader:
         """transformers' loader, or with `--max_tokens` one of token-based batches (`TokenBatchSampler`), or for a
