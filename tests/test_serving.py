@@ -104,6 +104,32 @@ def test_constraints_and_alignments_are_the_python_api_s(server, model_dir):
     assert "hunde kaufen" in one["translations"][0]["text"]
 
 
+def test_an_ensemble_server_answers_as_the_python_ensemble(model_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from hf_attention import EnsembleForConditionalGeneration
+
+    second = tmp_path / "second"
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    torch.manual_seed(5)
+    for parameter in model.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.2)
+    model.save_pretrained(second)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(second)
+    with ServerProcess([str(model_dir), "--ensemble_with", str(second), "--quantization", "none",
+                        "--max_new_tokens", "12"]) as ensemble_server:  # fmt: skip
+        response = translate(ensemble_server, text=SOURCES[:2], num_beams=2)
+        setting = httpx.get(ensemble_server.url + "/v1/models").json()["data"][0]["setting"]
+    assert response.status_code == 200, response.text
+    assert setting.startswith("ensemble of 2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    members = [AutoModelForSeq2SeqLM.from_pretrained(folder).eval() for folder in (model_dir, second)]
+    ensemble = EnsembleForConditionalGeneration(members).eval()
+    for sentence, translation in zip(SOURCES, response.json()["translations"], strict=False):
+        generated = ensemble.generate(**tokenizer([sentence], return_tensors="pt"), num_beams=2, max_new_tokens=12)
+        assert translation["text"] == tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+
+
 def concurrent_clients_get_what_one_client_gets(server, requests: list[dict]) -> tuple[str, str]:
     """Sends `requests` one at a time, then from 32 concurrent clients; asserts equal answers. Returns /metrics
     before and after the concurrent round."""
@@ -184,7 +210,8 @@ def test_bad_input_is_answered_422_naming_the_field(server, body, field, message
 
 def test_a_bad_flag_stops_the_server_before_it_listens(model_dir, capsys):
     refused = [(["--max_batch_tokens", "0"], "--max_batch_tokens 0"), (["--engine", "tf"], "--engine tf"),
-               (["--port", "70000"], "--port 70000"), (["--device", "cuda:0"], "--device cuda:0")]  # fmt: skip
+               (["--port", "70000"], "--port 70000"), (["--device", "cuda:0"], "--device cuda:0"),
+               (["--ensemble_with", str(model_dir), "--engine", "onnx"], "--ensemble_with")]  # fmt: skip
     for flags, named in refused:
         if named.startswith("--device") and torch.cuda.is_available():
             continue
@@ -339,6 +366,7 @@ def test_the_batcher_refuses_past_its_queue_and_fails_only_the_failing_batch():
 def test_serve_arguments_read_ray_style_strings():
     arguments = ServeArguments.from_dict({"model": "m", "max_wait_ms": "2.5", "compile": "false", "num_beams": "None"})
     assert (arguments.max_wait_ms, arguments.compile, arguments.num_beams) == (2.5, False, None)
+    assert ServeArguments.from_dict({"model": "m", "ensemble_with": "a,b"}).ensemble_with == ["a", "b"]
     with pytest.raises(ValueError, match="max_batch_tokens=lots: must be of type int"):
         ServeArguments.from_dict({"model": "m", "max_batch_tokens": "lots"})
     with pytest.raises(ValueError, match="beams: not an option of the server"):

@@ -60,8 +60,9 @@ class TranslationService:
     def load(self) -> None:
         """Loads the engine and translates a warm-up sentence (compiling, where asked, happens here)."""
         arguments = self.arguments
+        models = [arguments.model, *arguments.ensemble_with] if arguments.ensemble_with else arguments.model
         engine = load_engine(
-            arguments.engine, arguments.model, arguments.quantization, arguments.device, arguments.dtype,
+            arguments.engine, models, arguments.quantization, arguments.device, arguments.dtype,
             num_beams=arguments.num_beams, max_new_tokens=arguments.max_new_tokens, compile=arguments.compile,
             batch_size=arguments.max_batch_sentences, batch_invariant=arguments.batch_invariant,
         )  # fmt: skip

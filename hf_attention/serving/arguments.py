@@ -16,6 +16,13 @@ class ServeArguments:
     model: str = field(
         metadata={"help": "An hf_attention model folder or Hub id, or (engine ctranslate2 / onnx) an export of one."}
     )
+    ensemble_with: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More models (torch engine, same vocabulary) that decode with MODEL as an ensemble, averaging "
+            "their log-probabilities at every step."
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
     port: int = field(default=8000, metadata={"help": "Port to listen on; 0: a free one (the log line names it)."})
     engine: str = field(default="torch", metadata={"help": f"Inference engine: {', '.join(ENGINES)}."})
@@ -68,6 +75,10 @@ class ServeArguments:
             raise ServeArgumentError(f"--port {self.port}: must be between 0 and 65535.")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ServeArgumentError(f"--log_level {self.log_level}: must be critical, error, warning, info or debug.")
+        if self.ensemble_with and self.engine != "torch":
+            raise ServeArgumentError(f"--ensemble_with: an ensemble decodes with the torch engine, not {self.engine}.")
+        if self.ensemble_with and self.compile:
+            raise ServeArgumentError("--ensemble_with: ensemble members decode uncompiled; leave --compile out.")
         if (self.quantization or "none").lower() == "none":
             self.quantization = None
         try:
@@ -97,6 +108,8 @@ def convert(name: str, value, annotation):
     """`value` (a string from a command line, or already typed) as the field's type."""
     if not isinstance(value, str):
         return value
+    if typing.get_origin(annotation) is list:  # Ray's `ensemble_with=a,b`
+        return [part for part in value.split(",") if part]
     kinds = typing.get_args(annotation) or (annotation,)
     if value.lower() == "none" and type(None) in kinds:
         return None
