@@ -66,15 +66,69 @@ def test_averaging_refuses_too_few_checkpoints_and_different_architectures(run, 
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--average_last_n_checkpoints", "4"], r"--max_steps 6 with --save_steps 2 saves 3 checkpoints"),
+        (["--average_last_n_checkpoints", "4"], r"--save_steps 2 over 6 steps saves 3 checkpoints"),
         (["--average_last_n_checkpoints", "3", "--save_total_limit", "2"], "--save_total_limit 2 keeps only 2"),
         (["--average_last_n_checkpoints", "2", "--save_strategy", "no"], "the run saves no checkpoints"),
+        (["--average_last_n_checkpoints", "3", "--save_steps", "0.5"], r"--save_steps 0.5 over 6 steps saves 2 "),
+        (
+            [
+                "--average_last_n_checkpoints",
+                "3",
+                "--save_strategy",
+                "epoch",
+                "--max_steps",
+                "-1",
+                "--num_train_epochs",
+                "2",
+            ],
+            "--save_strategy epoch over 2 epochs saves 2 checkpoints",
+        ),
+        (
+            [
+                "--average_last_n_checkpoints",
+                "4",
+                "--save_steps",
+                "10",
+                "--max_steps",
+                "-1",
+                "--num_train_epochs",
+                "1",
+            ],
+            "--save_steps 10 over 25 steps saves 3 checkpoints",
+        ),  # 200 pairs in batches of 8: 25 steps an epoch
     ],
+    ids=["steps", "kept", "no-saves", "fraction", "epochs", "steps-of-epochs"],
 )
 def test_averaging_that_cannot_happen_stops_the_run_before_it_writes(tmp_path, options, message):
     with pytest.raises(SystemExit, match=message):
         train([*RUN, "--output_dir", str(tmp_path / "out"), *options])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fractional_save_interval_is_counted_as_transformers_counts_it(tmp_path):
+    output = tmp_path / "out"  # every ceil(6 × 0.25) = 2 steps: checkpoints 2, 4, 6
+    train([*RUN, "--output_dir", str(output), "--save_steps", "0.25", "--average_last_n_checkpoints", "3"])
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    expected = mean_of([output / f"checkpoint-{step}" / "model.safetensors" for step in (2, 4, 6)])
+    saved = load_file(output / "model.safetensors")
+    assert all(torch.allclose(saved[name].double(), expected[name], atol=1e-6) for name in saved)
+
+
+def test_averaging_that_fails_after_training_keeps_the_last_weights_and_says_so(tmp_path, monkeypatch):
+    from hf_attention.training import job
+    from hf_attention.training.checkpoint_averaging import CheckpointAveragingError
+
+    def unreadable(*args):
+        raise CheckpointAveragingError("checkpoint-6 holds other tensors than checkpoint-4.")
+
+    monkeypatch.setattr(job, "find_checkpoints", unreadable)
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit, match="holds the last weights, not the average") as stopped:
+        train([*RUN, "--output_dir", str(output), "--average_last_n_checkpoints", "2"])
+    assert "checkpoint-6 holds other tensors" in str(stopped.value)
+    last = load_file(output / "checkpoint-6" / "model.safetensors")
+    saved = load_file(output / "model.safetensors")
+    assert all(torch.equal(saved[name], last[name]) for name in saved)  # the run's work is kept
 
 
 def test_the_trained_model_decodes_as_the_paper_by_default(run):

@@ -522,8 +522,10 @@ def validate_arguments(
     parse_config_overrides(model_args.config_overrides)
 
 
-def validate_averaging(training_args: PaperTrainingArguments) -> None:
-    """--average_last_n_checkpoints N needs N checkpoints to exist at the end of the run, and to be kept."""
+def validate_averaging(training_args: PaperTrainingArguments, steps_per_epoch: int | None = None) -> None:
+    """--average_last_n_checkpoints N needs N checkpoints to exist at the end of the run, and to be kept. Where the
+    count depends on the data (--save_strategy epoch, or training by epochs), it is checked once `steps_per_epoch`
+    (optimizer steps) is known: the job calls this again then, before training."""
     wanted = training_args.average_last_n_checkpoints
     flag = f"--average_last_n_checkpoints {wanted}"
     if wanted < 0:
@@ -535,13 +537,39 @@ def validate_averaging(training_args: PaperTrainingArguments) -> None:
     kept = training_args.save_total_limit
     if kept is not None and kept < wanted:
         raise TrainingArgumentError(f"{flag}: --save_total_limit {kept} keeps only {kept} checkpoints.")
-    if training_args.save_strategy == "steps" and training_args.max_steps > 0:
-        saved = math.ceil(training_args.max_steps / training_args.save_steps)  # the last step is saved too
-        if saved < wanted:
-            raise TrainingArgumentError(
-                f"{flag}: --max_steps {training_args.max_steps} with --save_steps {training_args.save_steps:g} "
-                f"saves {saved} checkpoints."
-            )
+    saved = planned_checkpoints(training_args, steps_per_epoch)
+    if saved is not None and saved < wanted:
+        if training_args.save_strategy == "epoch":
+            how = f"--save_strategy epoch over {saved} epoch{'s' if saved != 1 else ''}"
+        else:
+            how = f"--save_steps {training_args.save_steps:g} over {total_steps(training_args, steps_per_epoch)} steps"
+        raise TrainingArgumentError(f"{flag}: {how} saves {saved} checkpoint{'s' if saved != 1 else ''}.")
+
+
+def total_steps(training_args: PaperTrainingArguments, steps_per_epoch: int | None) -> int | None:
+    """The optimizer steps the run takes: --max_steps, else --num_train_epochs × steps per epoch (None: unknown)."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    if steps_per_epoch is None:
+        return None
+    return math.ceil(training_args.num_train_epochs * steps_per_epoch)
+
+
+def planned_checkpoints(training_args: PaperTrainingArguments, steps_per_epoch: int | None = None) -> int | None:
+    """How many checkpoints the run saves, as transformers decides (None: unknown until the data is).
+
+    --save_strategy steps saves every `save_steps` steps (a fraction below 1: of all the steps, rounded up) and at
+    the last step; --save_strategy epoch at the end of every epoch begun."""
+    steps = total_steps(training_args, steps_per_epoch)
+    if steps is None:
+        return None
+    if training_args.save_strategy == "epoch":
+        if steps_per_epoch is None:
+            return None
+        return math.ceil(steps / steps_per_epoch)
+    interval = training_args.save_steps
+    interval = math.ceil(steps * interval) if interval < 1 else int(interval)
+    return math.ceil(steps / max(interval, 1))
 
 
 def parse_config_overrides(overrides: str) -> dict:

@@ -45,14 +45,16 @@ from .arguments import (
     TrainingArgumentError,
     parse_arguments,
     parse_config_overrides,
+    planned_checkpoints,
     requested_phases,
     validate_arguments,
+    validate_averaging,
 )
-from .checkpoint_averaging import find_checkpoints
+from .checkpoint_averaging import CheckpointAveragingError, find_checkpoints
 from .plots import plot_training_curves
 from .prepare import PreparedData, prepare_data
 from .run_folder import OutputFolderError, RunFolder, plan_run_folder
-from .trainer import CheckpointSafeSeq2SeqTrainer, FsdpUnsupportedError, WallClockCallback
+from .trainer import CheckpointSafeSeq2SeqTrainer, FsdpUnsupportedError, WallClockCallback, steps_per_epoch
 
 logger = logging.get_logger(__name__)
 
@@ -314,6 +316,9 @@ def run(
     if guided is not None:  # `align` (translate.py --alignments) reads the head that learned to align
         model.generation_config.alignment_layer, model.generation_config.alignment_head = guided[:2]
 
+    if training_args.average_last_n_checkpoints and planned_checkpoints(training_args) is None:
+        validate_averaging(training_args, steps_per_epoch(data.train_dataset, training_args))  # needed the data
+
     # Every input is valid: from here on the run writes, into its own folder (see training/run_folder.py).
     with training_args.main_process_first(local=False):
         if training_args.process_index == 0:
@@ -334,10 +339,15 @@ def run(
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     # Every process takes part in averaging, evaluating and gathering the weights; then the main process alone.
+    averaging_failed = None
     if training_args.average_last_n_checkpoints:  # §6.1: the final model averages the last checkpoints
-        trainer.average_checkpoints_into_model(
-            find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
-        )
+        try:
+            trainer.average_checkpoints_into_model(
+                find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
+            )
+        except CheckpointAveragingError as error:  # the trained weights are still worth keeping
+            averaging_failed = f"--average_last_n_checkpoints {training_args.average_last_n_checkpoints}: {error}"
+            logger.error(f"{averaging_failed}; the final model keeps the last weights instead.")
     files = final_evaluation(trainer) if phases.evaluate else {}
     model = trainer.whole_model()
     if model is None:  # not the main process: its part is done
@@ -387,7 +397,14 @@ def run(
         logger.warning(f"Published {folder.output_dir} to the Hub as {repo_id}.")
     for source, translation, reference in examples:
         print(f"\n  {data_args.source_lang}:  {source}\n  model:  {translation}\n  ref:    {reference}")
+    if averaging_failed:
+        raise AveragingFailedError(f"{averaging_failed}; the final model in {folder.output_dir} holds the last "
+                                   "weights, not the average.")  # fmt: skip
     return summary
+
+
+class AveragingFailedError(RuntimeError):
+    """Training finished and its last weights were saved, but the checkpoints could not be averaged."""
 
 
 def describe(summary: RunSummary) -> str:
@@ -412,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         OutputFolderError,
         ParallelDataError,
         TrainingArgumentError,
+        AveragingFailedError,
     ) as error:
         sys.exit(f"error: {error}")
     if summary is not None:

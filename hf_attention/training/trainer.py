@@ -2,6 +2,7 @@
 checkpoints appear only once complete."""
 
 import copy
+import math
 import os
 import shutil
 import time
@@ -75,6 +76,23 @@ class WallClockCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.log_history and hasattr(self, "started"):
             state.log_history[-1]["wall_seconds"] = round(time.perf_counter() - self.started, 1)
+
+
+def steps_per_epoch(dataset, args) -> int | None:
+    """Optimizer steps per epoch over `dataset`, as transformers' loop counts them from the loader's length: batches
+    per process (`--max_tokens`: `TokenBatchSampler`'s; else sentences / (batch size × processes), rounded up), over
+    the gradient accumulation steps, rounded up. None for a stream, whose length is unknown."""
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    if args.max_tokens:
+        lengths = token_lengths(dataset, "input_ids"), token_lengths(dataset, "labels")
+        sampler = TokenBatchSampler(*lengths, args.max_tokens, num_replicas=args.world_size, rank=args.process_index)
+        batches = len(sampler)
+    else:
+        per_step = args.per_device_train_batch_size * args.world_size
+        batches = len(dataset) // per_step if args.dataloader_drop_last else math.ceil(len(dataset) / per_step)
+    accumulation = args.gradient_accumulation_steps
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 
 class FsdpUnsupportedError(ValueError):
