@@ -178,6 +178,40 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_the_best_checkpoint_survives_a_resume_and_is_the_model_loaded_at_the_end(tmp_path):
+    # The highest evaluation loss is "best" here, so that the best checkpoint is an early one, not the last.
+    arguments = ["--toy_corpus", "--vocab_size", "120", "--per_device_train_batch_size", "8",
+                 "--generation_max_length", "8", "--generation_num_beams", "1", "--warmup_steps", "2",
+                 "--toy_eval_size", "4", "--toy_train_size", "200", "--save_steps", "2", "--eval_strategy", "steps",
+                 "--eval_steps", "2", "--load_best_model_at_end", "--metric_for_best_model", "loss",
+                 "--greater_is_better", "true", "--save_total_limit", "2", "--seed", "3",
+                 "--output_dir", str(tmp_path)]  # fmt: skip
+    main([*arguments, "--max_steps", "4"])  # stopped after checkpoint-4, as a killed run would be
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    best = state["best_model_checkpoint"]
+    assert Path(best).is_dir() and Path(best).parent == tmp_path  # a checkpoint that exists, not its staging path
+    main([*arguments, "--max_steps", "8", "--resume_from_checkpoint", "latest"])
+    state = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
+    losses = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if entry.get("step") and
+              "eval_loss" in entry}  # the evaluation before training (step 0) has no checkpoint  # fmt: skip
+    best = Path(state["best_model_checkpoint"])
+    assert best == tmp_path / f"checkpoint-{max(losses, key=losses.get)}" and best.is_dir()  # kept by the rotation
+    final, chosen = load_file(tmp_path / "model.safetensors"), load_file(best / "model.safetensors")
+    assert all(torch.equal(final[name], chosen[name]) for name in final)
+
+
+def test_a_checkpoint_that_names_its_staging_folder_as_best_is_repaired_on_resume(tmp_path):
+    from transformers import TrainerState
+
+    from hf_attention.training.trainer import STAGING_DIR, repair_best_checkpoint_path
+
+    (tmp_path / "checkpoint-2").mkdir()
+    state_path = tmp_path / "checkpoint-2" / "trainer_state.json"
+    TrainerState(best_model_checkpoint=str(tmp_path / STAGING_DIR / "checkpoint-2")).save_to_json(state_path)
+    repair_best_checkpoint_path(str(state_path))
+    assert json.loads(state_path.read_text())["best_model_checkpoint"] == str(tmp_path / "checkpoint-2")
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")  # fmt: skip
 @pytest.mark.slow  # the FSDP test below trains two DDP processes too, in the default suite

@@ -22,7 +22,7 @@ from transformers import (
     TrainerCallback,
     TrainerState,
 )
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -95,6 +95,29 @@ def steps_per_epoch(dataset, args) -> int | None:
     return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 
+def save_state_atomically(state: TrainerState, path: str) -> None:
+    """`trainer_state.json` rewritten whole or not at all."""
+    staging = f"{path}.writing"
+    state.save_to_json(staging)
+    os.replace(staging, path)
+
+
+def repair_best_checkpoint_path(state_path: str) -> None:
+    """A checkpoint saved before the fix above names its staging folder as the best checkpoint; transformers would
+    drop that path on resume, and then load the last model at the end and let rotation delete the best. Point it at
+    the checkpoint the staging folder became."""
+    if not os.path.isfile(state_path):
+        return
+    state = TrainerState.load_from_json(state_path)
+    best = state.best_model_checkpoint
+    if best is None or os.path.basename(os.path.dirname(best)) != STAGING_DIR:
+        return
+    final = os.path.join(os.path.dirname(os.path.dirname(best)), os.path.basename(best))
+    if os.path.isdir(final):
+        state.best_model_checkpoint = final
+        save_state_atomically(state, state_path)
+
+
 class FsdpUnsupportedError(ValueError):
     """A model that FSDP, as accelerate wraps it, cannot shard."""
 
@@ -155,8 +178,11 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str) and self.args.should_save:
+            repair_best_checkpoint_path(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
         if isinstance(checkpoint, str):
-            state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
             done = self.args.max_steps > 0 and state.global_step >= self.args.max_steps
             if done or (self.args.max_steps <= 0 and (state.epoch or 0) >= self.args.num_train_epochs):
                 self._load_from_checkpoint(checkpoint)
@@ -301,8 +327,9 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             os.replace(staged, final)
             if not os.listdir(staging_root):
                 os.rmdir(staging_root)
-            if self.state.best_model_checkpoint == staged:
+            if self.state.best_model_checkpoint == staged:  # the state saved inside names the staging folder
                 self.state.best_model_checkpoint = final
+                save_state_atomically(self.state, os.path.join(final, TRAINER_STATE_NAME))
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=save_total_limit,
