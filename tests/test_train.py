@@ -285,6 +285,17 @@ def test_two_fsdp_processes_end_with_the_parameters_of_two_ddp_processes(tmp_pat
     log = tmp_path / "log.txt"
     ddp = [*two_processes(29521, "--multi_gpu"), str(tmp_path / "ddp"), *arguments, "--output_dir", f"{tmp_path}/d"]
     finish(launch(ddp, log), log)
+    for checkpoint in sorted((tmp_path / "d").glob("checkpoint-*")):  # every rank's files made it into the swap
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {path.name for path in checkpoint.iterdir()}, checkpoint
+    # Two processes resumed from checkpoint-4 take the uninterrupted run's steps 5 and 6 (each rank its own RNG).
+    shutil.copytree(tmp_path / "d", tmp_path / "r")
+    shutil.rmtree(tmp_path / "r" / "checkpoint-6")
+    resumed = [*two_processes(29525, "--multi_gpu"), str(tmp_path / "resumed"), *arguments, "--output_dir",
+               f"{tmp_path}/r", "--resume_from_checkpoint", f"{tmp_path}/r/checkpoint-4"]  # fmt: skip
+    finish(launch(resumed, log), log)
+    uninterrupted, again = (load_file(tmp_path / run / "checkpoint-6" / "model.safetensors") for run in ("d", "r"))
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
     fsdp = [*two_processes(29523, *FSDP, "--fsdp_state_dict_type", "FULL_STATE_DICT"), str(tmp_path / "fsdp"),
             *arguments, "--output_dir", f"{tmp_path}/f"]  # fmt: skip
     finish(launch(fsdp, log, HF_ATTENTION_FSDP_ON_CPU="1"), log)
