@@ -12,9 +12,12 @@ table (pipeline_hf_attention.py) and nothing else.
 
 import ctypes
 import errno
+import glob
+import hashlib
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,12 +25,20 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a save's folder is then judged by its machine and PID alone
+    fcntl = None
+
 from .pipeline_hf_attention import PIPELINES
 
-# Beside a target folder T: ".T.saving-PID-XXXXXXXX" holds a save in progress (or, after the swap, the old contents
-# until they are deleted); ".T.replaced-PID-XXXXXXXX" holds the old contents where the swap takes two renames.
+# Beside a target folder T: ".T.saving-MACHINE-PID-XXXXXXXX" holds a save in progress (or, after the swap, the old
+# contents until they are deleted), locked through the file of the same name + ".lock" for as long as the save runs;
+# ".T.replaced-MACHINE-PID-XXXXXXXX" holds the old contents where the swap takes two renames. MACHINE names the host,
+# its boot and its PID namespace: a PID says whether a process lives only where all three are ours.
 STAGING_MARK = ".saving-"
 REPLACED_MARK = ".replaced-"
+LOCK_SUFFIX = ".lock"
 
 # Weight files of an older save: a new save supersedes them even where it writes other names (sharded <-> single).
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
@@ -40,8 +51,19 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return path == folder or folder in path.parents
 
 
+def machine_id() -> str:
+    """This host, its boot and its PID namespace, in 8 hex digits."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else Path(path).read_text().strip())
+        except OSError:
+            parts.append("")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+
+
 def _beside(target: Path, mark: str) -> Path:
-    return target.parent / f".{target.name}{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return target.parent / f".{target.name}{mark}{machine_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -54,25 +76,67 @@ def _process_is_alive(pid: int) -> bool:
     return True
 
 
-def remove_interrupted_saves(target: str | os.PathLike) -> None:
-    """Clear what killed saves left beside `target`: unfinished staging folders and old contents of finished swaps.
+def _lock_is_free(lock: Path) -> bool:
+    """Whether no process holds `lock` (flock works across the hosts of an NFS mount too)."""
+    try:
+        with open(lock, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False  # unreadable: not provably free
 
-    A save cut between the two renames of the fallback swap leaves no `target` at all: its old contents are put back.
-    Folders of saves still running (their process is alive) are left alone.
-    """
-    target = Path(os.path.realpath(target))
-    if not target.parent.is_dir():
-        return
+
+def _is_dead(entry: Path, mark: str) -> bool:
+    """Whether the save that left `entry` provably ended: its lock is free, or (no lock) it ran on this machine
+    (host, boot, PID namespace) under a PID that no longer lives. Anything else may be a save running elsewhere."""
+    lock = entry.with_name(entry.name + LOCK_SUFFIX)
+    if mark == STAGING_MARK and lock.exists() and fcntl is not None:
+        return _lock_is_free(lock)
+    machine, _, rest = entry.name.partition(mark)[2].partition("-")
+    pid = rest.split("-")[0]
+    return machine == machine_id() and pid.isdigit() and not _process_is_alive(int(pid))
+
+
+def _leftovers(target: Path) -> Iterator[tuple[Path, str]]:
     prefix = f".{target.name}"
     for entry in target.parent.iterdir():
         for mark in (STAGING_MARK, REPLACED_MARK):
-            owner = entry.name.removeprefix(prefix + mark).split("-")[0]
-            if not entry.name.startswith(prefix + mark) or not owner.isdigit() or _process_is_alive(int(owner)):
-                continue
-            if mark == REPLACED_MARK and not target.exists():
-                os.rename(entry, target)
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.name.startswith(prefix + mark) and not entry.name.endswith(LOCK_SUFFIX):
+                yield entry, mark
+
+
+def restore_interrupted_swap(target: str | os.PathLike) -> None:
+    """Put back the old contents of a two-rename swap that a kill cut between its renames (no `target` left). Loads
+    call this: they repair, but never delete another process's files."""
+    target = Path(os.path.realpath(target))
+    if target.exists() or not target.parent.is_dir():
+        return
+    for entry, mark in _leftovers(target):
+        if mark == REPLACED_MARK and _is_dead(entry, mark):
+            os.rename(entry, target)
+            return
+
+
+def remove_interrupted_saves(target: str | os.PathLike) -> None:
+    """Before a save: clear what killed saves left beside `target` (unfinished staging folders, old contents of
+    finished swaps), and put back the old contents of a swap cut between its two renames. Only what provably ended
+    goes (`_is_dead`): a save in progress, here or on another host sharing the folder, is left alone."""
+    target = Path(os.path.realpath(target))
+    if not target.parent.is_dir():
+        return
+    restore_interrupted_swap(target)
+    for entry, mark in list(_leftovers(target)):
+        if _is_dead(entry, mark):
+            shutil.rmtree(entry, ignore_errors=True)
+            entry.with_name(entry.name + LOCK_SUFFIX).unlink(missing_ok=True)
+    prefix = f".{target.name}{STAGING_MARK}"
+    for lock in target.parent.glob(f"{glob.escape(prefix)}*{LOCK_SUFFIX}"):  # a lock whose folder is gone
+        folder_gone = not lock.with_name(lock.name.removesuffix(LOCK_SUFFIX)).exists()
+        if folder_gone and fcntl is not None and _lock_is_free(lock):
+            lock.unlink(missing_ok=True)
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -139,7 +203,7 @@ def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iter
     """Yield an empty staging folder beside `target`; when the block completes, swap it in for `target`.
 
     An exception (or a kill) inside the block leaves `target` as it was. After a kill the staging folder stays
-    until the next save or load of `target` clears it (`remove_interrupted_saves`).
+    until the next save of `target` clears it (`remove_interrupted_saves`); a load leaves it.
 
     Args:
         target: the folder to create or replace (a symbolic link to a folder replaces the folder it points to).
@@ -155,15 +219,20 @@ def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iter
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_interrupted_saves(target)
     staging = _beside(target, STAGING_MARK)
-    staging.mkdir()
-    try:
-        yield staging
-        _sync_files(staging)
-        if carry_over and target.is_dir():
-            _carry_over(target, staging)
-        swap_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # the old contents after a swap, or an unfinished save
+    lock = staging.with_name(staging.name + LOCK_SUFFIX)
+    with open(lock, "wb") as held:
+        if fcntl is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when this save ends, or its process dies
+        staging.mkdir()
+        try:
+            yield staging
+            _sync_files(staging)
+            if carry_over and target.is_dir():
+                _carry_over(target, staging)
+            swap_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the old contents after a swap, or an unfinished save
+            lock.unlink(missing_ok=True)
 
 
 class CheckpointIOMixin:
@@ -187,8 +256,8 @@ class CheckpointIOMixin:
             ValueError: weights that do not match the checkpoint's config.json.
         """
         where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
-        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
-            remove_interrupted_saves(pretrained_model_name_or_path)
+        if pretrained_model_name_or_path is not None and not os.path.isfile(str(pretrained_model_name_or_path)):
+            restore_interrupted_swap(pretrained_model_name_or_path)  # never deletes: a save may be running
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(

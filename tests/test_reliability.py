@@ -136,12 +136,41 @@ def test_a_killed_save_leaves_the_old_model_or_the_new_one_never_a_mix(tmp_path,
     assert any(p.name.startswith(".model.saving-") for p in tmp_path.iterdir())  # what the kill left behind
 
     loaded = HfAttentionForConditionalGeneration.from_pretrained(folder)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the load cleared it
+    assert any(p.name.startswith(".model.saving-") for p in tmp_path.iterdir())  # a load deletes nothing
     assert loaded.config.activation_function == ("gelu" if point == "after_swap" else "relu")
+    loaded.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the next save cleared it
     if point != "after_swap":
         for name, tensor in old.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
     assert (folder / "notes.txt").read_text() == "the user's notes"
+
+
+def test_a_save_in_progress_elsewhere_is_never_taken_for_an_interrupted_one(tmp_path):
+    """Another host's save (its machine id differs: its PID means nothing here), and a save of this host whose lock
+    is held, are left alone by saves and loads; once the lock is free, the next save clears the folder."""
+    from hf_attention.checkpoint_io_hf_attention import LOCK_SUFFIX, STAGING_MARK, machine_id
+
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    elsewhere = tmp_path / f".model{STAGING_MARK}0badc0de-{os.getpid() + 10**6}-abcdef12"  # a dead PID, over there
+    elsewhere.mkdir()
+    running = tmp_path / f".model{STAGING_MARK}{machine_id()}-{os.getpid() + 10**6}-12345678"
+    running.mkdir()
+    lock = running.with_name(running.name + LOCK_SUFFIX)
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        HfAttentionForConditionalGeneration.from_pretrained(folder).save_pretrained(folder)
+        assert elsewhere.is_dir() and running.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    tiny_model().save_pretrained(folder)  # the lock is free now: that save provably ended
+    assert not running.exists() and not lock.exists() and elsewhere.is_dir()
 
 
 def test_a_save_keeps_the_folders_other_files_and_drops_older_weight_shards(tmp_path):
