@@ -198,12 +198,27 @@ def swap_into_place(staging: str | os.PathLike, target: str | os.PathLike) -> No
         os.rename(replaced, staging)
 
 
+def cannot_be_swapped(target: str | os.PathLike) -> str | None:
+    """Why `target` cannot be replaced by renaming a sibling folder over it (None: it can): it is a mount point (a
+    Docker volume: renames across it fail), the working directory of this process (which would then stand in the old
+    contents), or its parent is not writable."""
+    target = Path(os.path.realpath(target))
+    if target.is_dir() and os.path.ismount(target):
+        return "it is a mount point"
+    if is_inside(os.getcwd(), target):
+        return "it holds the working directory"
+    if target.parent.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
+        return "its parent folder is not writable"
+    return None
+
+
 @contextmanager
 def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; when the block completes, swap it in for `target`.
 
     An exception (or a kill) inside the block leaves `target` as it was. After a kill the staging folder stays
-    until the next save of `target` clears it (`remove_interrupted_saves`); a load leaves it.
+    until the next save of `target` clears it (`remove_interrupted_saves`); a load leaves it. A folder that cannot be
+    swapped (`cannot_be_swapped`) is saved into in place instead (`_saving_in_place`).
 
     Args:
         target: the folder to create or replace (a symbolic link to a folder replaces the folder it points to).
@@ -216,6 +231,10 @@ def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iter
     target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} is a file; a model is saved into a folder.")
+    if target.exists() and cannot_be_swapped(target):
+        with _saving_in_place(target, carry_over) as staging:
+            yield staging
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_interrupted_saves(target)
     staging = _beside(target, STAGING_MARK)
@@ -233,6 +252,68 @@ def replacing_folder(target: str | os.PathLike, carry_over: bool = True) -> Iter
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # the old contents after a swap, or an unfinished save
             lock.unlink(missing_ok=True)
+
+
+# In a folder saved into in place: the staging folder inside it, and the mark that says a save is moving files in.
+INCOMPLETE_MARK = ".hf_attention-save-incomplete"
+
+
+@contextmanager
+def _saving_in_place(target: Path, carry_over: bool) -> Iterator[Path]:
+    """Stage inside `target`, then move the files in one by one (each rename atomic), between writing
+    `INCOMPLETE_MARK` and removing it: a kill while files move leaves the mark, and loads refuse the folder
+    (`check_complete`) until a save completes. A kill before the moves leaves `target` as it was."""
+    for entry in target.iterdir():  # staging folders of earlier in-place saves that provably ended
+        if (
+            entry.name.startswith(STAGING_MARK)
+            and not entry.name.endswith(LOCK_SUFFIX)
+            and _is_dead(entry, STAGING_MARK)
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+            entry.with_name(entry.name + LOCK_SUFFIX).unlink(missing_ok=True)
+    name = f"{STAGING_MARK}{machine_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging, lock, mark = target / name, target / (name + LOCK_SUFFIX), target / INCOMPLETE_MARK
+    with open(lock, "wb") as held:
+        if fcntl is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        staging.mkdir()
+        try:
+            yield staging
+            _sync_files(staging)
+            mark.write_text(name)
+            written = {entry.name for entry in staging.iterdir()}
+            for entry in list(target.iterdir()):
+                if entry.name == INCOMPLETE_MARK or entry.name.startswith(STAGING_MARK):
+                    continue
+                folder = entry.is_dir() and not entry.is_symlink()
+                dropped = entry.name not in written and (not carry_over or _WEIGHT_FILE.fullmatch(entry.name))
+                if folder and (dropped or entry.name in written):  # a folder cannot be renamed over a folder
+                    shutil.rmtree(entry)
+                elif dropped:
+                    entry.unlink()
+            for entry in staging.iterdir():
+                os.replace(entry, target / entry.name)  # a file over a file: one atomic rename
+            mark.unlink()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+
+
+def check_complete(folder: str | os.PathLike) -> None:
+    """Refuse a folder an in-place save left half moved (`_saving_in_place`).
+
+    Raises:
+        OSError: the folder holds `INCOMPLETE_MARK`: its save is running, or was killed while moving files in.
+    """
+    mark = Path(folder) / INCOMPLETE_MARK
+    if not mark.is_file():
+        return
+    staging = Path(folder) / mark.read_text().strip()
+    lock = staging.with_name(staging.name + LOCK_SUFFIX)
+    if lock.exists() and not _is_dead(staging, STAGING_MARK):
+        raise OSError(f"{folder}: a save into it is moving files in right now; load it once that save has ended.")
+    raise OSError(f"{folder}: a save into it was interrupted while moving its files in, so they may belong to two "
+                  "different models; save the model into it again.")  # fmt: skip
 
 
 class CheckpointIOMixin:
@@ -258,6 +339,8 @@ class CheckpointIOMixin:
         where = f"{pretrained_model_name_or_path} (revision {kwargs.get('revision') or 'main'})"
         if pretrained_model_name_or_path is not None and not os.path.isfile(str(pretrained_model_name_or_path)):
             restore_interrupted_swap(pretrained_model_name_or_path)  # never deletes: a save may be running
+            if os.path.isdir(pretrained_model_name_or_path):
+                check_complete(pretrained_model_name_or_path)
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(

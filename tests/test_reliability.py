@@ -173,6 +173,66 @@ def test_a_save_in_progress_elsewhere_is_never_taken_for_an_interrupted_one(tmp_
     assert not running.exists() and not lock.exists() and elsewhere.is_dir()
 
 
+def test_saving_into_the_working_directory_keeps_it_and_saves_in_place(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    (folder / "model-00001-of-00002.safetensors").write_text("an older sharded save")
+    tiny_model().save_pretrained(".")
+    tiny_model().save_pretrained(".")  # again, over it
+    Path("notes.txt").write_text("the user's notes")  # the working directory is still the folder
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "notes.txt"} <= names
+    assert "model-00001-of-00002.safetensors" not in names and not any(n.startswith(".saving-") for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing staged beside it
+    HfAttentionForConditionalGeneration.from_pretrained(".")
+
+
+def test_a_mount_point_is_saved_into_in_place_and_a_half_moved_save_is_refused(tmp_path, monkeypatch):
+    from hf_attention import checkpoint_io_hf_attention as checkpoint_io
+
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    mounted = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or mounted(path))
+    (folder / "notes.txt").write_text("the user's notes")
+    old = tiny_model()
+    old.save_pretrained(folder)
+    moved = []
+
+    def replace_then_fail(source, destination):  # the process dies after moving one file in
+        if moved:
+            raise KeyboardInterrupt("killed while moving files in")
+        moved.append(destination)
+        os.rename(source, destination)
+
+    monkeypatch.setattr(checkpoint_io.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model(activation_function="gelu").save_pretrained(folder)
+    monkeypatch.undo()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or mounted(path))
+    with pytest.raises(OSError, match="was interrupted while moving its files in"):
+        HfAttentionForConditionalGeneration.from_pretrained(folder)
+    tiny_model(activation_function="gelu").save_pretrained(folder)  # a complete save makes it whole again
+    loaded = HfAttentionForConditionalGeneration.from_pretrained(folder)
+    assert loaded.config.activation_function == "gelu" and (folder / "notes.txt").read_text() == "the user's notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+
+
+def test_a_run_that_would_replace_a_mount_point_is_refused_before_training(tmp_path, monkeypatch):
+    from hf_attention.training.job import main as train
+
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    (folder / "earlier.txt").write_text("an earlier run's file")
+    mounted = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or mounted(path))
+    with pytest.raises(SystemExit, match="it is a mount point, so a run that replaces it cannot train beside it"):
+        train(["--toy_corpus", "--output_dir", str(folder), "--overwrite_output_dir", "--max_steps", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+    assert [p.name for p in folder.iterdir()] == ["earlier.txt"]
+
+
 def test_a_save_keeps_the_folders_other_files_and_drops_older_weight_shards(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_text("an older sharded save")
     (tmp_path / "tokenizer.json").write_text("{}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpoint_io_hf_attention import is_inside, swap_into_place
+from ..checkpoint_io_hf_attention import cannot_be_swapped, is_inside, swap_into_place
 
 OLD_CHECKPOINTS = "checkpoints"  # where runs before hf_attention 0.9 kept them
 TRAINER_STATE = "trainer_state.json"
@@ -96,7 +96,8 @@ def plan_run_folder(
 
     Raises:
         OutputFolderError: the output folder is or contains an input; it holds files and neither
-            `--overwrite_output_dir` nor a resume of its own run was asked for; the checkpoint to resume is missing.
+            `--overwrite_output_dir` nor a resume of its own run was asked for; the checkpoint to resume is missing;
+            the run would replace a folder that cannot be swapped (a mount point, the working directory).
     """
     output = Path(os.path.realpath(output_dir))
     if output.exists() and not output.is_dir():
@@ -108,6 +109,18 @@ def plan_run_folder(
                 "choose another output folder."
             )
     staging = staging_folder(output)
+    planned = _plan(output, output_dir, staging, overwrite_output_dir, resume_from_checkpoint)
+    reason = cannot_be_swapped(output) if planned.replaces_output_dir else None
+    if reason:
+        raise OutputFolderError(
+            f"--output_dir {output_dir}: {reason}, so a run that replaces it cannot train beside it and swap it in "
+            f"at the end; give a folder inside it (e.g. --output_dir {output_dir}/run), or empty it first."
+        )
+    return planned
+
+
+def _plan(output: Path, output_dir: str, staging: Path, overwrite_output_dir: bool,
+          resume_from_checkpoint: str | None) -> RunFolder:  # fmt: skip
     if resume_from_checkpoint:
         checkpoint = _checkpoint_to_resume(resume_from_checkpoint, output, overwrite_output_dir)
         if is_inside(checkpoint, output):
