@@ -219,6 +219,23 @@ def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_
     assert torch.equal(fused(inputs), torch.cat([layer(inputs) for layer in layers], dim=-1))
 
 
+@pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_an_int8_layer_whose_weights_change_in_place_computes_with_the_new_ones(kernel, rows):
+    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
+        pytest.skip("no AVX512-VNNI, or no build")
+    if kernel == "avx2" and not int8_avx2_available():
+        pytest.skip("no AVX2, or no build")
+    torch.manual_seed(0)
+    layer, other = (Int8Linear.from_linear(nn.Linear(48, 32), kernel=kernel) for _ in range(2))
+    inputs = torch.randn(rows, 48)
+    with torch.no_grad():
+        layer(inputs)  # its derived tensors (row sums, packed weights) taken
+        for name in ("weight", "weight_scale", "bias"):
+            getattr(layer, name).copy_(getattr(other, name))  # in place: the same tensors, new values
+        assert torch.equal(layer(inputs), other(inputs))
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_int8_self_attention_projects_q_k_and_v_in_one_product_with_the_results_of_three(tiny_config, compile):
     model = optimize_for_inference(random_model(tiny_config), "int8", compile=compile)

@@ -205,9 +205,27 @@ class Int8Linear(nn.Module):
     def __getstate__(self) -> dict:  # packed copies are opaque to pickle and deepcopy; they are rebuilt on use
         state = super().__getstate__()
         state["_packed"], state["_prepacked_bf16"], state["_prepacked_from"] = None, None, None
+        state.pop("_derived_from", None)
         return state
 
+    _derived_from: tuple = (None, None, -1, -1)  # (weight, scale, their versions) the derived tensors were taken from
+
+    def _refresh_if_changed(self) -> None:
+        """Take the derived tensors (row sums, bf16 scales, fbgemm's packed weights) again when the weights or scales
+        were replaced or changed in place since they were taken (a `copy_` into `weight`, an edited scale): a stale
+        row sum would offset every output of its row. Identity and version checks: a fraction of a microsecond."""
+        weight, scale = self.weight, self.weight_scale
+        taken_weight, taken_scale, weight_version, scale_version = self._derived_from
+        if weight is taken_weight and scale is taken_scale and weight._version == weight_version:
+            if scale._version == scale_version:
+                return
+        self._packed = None
+        self._sum_weight_rows()
+        self._derived_from = (weight, scale, weight._version, scale._version)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # a compiled step reads the buffers as they were when it compiled
+            self._refresh_if_changed()
         if self.kernel == "avx2" and hidden_states.device.type == "cpu":
             rows = hidden_states.reshape(-1, self.in_features).float()
             compiling = torch.compiler.is_compiling()
