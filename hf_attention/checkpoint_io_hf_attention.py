@@ -321,7 +321,7 @@ class CheckpointIOMixin:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, strict: bool = True, **kwargs
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, strict: bool | None = None, **kwargs
     ):
         """transformers' `from_pretrained`, strict about the weights, with errors that name the checkpoint.
 
@@ -330,7 +330,10 @@ class CheckpointIOMixin:
                 unexpected or renamed, e.g. a config edited to another layer count). `strict=False` loads what
                 matches and initialises the rest, as transformers does for other models. Weights tied to a loaded
                 one (the pre-softmax projection of a base-model checkpoint) are never missing. Shape mismatches
-                follow transformers' `ignore_mismatched_sizes`.
+                follow transformers' `ignore_mismatched_sizes`. Default: strict when a checkpoint is loaded as it
+                is; transformers' own contract where the caller takes charge of the weights, so that nothing loads
+                silently either way: no checkpoint (`None`, with `config`), an explicit `state_dict`, or
+                `output_loading_info=True` (the report of what is missing comes back instead of an error).
 
         Raises:
             OSError: a weights file that is truncated or corrupted (e.g. a damaged download in the cache).
@@ -342,6 +345,9 @@ class CheckpointIOMixin:
             if os.path.isdir(pretrained_model_name_or_path):
                 check_complete(pretrained_model_name_or_path)
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if strict is None:
+            caller_handles_weights = pretrained_model_name_or_path is None or kwargs.get("state_dict") is not None
+            strict = not (caller_handles_weights or output_loading_info)
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs

@@ -104,6 +104,13 @@ def test_a_renamed_tensor_is_refused_with_the_checkpoint_and_key_named(saved_mod
         AutoModelForSeq2SeqLM.from_pretrained(saved_model)
     partial, info = AutoModelForSeq2SeqLM.from_pretrained(saved_model, strict=False, output_loading_info=True)
     assert info["missing_keys"] == {"model.encoder.layers.0.fc1.weight"}
+    # Where the caller asks for the report, it gets it instead of an error (transformers' contract): not silent.
+    reported, info = AutoModelForSeq2SeqLM.from_pretrained(saved_model, output_loading_info=True)
+    assert info["missing_keys"] == {"model.encoder.layers.0.fc1.weight"}
+    # No checkpoint, an explicit state dict: the caller chose the weights, and the rest is initialised.
+    config = HfAttentionConfig.from_pretrained(saved_model)
+    fresh = HfAttentionForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    assert fresh.config.d_model == config.d_model
 
 
 @pytest.mark.parametrize("layers, kind", [(1, "unexpected"), (3, "missing")])
