@@ -93,6 +93,20 @@ def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "missing.jsonl")])
 
+    # The decoding the measurements compare: both length penalties, and MBR (its samples follow the seed).
+    from hf_attention.inference.translate import main as translate
+
+    (tmp_path / "test.en").write_text("".join(row["translation"]["en"] + "\n" for row in rows))
+    for options in (["--num_beams", "2", "--length_penalty_style", "gnmt"], ["--mbr", "3", "--seed", "1"]):
+        common = ["--max_new_tokens", "8", "--batch_size", "2", *options]
+        main(["--model_dir", str(tmp_path / "model"), "--test_file", str(tmp_path / "test.jsonl"), "--output_file",
+              str(report_file), *common])  # fmt: skip
+        translate(["--model", str(tmp_path / "model"), "--input", str(tmp_path / "test.en"), "--output",
+                   str(tmp_path / "out.de"), "--quantization", "none", *common])  # fmt: skip
+        evaluated = (tmp_path / "report" / "scores.translations.txt").read_text()
+        assert evaluated == (tmp_path / "out.de").read_text()  # the scored translations are translate.py's
+    assert json.loads(report_file.read_text())["mbr"] == "3 samples, chrf"
+
 
 def test_translations_stop_at_twice_the_source_length_plus_ten():
     import torch

@@ -1,19 +1,19 @@
 """`scripts/evaluate_model.py` (console `hf-attention-evaluate`): translate a test set with a saved model through
-any engine of `translate.py`, and score it (BLEU, chrF)."""
+any engine of `translate.py` (beam search with either length penalty, or minimum Bayes risk over samples), and score
+it (BLEU, chrF)."""
 
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import (
-    HfArgumentParser,
-)
+from transformers import HfArgumentParser, set_seed
 
 from ..data import read_parallel_corpus
 from ..data.tokenization import check_tokenizer_source
 from ..metrics.evaluation import score_translations
-from .translate import DTYPES, ENGINES, load_engine, translate_sentences
+from .mbr import MBR_METRICS
+from .translate import DTYPES, ENGINES, load_engine, translate_hypotheses
 
 
 @dataclass
@@ -37,6 +37,15 @@ class EvaluationArguments:
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr."})
     compile: bool = field(default=False, metadata={"help": "Decode with a static cache and a compiled step."})
+    length_penalty_style: str | None = field(
+        default=None,
+        metadata={"help": "Beam search: gnmt (§6.1's) or transformers (length^α); default: the model's."},
+    )
+    mbr: int = field(
+        default=0, metadata={"help": "Minimum Bayes risk over N samples in place of beam search (0: off)."}
+    )
+    mbr_metric: str = field(default="chrf", metadata={"help": "MBR's utility: chrf or bleu."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the sampling (--mbr)."})
 
 
 def evaluate_saved_model(args: EvaluationArguments) -> dict:
@@ -47,15 +56,22 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
     for name in ("num_beams", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be a positive integer.")
+    if args.mbr < 0 or args.mbr == 1 or args.mbr_metric not in MBR_METRICS:
+        raise ValueError(f"--mbr {args.mbr} --mbr_metric {args.mbr_metric}: MBR needs 2 or more samples (0: off) "
+                         f"and one of {', '.join(MBR_METRICS)}.")  # fmt: skip
     engine = load_engine(args.engine, args.model_dir, args.quantization, args.device, args.dtype,
                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                         compile=args.compile)  # fmt: skip
+                         compile=args.compile, length_penalty_style=args.length_penalty_style)  # fmt: skip
     test = read_parallel_corpus(args.test_file, args.source_lang, args.target_lang)
     if args.max_samples:
         test = test.select(range(min(args.max_samples, len(test))))
     sources = [pair[args.source_lang] for pair in test["translation"]]
     references = [pair[args.target_lang] for pair in test["translation"]]
-    translations = translate_sentences(engine, sources, args.batch_size, progress=args.progress)
+    if args.seed is not None:
+        set_seed(args.seed)
+    found = translate_hypotheses(engine, sources, args.batch_size, progress=args.progress, mbr=args.mbr,
+                                 mbr_metric=args.mbr_metric)  # fmt: skip
+    translations = [best.text for best, *_ in found]
     return {
         "model": args.model_dir,
         "test_file": args.test_file,
@@ -63,6 +79,8 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
         "engine": args.engine,
         "sentences": len(sources),
         "num_beams": args.num_beams,
+        "length_penalty_style": args.length_penalty_style or "the model's",
+        "mbr": f"{args.mbr} samples, {args.mbr_metric}" if args.mbr else "off",
         **score_translations(translations, references),
         "translations": translations,
         "examples": [
