@@ -58,6 +58,13 @@ class EnsembleCache:
         for cache in self.member_caches:
             cache.reorder_cache(beam_idx)
 
+    def __getattr__(self, name: str):
+        """What the generation loop reads of a cache's layers (`is_linear`, `is_sliding`, ...): the first member's,
+        as every member grows by the same tokens."""
+        if name.startswith("__") or name == "member_caches":
+            raise AttributeError(name)
+        return getattr(self.member_caches[0], name)
+
 
 def check_ensemble_members(models: Sequence[PreTrainedModel]) -> None:
     """Refuses members that cannot decode as one, naming the first difference.

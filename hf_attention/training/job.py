@@ -150,7 +150,7 @@ def build_trainer(
 
 def carries_alignments(data: PreparedData) -> bool:
     """Whether the training pairs carry word alignments (`--guided_alignment`)."""
-    return data.train_dataset is not None and "alignment" in data.train_dataset.column_names
+    return "alignment" in (getattr(data.train_dataset, "column_names", None) or ())  # a stream may not know them
 
 
 def guided_alignment_setting(model: PreTrainedModel, training_args: PaperTrainingArguments) -> tuple[int, int, float]:
