@@ -359,8 +359,9 @@ def main(argv: list[str] | None = None) -> None:
                         f"--constraints {args.constraints}: line {number} has {given.token_count} constraint "
                         f"tokens, more than --max_new_tokens {args.max_new_tokens}."
                     )
-        aligner = getattr(engine.model, "members", [engine.model])[0]  # an ensemble aligns with its first model
-        if args.alignments:
+        aligner = None
+        if args.alignments:  # torch engine; an ensemble aligns with its first model
+            aligner = getattr(engine.model, "members", [engine.model])[0]
             try:
                 check_alignment_layer(aligner, args.alignment_layer, args.alignment_head)
             except ValueError as error:
