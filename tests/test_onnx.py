@@ -100,6 +100,19 @@ def test_generate_over_the_onnx_graphs_gives_the_pytorch_model_s_tokens(exported
     torch.testing.assert_close(torch.stack(ours.scores), torch.stack(expected.scores), atol=1e-4, rtol=1e-4)
 
 
+def test_constrained_search_over_the_onnx_graphs_gives_the_pytorch_model_s_tokens(exported):
+    from hf_attention.constraints_hf_attention import LexicalConstraints
+
+    _, onnx_dir, model, tokenizer = exported
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    phrase = tuple(tokenizer(text_target="hunde kaufen", add_special_tokens=False)["input_ids"])
+    constraints = [LexicalConstraints.from_token_ids(include=[phrase])] * len(SOURCES)
+    found = [candidate.generate(**batch, num_beams=3, max_new_tokens=12, constraints=constraints)
+             for candidate in (OnnxModelForSeq2SeqLM.from_pretrained(onnx_dir), model)]  # fmt: skip
+    assert torch.equal(found[0], found[1])
+    assert all("hunde kaufen" in text for text in tokenizer.batch_decode(found[0], skip_special_tokens=True))
+
+
 def test_the_onnx_model_stops_at_the_source_length_limit_as_the_pytorch_model_does(exported):
     """§6.1's input length + k (`max_new_tokens_over_source`), when the call sets no length itself."""
     _, onnx_dir, model, tokenizer = exported

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from ..checkpoint_io_hf_attention import is_inside, replacing_folder
 from ..configuration_hf_attention import HfAttentionConfig
-from ..generation_hf_attention import with_length_penalty_style, with_source_length_limit
+from ..generation_hf_attention import with_constrained_search, with_length_penalty_style, with_source_length_limit
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 from .errors import ExportError
 
@@ -249,9 +249,11 @@ class OnnxModelForSeq2SeqLM(PreTrainedModel, GenerationMixin):
     def generate(
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
-        """transformers' `generate`, with §6.1's length limit and length penalty as the PyTorch model applies them."""
+        """transformers' `generate`, with §6.1's length limit and length penalty as the PyTorch model applies them,
+        and lexical constraints (`constraints=[...]`: `constraints_hf_attention.py`)."""
         config = generation_config or self.generation_config
         kwargs = with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
+        kwargs = with_constrained_search(kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:

@@ -230,7 +230,7 @@ class TranslateArguments:
         default=None,
         metadata={
             "help": 'Lexical constraints, a JSON line per --input line: {"constraints": [phrases that must appear], '
-            '"avoid": [phrases that must not]} (Sockeye\'s keys; an empty line or {}: none). Torch engine.'
+            '"avoid": [phrases that must not]} (Sockeye\'s keys; an empty line or {}: none). Torch and onnx engines.'
         },
     )
     alignments: bool = field(
@@ -311,7 +311,7 @@ def check_output_options(args: TranslateArguments) -> None:
     if (args.token_scores or args.score_targets) and args.engine != "torch":
         flag = "--token_scores" if args.token_scores else "--score_targets"
         raise TranslationError(f"{flag}: scores tokens with the torch engine's model, not with {args.engine}.")
-    if args.constraints and (args.engine != "torch" or args.do_sample or args.mbr or args.score_targets):
+    if args.constraints and (args.engine == "ctranslate2" or args.do_sample or args.mbr or args.score_targets):
         other = "--score_targets" if args.score_targets else "sampling" if args.do_sample or args.mbr else args.engine
         raise TranslationError(f"--constraints: a beam search of the torch engine; not with {other}.")
     if (args.alignment_layer is not None or args.alignment_head is not None) and not args.alignments:

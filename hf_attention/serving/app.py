@@ -150,7 +150,7 @@ class TranslationService:
             given[name] = rows
         if not any(phrase for rows in given.values() for row in rows for phrase in row):
             return [None] * count
-        if self.arguments.engine != "torch":
+        if self.arguments.engine == "ctranslate2":
             raise RequestError(field_error(next(iter(given)), f"the {self.arguments.engine} engine has no "
                                            "lexically constrained search.", None))  # fmt: skip
         found = []
