@@ -109,11 +109,41 @@ def test_the_command_line_writes_each_hypothesis_s_alignment(tmp_path, model_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [line.split("\t") for line in text.read_text(encoding="utf-8").splitlines()]
     assert [int(row[0]) for row in rows] == [0, 0, 1, 1]
-    expected = align(model, tokenizer, [sentences[int(r[0])] for r in rows], [r[2] for r in rows], layer=1)
+    generated = []  # each hypothesis's tokens as generate() chose them (alone: a batch decodes the same)
+    for sentence in sentences:
+        output = model.generate(**tokenizer([sentence], return_tensors="pt"), num_beams=2, num_return_sequences=2,
+                                max_new_tokens=8)  # fmt: skip
+        generated += [[i for i in row[1:] if i != tokenizer.pad_token_id] for row in output.tolist()]
+    expected = align(model, tokenizer, [sentences[int(r[0])] for r in rows], generated, layer=1)
+    assert [row[2] for row in rows] == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
     assert [row[3] for row in rows] == [format_alignment(pairs) for pairs in expected]
-    assert all(row[3] for row in rows)  # every translation has words, and each is linked
     objects = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert [o["hypotheses"][0]["alignment"] for o in objects] == [rows[0][3], rows[2][3]]
+
+
+@pytest.mark.parametrize("num_beams", ["1", "2"])
+def test_the_ctranslate2_engine_aligns_as_the_torch_engine(tmp_path, model_dir, num_beams):
+    pytest.importorskip("ctranslate2")
+    # An untrained model attends almost evenly, and the two engines' rounding would break its near-ties: sharpen
+    # the aligning layer's attention (the penultimate, layer 0 of 2), so that each row has one clear maximum.
+    sharp = tmp_path / "sharp"
+    model = HfAttentionForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.decoder.layers[0].encoder_attn.q_proj.weight.mul_(40.0)
+    model.save_pretrained(sharp)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(sharp)
+    model_dir = sharp
+    source = tmp_path / "source.txt"
+    source.write_text("we buy two dogs\nthey sell ninety one trees and five houses\ni see cats\n", encoding="utf-8")
+    outputs = {}
+    for engine, quantization in (("torch", "none"), ("ctranslate2", "float32")):
+        outputs[engine] = tmp_path / f"{engine}.tsv"
+        main(["--model", str(model_dir), "--engine", engine, "--quantization", quantization, "--input", str(source),
+              "--output", str(outputs[engine]), "--num_beams", num_beams, "--max_new_tokens", "8",
+              "--alignments", "true"])  # fmt: skip
+    torch_lines = outputs["torch"].read_text(encoding="utf-8").splitlines()
+    assert outputs["ctranslate2"].read_text(encoding="utf-8").splitlines() == torch_lines
+    assert all("\t" in line for line in torch_lines) and any(line.split("\t")[1] for line in torch_lines)
 
 
 @pytest.mark.parametrize(
@@ -122,9 +152,10 @@ def test_the_command_line_writes_each_hypothesis_s_alignment(tmp_path, model_dir
         (["--alignments", "true", "--alignment_layer", "2"], "--alignment_layer 2: the decoder has layers 0 to 1"),
         (["--alignments", "true", "--alignment_head", "9"], "--alignment_head 9: the cross-attention has heads"),
         (["--alignment_layer", "0"], "--alignment_layer/--alignment_head: alignment options; give --alignments"),
-        (["--alignments", "true", "--engine", "ctranslate2", "--quantization", "int8"], "--alignments: aligns with"),
+        (["--alignments", "true", "--engine", "onnx", "--quantization", "auto"], "the onnx graphs give none"),
+        (["--alignments", "true", "--engine", "ctranslate2", "--alignment_layer", "0"], "chosen when the model was"),
     ],
-    ids=["layer", "head", "without-alignments", "engine"],
+    ids=["layer", "head", "without-alignments", "onnx", "ctranslate2-layer"],
 )
 def test_bad_alignment_options_are_refused_before_anything_is_written(tmp_path, model_dir, extra, message):
     source = tmp_path / "source.txt"

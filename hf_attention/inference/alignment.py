@@ -51,7 +51,7 @@ def align(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     sources: Sequence[str],
-    targets: Sequence[str],
+    targets: Sequence[str] | Sequence[Sequence[int]],
     layer: int | None = None,
     head: int | None = None,
     batch_size: int = 32,
@@ -61,7 +61,8 @@ def align(
     Args:
         model: an hf_attention model (or any transformers encoder-decoder that returns `cross_attentions`).
         tokenizer: its tokenizer (a fast tokenizer: word ids come from it).
-        sources, targets: the pairs; targets are text, for example the model's translations.
+        sources, targets: the pairs; targets are text (tokenized with `text_target`), or token ids such as
+            `generate()`'s (without the decoder start token), which are aligned as generated.
         layer: the decoder layer; head: one head, or None to average them. Both default to what
             guided-alignment training taught (`alignment_layer`, `alignment_head` in the generation config), else
             to the penultimate layer's heads averaged.
@@ -76,47 +77,88 @@ def align(
     if layer is None and head is None:
         head = getattr(getattr(model, "generation_config", None), "alignment_head", None)
     layer = check_alignment_layer(model, layer, head)
+    if targets and isinstance(targets[0], str):
+        encoded = tokenizer(text_target=list(targets), truncation=True)
+        target_ids = encoded["input_ids"]
+        target_words = [encoded.word_ids(row) for row in range(len(targets))]
+    else:
+        target_ids = [list(map(int, ids)) for ids in targets]
+        target_words = [target_word_ids(tokenizer, ids) for ids in target_ids]
     found: list[Alignment] = [[] for _ in sources]
-    lengths = [len(target) for target in targets]
     previous_implementation = model.config._attn_implementation
     was_training = model.training
     model.eval()
     model.set_attn_implementation("eager")  # fused kernels (sdpa, flash) return no weights
     try:
+        lengths = [len(ids) for ids in target_ids]
         for batch in cut_into_batches(lengths, None, max_rows=batch_size, longest_first=True):
-            found_in_batch = _align_batch(model, tokenizer, [sources[i] for i in batch], [targets[i] for i in batch],
-                                          layer, head)  # fmt: skip
-            for index, pairs in zip(batch, found_in_batch, strict=True):
-                found[index] = pairs
+            attention = _cross_attention(model, tokenizer, [sources[i] for i in batch], [target_ids[i] for i in batch],
+                                         layer, head)  # fmt: skip
+            encoded = tokenizer([sources[i] for i in batch], padding=True, truncation=True)
+            for row, index in enumerate(batch):
+                found[index] = links_from_attention(
+                    attention[row],
+                    encoded["input_ids"][row],
+                    encoded.word_ids(row),
+                    target_ids[index],
+                    target_words[index],
+                    set(tokenizer.all_special_ids),
+                )
     finally:
         model.set_attn_implementation(previous_implementation)
         model.train(was_training)
     return found
 
 
-def _align_batch(model, tokenizer, sources: list[str], targets: list[str], layer: int, head: int | None):
+def _cross_attention(model, tokenizer, sources: list[str], target_ids: list[list[int]], layer: int,
+                     head: int | None) -> torch.Tensor:  # fmt: skip
+    """Layer `layer`'s cross-attention (heads averaged, or one head) under teacher forcing: (B, T, S)."""
     encoded = tokenizer(sources, padding=True, truncation=True, return_tensors="pt")
-    labeled = tokenizer(text_target=targets, padding=True, truncation=True, return_tensors="pt")
-    labels = labeled["input_ids"].masked_fill(labeled["attention_mask"] == 0, -100)
+    longest = max(map(len, target_ids))
+    labels = torch.full((len(target_ids), longest), -100, dtype=torch.long)
+    for row, ids in enumerate(target_ids):
+        labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     with torch.inference_mode():
         output = model(**encoded.to(model.device), labels=labels.to(model.device), output_attentions=True)
     attention = output.cross_attentions[layer].float()  # (B, H, T, S)
-    attention = attention.mean(dim=1) if head is None else attention[:, head]
+    return (attention.mean(dim=1) if head is None else attention[:, head]).cpu()
+
+
+def links_from_attention(attention, source_ids: list[int], source_words: list[int | None], target_ids: list[int],
+                         target_words: list[int | None], special: set[int]) -> Alignment:  # fmt: skip
+    """The argmax rule: each target token's most attended source token (rows: target tokens, columns: source tokens;
+    special tokens and padding left out), as word links sorted by target word. CTranslate2's attention goes through
+    it too (`CTranslate2Engine`)."""
+    usable = [s for s, word in enumerate(source_words) if word is not None and source_ids[s] not in special]
+    pairs = set()
+    for t, (token, word) in enumerate(zip(target_ids, target_words, strict=True)):
+        if word is None or token in special or t >= len(attention) or not usable:
+            continue
+        row = attention[t]
+        s = max(usable, key=lambda column: float(row[column]))
+        pairs.add((source_words[s], word))
+    return sorted(pairs, key=lambda pair: (pair[1], pair[0]))
+
+
+def target_word_ids(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int | None]:
+    """Each of `ids`' word (None for special tokens): the tokenizer's own word ids when tokenizing the decoded text
+    gives these tokens back, else SentencePiece's rule ("▁" starts a word)."""
     special = set(tokenizer.all_special_ids)
-    alignments = []
-    for row in range(len(sources)):
-        source_words, target_words = encoded.word_ids(row), labeled.word_ids(row)
-        source_ids, target_ids = encoded["input_ids"][row].tolist(), labeled["input_ids"][row].tolist()
-        usable = [s for s, word in enumerate(source_words) if word is not None and source_ids[s] not in special]
-        pairs = set()
-        if usable:
-            for t, target_word in enumerate(target_words):
-                if target_word is None or target_ids[t] in special:
-                    continue
-                s = usable[int(attention[row, t, usable].argmax())]
-                pairs.add((source_words[s], target_word))
-        alignments.append(sorted(pairs, key=lambda pair: (pair[1], pair[0])))
-    return alignments
+    text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+    encoded = tokenizer(text_target=[text])
+    again = encoded["input_ids"][0]
+    if [i for i in again if i not in special] == [i for i in ids if i not in special]:
+        words = iter(word for token, word in zip(again, encoded.word_ids(0), strict=True) if token not in special)
+        return [None if token in special else next(words) for token in ids]
+    words, word = [], -1
+    for token, piece in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
+        if token in special:
+            words.append(None)
+            continue
+        if piece.startswith("▁") or word < 0:
+            word += 1
+        words.append(word)
+    return words
 
 
 def alignment_error_rate(found: Sequence[Alignment], sure: Sequence[Alignment],

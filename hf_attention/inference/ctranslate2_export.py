@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging
 
 from ..checkpoint_io_hf_attention import is_inside, replacing_folder
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 from .errors import ExportError
+
+logger = logging.get_logger(__name__)
 
 QUANTIZATIONS = (None, "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
                  "float32")  # fmt: skip
@@ -80,6 +83,24 @@ def check_expressible(model: HfAttentionForConditionalGeneration) -> None:
         raise ExportError("CTranslate2 needs as many attention heads in the decoder as in the encoder.")
 
 
+def alignment_heads(model: HfAttentionForConditionalGeneration) -> tuple[int, int]:
+    """The decoder layer and the number of its first heads whose mean attention CTranslate2 returns
+    (`return_attention`), chosen as `hf_attention.align` aligns by default: the head guided-alignment training taught
+    (head 0: the first head), else every head of the penultimate layer."""
+    from .alignment import default_alignment_layer
+
+    generation_config = getattr(model, "generation_config", None)
+    taught_layer = getattr(generation_config, "alignment_layer", None)
+    taught_head = getattr(generation_config, "alignment_head", None)
+    if taught_layer is not None and taught_head == 0:
+        return taught_layer, 1
+    if taught_layer is not None:
+        logger.warning(f"CTranslate2 averages a layer's first heads; the taught head {taught_head} is not the first, "
+                       f"so the export aligns with all of layer {taught_layer}'s heads.")  # fmt: skip
+        return taught_layer, model.config.decoder_attention_heads
+    return default_alignment_layer(model), model.config.decoder_attention_heads
+
+
 def build_spec(model: HfAttentionForConditionalGeneration, tokenizer):
     """CTranslate2's `TransformerSpec` holding the model's weights."""
     import_ctranslate2()
@@ -88,11 +109,14 @@ def build_spec(model: HfAttentionForConditionalGeneration, tokenizer):
 
     check_expressible(model)
     config = model.config
+    layer, heads = alignment_heads(model)
     spec = transformer_spec.TransformerSpec.from_config(
         (config.encoder_layers, config.decoder_layers),
         config.encoder_attention_heads,
         pre_norm=config.normalize_before,
         activation=getattr(common_spec.Activation, ACTIVATIONS[config.activation_function]),
+        alignment_layer=layer,
+        alignment_heads=heads,
     )
     weights = {name: tensor.detach().float() for name, tensor in model.state_dict().items()}
 

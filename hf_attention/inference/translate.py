@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, set_seed
 from .. import hardware
 from ..constraints_hf_attention import LexicalConstraints
 from ..data.batching import cut_into_batches
-from .alignment import align, check_alignment_layer
+from .alignment import check_alignment_layer
 from .engines import (  # noqa: F401 - the engines' names, also importable from here as before
     DTYPES,
     ENGINES,
@@ -84,6 +84,7 @@ def translate_hypotheses(
     engine: Engine, sentences: list[str], batch_size: int = 32, max_tokens: int | None = None, progress: bool = False,
     n_best: int = 1, scores: bool = False, sampling: Sampling | None = None, mbr: int = 0, mbr_metric: str = "chrf",
     prefixes: list[str] | None = None, constraints: list[LexicalConstraints | None] | None = None,
+    alignments: bool = False,
 ) -> list[list[Hypothesis]]:  # fmt: skip
     """The `n_best` hypotheses of each of `sentences` (with scores when asked for), in their order, from
     length-sorted batches; with `mbr` N, the one of N samples that `mbr_select` prefers; with `prefixes` (one per
@@ -102,7 +103,8 @@ def translate_hypotheses(
                 hypotheses = [[found[mbr_select([h.text for h in found], mbr_metric)]] for found in samples]
             else:
                 hypotheses = engine.translate([sentences[i] for i in batch], n_best=n_best, scores=scores,
-                                              sampling=sampling, prefixes=starts, constraints=wanted)  # fmt: skip
+                                              sampling=sampling, prefixes=starts, constraints=wanted,
+                                              alignments=alignments)  # fmt: skip
             for index, hypotheses_of_one in zip(batch, hypotheses, strict=True):
                 found[index] = hypotheses_of_one
             bar.update(len(batch))
@@ -316,9 +318,15 @@ def check_output_options(args: TranslateArguments) -> None:
         raise TranslationError(f"--constraints: a beam search of the torch engine; not with {other}.")
     if (args.alignment_layer is not None or args.alignment_head is not None) and not args.alignments:
         raise TranslationError("--alignment_layer/--alignment_head: alignment options; give --alignments.")
-    if args.alignments and (args.engine != "torch" or args.score_targets):
-        reason = "scores, it does not translate" if args.score_targets else f"not with {args.engine}"
-        raise TranslationError(f"--alignments: aligns with the torch engine's cross-attention, {reason}.")
+    if args.alignments and (args.engine == "onnx" or args.score_targets):
+        reason = "--score_targets scores, it does not translate" if args.score_targets else "the onnx graphs give none"
+        raise TranslationError(f"--alignments: aligns with the model's cross-attention; {reason}.")
+    if args.alignments and args.engine != "torch" and (args.alignment_layer is not None or args.alignment_head):
+        raise TranslationError("--alignment_layer/--alignment_head: CTranslate2 aligns with the layer and heads "
+                               "chosen when the model was exported.")  # fmt: skip
+    if args.alignments and args.mbr:
+        raise TranslationError("--alignments: --mbr chooses among samples; align the chosen translations with "
+                               "hf_attention.align.")  # fmt: skip
     if args.output != "-" and not Path(args.output).parent.is_dir():
         raise TranslationError(f"--output {args.output}: its folder does not exist.")
 
@@ -359,13 +367,12 @@ def main(argv: list[str] | None = None) -> None:
                         f"--constraints {args.constraints}: line {number} has {given.token_count} constraint "
                         f"tokens, more than --max_new_tokens {args.max_new_tokens}."
                     )
-        aligner = None
-        if args.alignments:  # torch engine; an ensemble aligns with its first model
-            aligner = getattr(engine.model, "members", [engine.model])[0]
+        if args.alignments and args.engine == "torch":  # an ensemble aligns with its first model
             try:
-                check_alignment_layer(aligner, args.alignment_layer, args.alignment_head)
+                check_alignment_layer(engine.aligner, args.alignment_layer, args.alignment_head)
             except ValueError as error:
                 raise TranslationError(f"--{error}") from None
+            engine.alignment_layer, engine.alignment_head = args.alignment_layer, args.alignment_head
         started = time.perf_counter()
         if targets is not None:
             scored = score(engine.model, engine.tokenizer, sentences, targets, args.batch_size)
@@ -386,17 +393,13 @@ def main(argv: list[str] | None = None) -> None:
             found = translate_hypotheses(engine, sentences, args.batch_size, args.max_tokens, args.progress,
                                          n_best=args.n_best, scores=with_scores, sampling=sampling, mbr=args.mbr,
                                          mbr_metric=args.mbr_metric, prefixes=prefixes,
-                                         constraints=constraints)  # fmt: skip
+                                         constraints=constraints, alignments=args.alignments)  # fmt: skip
             token_scores = None
             if args.token_scores:
                 token_scores = [score(engine.model, engine.tokenizer, [sentence] * len(hypotheses),
                                       [list(h.token_ids) for h in hypotheses]) for sentence, hypotheses in
                                 zip(sentences, found, strict=True)]  # fmt: skip
-            alignments = None
-            if args.alignments:
-                alignments = [align(aligner, engine.tokenizer, [sentence] * len(hypotheses),
-                                    [h.text for h in hypotheses], args.alignment_layer, args.alignment_head)
-                              for sentence, hypotheses in zip(sentences, found, strict=True)]  # fmt: skip
+            alignments = [[h.alignment for h in hypotheses] for hypotheses in found] if args.alignments else None
             text = format_hypotheses(found, args.output_format, with_scores, token_scores, alignments)
             words = sum(len(hypotheses[0].text.split()) for hypotheses in found)
             done = f"translated {len(sentences)} sentences ({words} words)"

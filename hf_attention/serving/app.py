@@ -10,14 +10,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..inference.alignment import align, format_alignment
+from ..inference.alignment import format_alignment
 from ..inference.engines import load_engine
 from .arguments import ServeArguments
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
@@ -76,7 +75,7 @@ class TranslationService:
         if max_new_tokens > self.arguments.max_new_tokens:
             errors.append(field_error("max_new_tokens", f"{max_new_tokens}: more than this server's --max_new_tokens "
                                       f"{self.arguments.max_new_tokens}.", max_new_tokens))  # fmt: skip
-        if body.alignments and self.arguments.engine != "torch":
+        if body.alignments and self.arguments.engine == "onnx":
             errors.append(field_error("alignments", f"the {self.arguments.engine} engine gives no cross-attention; "
                                       "this server cannot align.", True))  # fmt: skip
         if body.n_best > num_beams:
@@ -174,12 +173,8 @@ class TranslationService:
         texts = [sentence.text for sentence in sentences]
         found = self.engine.decode(texts, options.num_beams, options.max_new_tokens, options.n_best, options.scores,
                                    prefixes=prefixes if any(prefixes) else None,
-                                   constraints=constraints if any(constraints) else None)  # fmt: skip
-        if options.alignments:
-            aligner = getattr(self.engine.model, "members", [self.engine.model])[0]
-            pairs = [(text, h) for text, hypotheses in zip(texts, found, strict=True) for h in hypotheses]
-            aligned = iter(align(aligner, self.engine.tokenizer, [p[0] for p in pairs], [p[1].text for p in pairs]))
-            found = [[replace(h, alignment=tuple(next(aligned))) for h in hypotheses] for hypotheses in found]
+                                   constraints=constraints if any(constraints) else None,
+                                   alignments=options.alignments)  # fmt: skip
         texts = [hypotheses[0].text for hypotheses in found]
         self.metrics.tokens.inc(sum(map(len, self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])))
         self.metrics.sentences.inc(len(sentences))

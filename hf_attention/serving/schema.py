@@ -30,7 +30,9 @@ class TranslateRequest(BaseModel):
     avoid: list[str] | list[list[str]] | None = Field(
         None, description="Phrases each translation must not contain, shaped as `constraints`."
     )
-    alignments: bool = Field(False, description="Give each hypothesis's word alignment (Moses i-j pairs).")
+    alignments: bool = Field(
+        False, description="Give each hypothesis's word alignment (Moses i-j pairs; torch and ctranslate2 engines)."
+    )
 
 
 class Hypothesis(BaseModel):
