@@ -94,6 +94,23 @@ def save_toy_translation_model(folder: Path) -> Path:
     return folder
 
 
+def save_perturbed_copy(folder: Path, destination: Path, scale: float, seed: int = 5) -> Path:
+    """`folder`'s model with seeded noise of `scale` added to every weight, saved with its tokenizer in
+    `destination`: a second model of the same vocabulary, for ensembles."""
+    from transformers import AutoTokenizer
+
+    from hf_attention import HfAttentionForConditionalGeneration
+
+    model = HfAttentionForConditionalGeneration.from_pretrained(folder)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    model.save_pretrained(destination)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(destination)
+    return destination
+
+
 def generate_alone(folder: Path, sentence: str, num_beams: int, n_best: int = 1, max_new_tokens: int = 12):
     """`generate()` on `sentence` alone: its `n_best` hypotheses with their scores (beam search: the length-normalised
     score it ranks by; greedy: the sum of the chosen tokens' log-probabilities)."""

@@ -16,7 +16,7 @@ from hf_attention import (
 )
 from hf_attention.inference.translate import main
 
-from .helpers import save_toy_translation_model, toy_tokenizer
+from .helpers import save_perturbed_copy, save_toy_translation_model, toy_tokenizer
 
 SOURCE = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 2, 0]])
 MASK = (SOURCE != 0).long()
@@ -101,12 +101,7 @@ def test_beam_search_of_two_scores_its_hypotheses_by_the_hand_averaged_log_proba
 
 def test_scoring_with_an_ensemble_sums_its_averaged_log_probabilities(tmp_path):
     first = save_toy_translation_model(tmp_path / "a")
-    second = tmp_path / "b"
-    model = HfAttentionForConditionalGeneration.from_pretrained(first)
-    torch.manual_seed(5)
-    for parameter in model.parameters():
-        parameter.data.add_(torch.randn_like(parameter) * 0.05)
-    model.save_pretrained(second)
+    second = save_perturbed_copy(first, tmp_path / "b", scale=0.05)
     models = [HfAttentionForConditionalGeneration.from_pretrained(f).eval() for f in (first, second)]
     tokenizer = AutoTokenizer.from_pretrained(first)
     ensemble = EnsembleForConditionalGeneration(models).eval()
@@ -121,13 +116,7 @@ def test_scoring_with_an_ensemble_sums_its_averaged_log_probabilities(tmp_path):
 
 def test_the_command_line_decodes_with_the_python_ensemble(tmp_path):
     first = save_toy_translation_model(tmp_path / "a")
-    second = tmp_path / "b"
-    shutil.copytree(first, second)
-    model = HfAttentionForConditionalGeneration.from_pretrained(second)
-    torch.manual_seed(5)
-    for parameter in model.parameters():
-        parameter.data.add_(torch.randn_like(parameter) * 0.2)
-    model.save_pretrained(second)
+    second = save_perturbed_copy(first, tmp_path / "b", scale=0.2)
     sources = ["we buy two dogs", "i see cats"]
     source = tmp_path / "source.txt"
     source.write_text("\n".join(sources) + "\n", encoding="utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import generate_alone, save_toy_translation_model
+from .helpers import generate_alone, save_perturbed_copy, save_toy_translation_model
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -110,13 +110,7 @@ def test_an_ensemble_server_answers_as_the_python_ensemble(model_dir, tmp_path):
 
     from hf_attention import EnsembleForConditionalGeneration
 
-    second = tmp_path / "second"
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-    torch.manual_seed(5)
-    for parameter in model.parameters():
-        parameter.data.add_(torch.randn_like(parameter) * 0.2)
-    model.save_pretrained(second)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(second)
+    second = save_perturbed_copy(model_dir, tmp_path / "second", scale=0.2)
     with ServerProcess([str(model_dir), "--ensemble_with", str(second), "--quantization", "none",
                         "--max_new_tokens", "12"]) as ensemble_server:  # fmt: skip
         response = translate(ensemble_server, text=SOURCES[:2], num_beams=2)

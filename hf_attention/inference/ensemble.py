@@ -3,8 +3,9 @@
 At every decoding step each member scores the next token and the ensemble's log-probabilities are the members'
 averaged (`combination="log_linear"`, as Marian and the issue trackers ask: the mean of the log-probabilities,
 renormalised; or `"linear"`, fairseq's: the log of the mean probability), optionally weighted. The ensemble is a
-`PreTrainedModel` with transformers' `GenerationMixin`, so `generate()` runs greedy search, beam search, sampling,
-n-best lists and target prefixes over it unchanged; `hf_attention.score` scores given translations with it too.
+`PreTrainedModel` with hf_attention's `generate()` (transformers' own, with §6.1's length limit and penalty, lexical
+constraints, and the encoder output kept once per source), so greedy search, beam search, sampling, n-best lists,
+target prefixes and constraints run over it unchanged; `hf_attention.score` scores given translations with it too.
 
 How generation is fed: each member encodes the source once (its own `generate()` hooks: one encoder output per source,
 not per hypothesis); the ensemble's `encoder_outputs` hold the members' outputs and source masks
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from ..configuration_hf_attention import HfAttentionConfig
-from ..generation_hf_attention import with_constrained_search, with_length_penalty_style, with_source_length_limit
+from ..generation_hf_attention import HfAttentionGenerationMixin
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 
 COMBINATIONS = ("log_linear", "linear")
@@ -87,7 +88,7 @@ def check_ensemble_members(models: Sequence[PreTrainedModel]) -> None:
                                  f"{getattr(first, name)}; ensemble members must share one vocabulary.")  # fmt: skip
 
 
-class EnsembleForConditionalGeneration(PreTrainedModel, GenerationMixin):
+class EnsembleForConditionalGeneration(PreTrainedModel, HfAttentionGenerationMixin):
     """Models that share a vocabulary, decoding as one: see the module's docstring.
 
     Example:
@@ -201,14 +202,6 @@ class EnsembleForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model_kwargs["encoder_outputs"] = EnsembleEncoderOutput(tuple(outputs), tuple(masks))
         return model_kwargs
 
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """transformers' expansion to `expand_size` hypotheses per source, except the members' encoder outputs:
-        they stay one per source, as each member's own `generate()` keeps them."""
-        kept = {name: model_kwargs.pop(name) for name in ("encoder_outputs", "attention_mask") if name in model_kwargs}
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
-        model_kwargs.update(kept)
-        return input_ids, model_kwargs
-
     def _prepare_cache_for_generation(
         self, generation_config: GenerationConfig, model_kwargs: dict, generation_mode, batch_size, max_cache_length
     ) -> None:
@@ -251,13 +244,3 @@ class EnsembleForConditionalGeneration(PreTrainedModel, GenerationMixin):
         for member, member_cache in zip(self.members, cache.member_caches, strict=True):
             member._reorder_cache(member_cache, beam_idx)
         return cache
-
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
-                 **kwargs):  # fmt: skip
-        """transformers' `generate`, with the first member's §6.1 length limit and length penalty style, and lexical
-        constraints (`constraints=[...]`), as `HfAttentionForConditionalGeneration.generate`."""
-        config = generation_config or self.generation_config
-        kwargs = with_constrained_search(
-            with_length_penalty_style(config, with_source_length_limit(config, inputs, kwargs))
-        )
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
