@@ -1,6 +1,7 @@
 """A server in a child process on 127.0.0.1 and a free port, for benchmarks and tests: started, waited for until
 `/health` says ready, and always stopped (SIGTERM, then kill)."""
 
+import http.client
 import json
 import re
 import signal
@@ -81,8 +82,8 @@ class ServerProcess:
     def _health_or_refused(self) -> int | None:
         try:
             return self.health()[0]
-        except urllib.error.URLError:  # not listening (any more)
-            return None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+            return None  # not listening (any more), or closing the connection as it exits
 
     def terminate(self) -> None:
         """SIGTERM: the server drains and exits."""
