@@ -237,7 +237,10 @@ class TranslateArguments:
     )
     alignments: bool = field(
         default=False,
-        metadata={"help": "Write each hypothesis's word alignment, Moses i-j pairs from cross-attention (torch)."},
+        metadata={
+            "help": "Write each hypothesis's word alignment, Moses i-j pairs from cross-attention (torch and "
+            "ctranslate2 engines)."
+        },
     )
     alignment_layer: int | None = field(
         default=None, metadata={"help": "The decoder layer whose cross-attention aligns (default: the penultimate)."}
