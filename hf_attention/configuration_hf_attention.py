@@ -1,5 +1,6 @@
 """Configuration of the encoder-decoder Transformer of Vaswani et al. (2017), "Attention Is All You Need"."""
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
@@ -8,6 +9,18 @@ from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+
+def require_positive_integers(values: Mapping[str, Any], error: type[Exception] = ValueError) -> None:
+    """The package's one positive-integer check: `values` maps a label (`--num_beams`, `` `d_model` ``) to a value
+    (None: not given); the first that is not an integer of at least 1 is refused in one line naming it.
+
+    Raises:
+        `error`: "LABEL VALUE: must be a positive integer."
+    """
+    for label, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise error(f"{label} {value!r}: must be a positive integer.")
 
 
 @strict
@@ -113,22 +126,10 @@ class HfAttentionConfig(PreTrainedConfig):
         Runs on construction and again whenever a model is built from the config, so a field changed after
         construction (`config.encoder_attention_heads = 5`) fails with its name rather than inside a reshape.
         """
-        for name in (
-            "vocab_size",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        if self.target_vocab_size <= 0:
-            raise ValueError(f"`decoder_vocab_size` must be a positive integer, got {self.decoder_vocab_size}.")
+        sizes = ("vocab_size", "decoder_vocab_size", "d_model", "encoder_layers", "decoder_layers",
+                 "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+                 "max_position_embeddings")  # fmt: skip
+        require_positive_integers({f"`{name}`": getattr(self, name) for name in sizes})
         for heads_field in ("encoder_attention_heads", "decoder_attention_heads"):
             heads = getattr(self, heads_field)
             if self.d_model % heads != 0:

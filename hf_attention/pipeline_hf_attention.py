@@ -1,7 +1,8 @@
 """The "text2text-generation", "translation" and "summarization" pipelines, which transformers 5 removed.
 
-Self-contained (it imports only transformers and torch). modeling_hf_attention.py imports it, so `save_pretrained` /
-`push_to_hub` save this file beside the model's code, and they declare the tasks in the config's `custom_pipelines`:
+It imports only transformers, torch and the configuration file. modeling_hf_attention.py imports it, so
+`save_pretrained` / `push_to_hub` save this file beside the model's code, and they declare the tasks in the config's
+`custom_pipelines`:
 `pipeline("translation", model=folder_or_repo_id, trust_remote_code=True)` works where hf_attention is not installed.
 Importing hf_attention also registers the classes with transformers' `PIPELINE_REGISTRY`.
 """
@@ -11,13 +12,14 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, Pipeline
 
+from .configuration_hf_attention import require_positive_integers
+
 # Options that must be positive integers; transformers would fail on them deep inside (ZeroDivisionError, range()).
 POSITIVE_OPTIONS = ("num_beams", "num_return_sequences", "max_new_tokens", "max_length", "num_beam_groups")
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    require_positive_integers({f"`{name}`": value})
 
 
 class Text2TextGenerationPipeline(Pipeline):

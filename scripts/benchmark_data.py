@@ -15,18 +15,16 @@ Each measurement runs in its own process (`--worker`), so its peak RSS is its ow
 """
 
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from benchmark_harness import ROOT, peak_rss_mb, print_worker_result
+from benchmark_harness import run_worker as run_script_worker
 from transformers import HfArgumentParser
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--preset", "tiny", "--config_overrides", "d_model=256,encoder_layers=3,decoder_layers=3,"
          "encoder_attention_heads=4,decoder_attention_heads=4,encoder_ffn_dim=1024,decoder_ffn_dim=1024,"
          "max_position_embeddings=512"]  # fmt: skip
@@ -65,11 +63,7 @@ def synthetic_corpus(prefix: Path, pairs: int, seed: int = 0) -> None:
 
 
 def run_worker(task: str, job_flags: list[str]) -> dict:
-    command = [sys.executable, __file__, "--worker", task, "--worker_arguments", json.dumps(job_flags)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"{task} worker failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_script_worker(__file__, ["--worker", task, "--worker_arguments", json.dumps(job_flags)], task, cwd=ROOT)
 
 
 def worker(task: str, job_flags: list[str]) -> dict:
@@ -109,8 +103,7 @@ def main() -> None:
     (args,) = parser.parse_args_into_dataclasses()
     if args.worker:
         figures = worker(args.worker, json.loads(args.worker_arguments))
-        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(json.dumps(figures))
+        print_worker_result({**figures, "peak_rss_mb": peak_rss_mb()})
         return
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)

@@ -23,15 +23,14 @@ The first line is the machine's capability map (`hf_attention.hardware`). --json
 
 import gc
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from benchmark_harness import arguments_as_flags, interleaved_rounds, peak_rss_mb, print_worker_result, run_worker
 from transformers import HfArgumentParser
 
 # workload -> (sentences per batch, beams)
@@ -57,10 +56,6 @@ class BenchmarkArguments:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     json: str = field(default="", metadata={"help": "Write every figure to this file."})
     worker: str = field(default="", metadata={"help": "Internal: run one engine's round in this process."})
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_memory_mb(device: str) -> float:
@@ -174,22 +169,11 @@ def measure(engine: str, args: BenchmarkArguments) -> dict:
             "choices": choices}  # fmt: skip
 
 
-def run_worker(engine: str, args: BenchmarkArguments) -> dict:
-    command = [sys.executable, __file__, "--worker", engine]
-    for name, value in asdict(args).items():
-        if name not in ("worker", "json", "engines") and value not in ("", None):
-            command += [f"--{name}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: the {engine} worker failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = HfArgumentParser(BenchmarkArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses()
     if args.worker:  # the parent process checked the arguments
-        print(json.dumps(measure(args.worker, args)))
+        print_worker_result(measure(args.worker, args))
         return
     engines = args.engines.split(",")
     unknown = [name for name in engines if name not in BASELINES and name not in ENGINES]
@@ -206,10 +190,10 @@ def main() -> None:
         sys.exit(f"error: --workloads {unknown[0]!r}: must be among {', '.join(WORKLOADS)}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda: no CUDA device is available.")
-    rounds = {engine: [] for engine in engines}
-    for _ in range(args.rounds):
-        for engine in engines:
-            rounds[engine].append(run_worker(engine, args))
+    flags = arguments_as_flags(args, leave_out=("worker", "json", "engines"))
+    rounds = interleaved_rounds(
+        engines, args.rounds, lambda engine: run_worker(__file__, ["--worker", engine, *flags], engine)
+    )
     workloads = args.workloads.split(",")
     for engine in engines:  # the exact engines decode as Marian does; int8 and bf16 may differ
         if engine == "ct2-float32" or ENGINES.get(engine, ("", False))[0] is None and engine != "marian":

@@ -36,6 +36,7 @@ import httpx
 from transformers import HfArgumentParser
 
 from hf_attention import hardware
+from hf_attention.configuration_hf_attention import require_positive_integers
 from hf_attention.serving.process import ServerProcess
 
 MULTI30K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "multi30k"
@@ -61,9 +62,11 @@ class ServeBenchmarkArguments:
     json: str = field(default="", metadata={"help": "Write every figure to this file."})
 
     def __post_init__(self):
-        for name in ("requests", "rounds", "max_new_tokens", "num_beams", "vocab_size"):
-            if getattr(self, name) < 1:
-                sys.exit(f"error: --{name} {getattr(self, name)}: must be a positive integer.")
+        positive = ("requests", "rounds", "max_new_tokens", "num_beams", "vocab_size")
+        try:
+            require_positive_integers({f"--{name}": getattr(self, name) for name in positive})
+        except ValueError as error:
+            sys.exit(f"error: {error}")
         unknown = set(self.servers.split(",")) - set(SERVERS)
         if unknown or "batched" not in self.servers.split(","):
             sys.exit(f"error: --servers {self.servers}: give batched and any of {', '.join(SERVERS)}.")

@@ -21,15 +21,13 @@ at equal training times: a table and a PNG (`--plot`). --json FILE writes every 
 
 import json
 import math
-import resource
-import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from benchmark_harness import arguments_as_flags, interleaved_rounds, median_of, peak_rss_mb, print_worker_result
+from benchmark_harness import run_worker as run_script_worker
 from transformers import HfArgumentParser
 
 ENGINES = ("hf_attention", "marian")
@@ -89,10 +87,6 @@ def hf_options(text: str) -> set[str]:
     if "auto" in options:
         options = options - {"auto"} | {hardware.training_precision("cpu")}
     return options
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def build_models(args: BenchmarkArguments):
@@ -175,28 +169,16 @@ def measure_speed(engine: str, args: BenchmarkArguments) -> dict:
 
 
 def run_worker(args: BenchmarkArguments, engine: str, task: str) -> dict:
-    command = [sys.executable, __file__, "--worker", engine, "--worker_task", task]
-    for name, value in asdict(args).items():
-        if name in ("worker", "worker_task", "quick", "json") or value in ("", None):
-            continue
-        command += [f"--{name}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: the {engine} worker failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    flags = arguments_as_flags(args, leave_out=("worker", "worker_task", "quick", "json"))
+    return run_script_worker(__file__, ["--worker", engine, "--worker_task", task, *flags], engine)
 
 
 def speed_and_memory(args: BenchmarkArguments) -> dict:
     """Interleaved rounds of both engines, each in a fresh process; medians per engine."""
-    rounds = {engine: [] for engine in ENGINES}
-    for index in range(args.rounds):
-        for engine in ENGINES if index % 2 == 0 else reversed(ENGINES):
-            rounds[engine].append(run_worker(args, engine, "speed"))
+    rounds = interleaved_rounds(ENGINES, args.rounds, lambda engine: run_worker(args, engine, "speed"))
     summary = {}
     for engine, measurements in rounds.items():
-        summary[engine] = {
-            key: statistics.median(m[key] for m in measurements) for key in ("tokens_per_second", "peak_rss_mb")
-        }
+        summary[engine] = {key: median_of(measurements, key) for key in ("tokens_per_second", "peak_rss_mb")}
     summary["speed_ratio"] = summary["hf_attention"]["tokens_per_second"] / summary["marian"]["tokens_per_second"]
     summary["memory_ratio"] = summary["hf_attention"]["peak_rss_mb"] / summary["marian"]["peak_rss_mb"]
     return summary
@@ -279,7 +261,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         worker = train_for_minutes if args.worker_task == "train" else measure_speed
-        print(json.dumps(worker(args.worker, args)))
+        print_worker_result(worker(args.worker, args))
         return
     if not args.quick and not args.data:
         parser.error("give --data FOLDER (train/val parallel text) or --quick")

@@ -47,9 +47,9 @@ def test_common_attribute_names_map_to_seq2seq_fields():
     [
         ("encoder_attention_heads", 7, "divisible by `encoder_attention_heads`"),
         ("decoder_attention_heads", 5, "divisible by `decoder_attention_heads`"),
-        ("d_model", 0, "`d_model` must be a positive"),
-        ("encoder_layers", -1, "`encoder_layers` must be a positive"),
-        ("vocab_size", 0, "`vocab_size` must be a positive"),
+        ("d_model", 0, "`d_model` 0: must be a positive integer"),
+        ("encoder_layers", -1, "`encoder_layers` -1: must be a positive integer"),
+        ("vocab_size", 0, "`vocab_size` 0: must be a positive integer"),
         ("dropout", 1.0, r"`dropout` must be in \[0, 1\)"),
         ("attention_dropout", -0.1, "`attention_dropout` must be in"),
         ("pad_token_id", 99, "`pad_token_id` must lie in"),
@@ -106,7 +106,7 @@ def test_shared_embeddings_use_vocab_size_for_the_target_side():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"decoder_vocab_size": 0, "share_encoder_decoder_embeddings": False}, "`decoder_vocab_size` must be"),
+        ({"decoder_vocab_size": 0, "share_encoder_decoder_embeddings": False}, "`decoder_vocab_size` 0: must be"),
         (
             {"decoder_vocab_size": 2, "share_encoder_decoder_embeddings": False},
             r"`eos_token_id` must lie in \[0, 2\)",

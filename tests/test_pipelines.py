@@ -107,7 +107,7 @@ def test_a_trained_models_generation_config_never_clashes_with_max_new_tokens(tm
 def test_pipeline_options_that_must_be_positive_are_named(checkpoint, option):
     folder, model, tokenizer = checkpoint
     translator = TranslationPipeline(model=model, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=f"`{option}` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=f"`{option}` 0: must be a positive integer"):
         translator(SOURCES, **{option: 0})
 
 

@@ -155,8 +155,10 @@ def test_num_beams_val_max_target_length_and_forced_bos_token_reach_the_generati
     training_args.generation_max_length = None
     model = HfAttentionForConditionalGeneration.from_pretrained(trained_model)
     tokenizer = toy_tokenizer()
-    run_translation.set_decoding_defaults(model, data_args, training_args, tokenizer)
+    applied = run_translation.set_decoding_defaults(model, data_args, training_args, tokenizer)
     assert model.generation_config.num_beams == 3 and model.generation_config.max_length == 21
+    assert (applied.generation_num_beams, applied.generation_max_length) == (3, 21)
+    assert training_args.generation_max_length is None  # a copy: the user's arguments stay as given
     assert model.generation_config.forced_bos_token_id == tokenizer.eos_token_id
     data_args.forced_bos_token = "<no_such_token>"
     with pytest.raises(run_translation.TrainingArgumentError, match="--forced_bos_token <no_such_token>: not in"):

@@ -83,11 +83,12 @@ def test_paper_recipe_is_the_default_and_every_number_is_overridable(tmp_path):
     assert (training_args.adam_beta1, training_args.adam_beta2, training_args.adam_epsilon) == (0.9, 0.98, 1e-9)
     assert training_args.lr_scheduler_type == "inverse_sqrt" and training_args.warmup_steps == 4000
     assert training_args.label_smoothing_factor == 0.1 and training_args.weight_decay == 0.0
-    training_args.resolve_learning_rate(d_model=512)
-    assert training_args.learning_rate == pytest.approx(512**-0.5 * 4000**-0.5)
+    resolved = training_args.with_paper_learning_rate(d_model=512)
+    assert resolved.learning_rate == pytest.approx(512**-0.5 * 4000**-0.5)
+    assert training_args.learning_rate == 0  # the user's arguments are never written into
     overrides = ["--adam_beta2", "0.99", "--learning_rate", "3e-4"]
     _, _, overridden = parse_arguments(["--output_dir", str(tmp_path), *overrides])
-    overridden.resolve_learning_rate(d_model=512)
+    overridden = overridden.with_paper_learning_rate(d_model=512)
     assert overridden.adam_beta2 == 0.99 and overridden.learning_rate == 3e-4
 
 

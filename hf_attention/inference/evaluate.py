@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, set_seed
 
+from ..configuration_hf_attention import require_positive_integers
 from ..data import read_parallel_corpus
 from ..data.tokenization import check_tokenizer_source
 from ..metrics.evaluation import score_translations
@@ -53,9 +54,9 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
     if args.max_samples < 0:
         raise ValueError(f"--max_samples {args.max_samples}: must be 0 (all) or more.")
     check_tokenizer_source("--model_dir", args.model_dir)
-    for name in ("num_beams", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} {getattr(args, name)}: must be a positive integer.")
+    require_positive_integers(
+        {f"--{name}": getattr(args, name) for name in ("num_beams", "max_new_tokens", "batch_size")}
+    )
     if args.mbr < 0 or args.mbr == 1 or args.mbr_metric not in MBR_METRICS:
         raise ValueError(f"--mbr {args.mbr} --mbr_metric {args.mbr_metric}: MBR needs 2 or more samples (0: off) "
                          f"and one of {', '.join(MBR_METRICS)}.")  # fmt: skip

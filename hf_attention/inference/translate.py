@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 from .. import hardware
+from ..configuration_hf_attention import require_positive_integers
 from ..constraints_hf_attention import LexicalConstraints
 from ..data.batching import cut_into_batches
 from .alignment import check_alignment_layer
@@ -278,10 +279,8 @@ def check_output_options(args: TranslateArguments) -> None:
     Raises:
         TranslationError: the flag and the reason, in one line.
     """
-    for name in ("batch_size", "max_tokens", "num_beams", "max_new_tokens", "n_best"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise TranslationError(f"--{name} {value}: must be a positive integer.")
+    positive = ("batch_size", "max_tokens", "num_beams", "max_new_tokens", "n_best")
+    require_positive_integers({f"--{name}": getattr(args, name) for name in positive}, TranslationError)
     for name in ("top_k", "top_p", "temperature", "epsilon_cutoff"):
         value = getattr(args, name)
         if value is not None and not (args.do_sample or args.mbr):

@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..configuration_hf_attention import require_positive_integers
 from ..inference.translate import TorchEngine, translate_sentences
 
 METRICS_DIR = Path(__file__).parent
@@ -74,7 +75,7 @@ def translate(
     Each batch stops at `max_new_tokens` or at twice its longest source plus 10 tokens, whichever is smaller (like
     Marian's and fairseq's length limits), so an untrained model does not generate at full length for every sentence.
     """
-    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"--{name} {value}: must be a positive integer.")
+    require_positive_integers(
+        {"--num_beams": num_beams, "--max_new_tokens": max_new_tokens, "--batch_size": batch_size}
+    )
     return translate_sentences(TorchEngine(model, tokenizer, num_beams, max_new_tokens), sources, batch_size)

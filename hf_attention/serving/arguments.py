@@ -3,6 +3,7 @@
 import typing
 from dataclasses import dataclass, field, fields
 
+from ..configuration_hf_attention import require_positive_integers
 from ..inference.engines import ENGINES, check_engine_options
 from ..inference.errors import TranslationError
 
@@ -65,10 +66,9 @@ class ServeArguments:
 
     def __post_init__(self):
         positive = ("max_new_tokens", "max_batch_tokens", "max_batch_sentences", "max_queue", "max_request_sentences")
-        for name in (*positive, "num_beams"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ServeArgumentError(f"--{name} {value}: must be a positive integer.")
+        require_positive_integers(
+            {f"--{name}": getattr(self, name) for name in (*positive, "num_beams")}, ServeArgumentError
+        )
         if self.max_wait_ms < 0:
             raise ServeArgumentError(f"--max_wait_ms {self.max_wait_ms}: must be 0 or more.")
         if not 0 <= self.port <= 65535:

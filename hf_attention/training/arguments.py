@@ -270,11 +270,10 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     def precision_used(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
-    def resolve_learning_rate(self, d_model: int) -> None:
-        """Fill in eq. 3's peak learning rate for this model width (once `d_model` is known)."""
-        if self.learning_rate <= 0:
-            peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps)))
-            self.learning_rate = peak * self.learning_rate_scale
+    def with_paper_learning_rate(self, d_model: int) -> "PaperTrainingArguments":
+        """A copy with eq. 3's peak learning rate for this model width, unless --learning_rate was given."""
+        peak = paper_learning_rate(d_model, max(1, int(self.warmup_steps))) * self.learning_rate_scale
+        return self if self.learning_rate > 0 else dataclasses.replace(self, learning_rate=peak)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -215,13 +215,23 @@ def write_report(
     return examples
 
 
-def set_decoding_defaults(model: PreTrainedModel, data_args: DataArguments, training_args, tokenizer) -> None:
+def set_decoding_defaults(
+    model: PreTrainedModel, data_args: DataArguments, training_args: PaperTrainingArguments, tokenizer
+) -> PaperTrainingArguments:
     """§6.1's decoding (beam search with a length penalty, outputs at most the source length + 50 tokens), and
-    run_translation's --num_beams, --val_max_target_length and --forced_bos_token, in the generation config."""
+    run_translation's --num_beams, --val_max_target_length and --forced_bos_token, in the generation config.
+
+    Returns:
+        the training arguments with the evaluation's beams and length filled in: a copy, never the user's object
+        written into.
+    """
+    settings = {}
     if data_args.num_beams is not None:
-        training_args.generation_num_beams = data_args.num_beams
+        settings["generation_num_beams"] = data_args.num_beams
     if training_args.generation_max_length is None:
-        training_args.generation_max_length = data_args.val_max_target_length or data_args.max_target_length
+        settings["generation_max_length"] = data_args.val_max_target_length or data_args.max_target_length
+    if settings:
+        training_args = dataclasses.replace(training_args, **settings)
     generation_config = model.generation_config
     # The config is ours now, not one derived from the model's: transformers' loading drops every field it does not
     # know (length_penalty_style, max_new_tokens_over_source, ...) from a config saved as "_from_model_config".
@@ -237,6 +247,7 @@ def set_decoding_defaults(model: PreTrainedModel, data_args: DataArguments, trai
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise TrainingArgumentError(f"--forced_bos_token {data_args.forced_bos_token}: not in the vocabulary.")
         generation_config.forced_bos_token_id = model.config.forced_bos_token_id = token_id
+    return training_args
 
 
 def evaluate_only(
@@ -259,7 +270,7 @@ def evaluate_only(
             f"--output_dir {output_dir} already holds {', '.join(existing)}; pass --overwrite_output_dir to replace."
         )
     model = load_model(model_args, data.tokenizer)
-    set_decoding_defaults(model, data_args, training_args, data.tokenizer)
+    training_args = set_decoding_defaults(model, data_args, training_args, data.tokenizer)
     files = {}
     if phases.evaluate:
         files |= final_evaluation(build_trainer(model, data, training_args, None, None, started))
@@ -310,8 +321,8 @@ def run(
     set_seed(training_args.seed)
     data = prepare_data(model_args, data_args, training_args, phases)
     model = load_model(model_args, data.tokenizer)
-    training_args.resolve_learning_rate(model.config.d_model)
-    set_decoding_defaults(model, data_args, training_args, data.tokenizer)
+    training_args = training_args.with_paper_learning_rate(model.config.d_model)
+    training_args = set_decoding_defaults(model, data_args, training_args, data.tokenizer)
     guided = guided_alignment_setting(model, training_args) if carries_alignments(data) else None
     if guided is not None:  # `align` (translate.py --alignments) reads the head that learned to align
         model.generation_config.alignment_layer, model.generation_config.alignment_head = guided[:2]
