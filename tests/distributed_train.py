@@ -1,6 +1,6 @@
 """Runs the training job (any launcher) and saves every process's final parameters as rank{N}.safetensors, and
-what preprocessing work the process did (tokenizer trainings, `map` results written) and how its model was sharded
-as work{N}.json.
+what preprocessing work the process did (tokenizer trainings, `map` results written), how its model was sharded and
+the steps at which its epochs ended as work{N}.json.
 
 Used by the tests: `accelerate launch ... tests/distributed_train.py OUTPUT_DIR [train.py arguments]`.
 
@@ -27,7 +27,7 @@ from hf_attention.training import prepare
 from hf_attention.training.arguments import parse_arguments
 from hf_attention.training.job import run
 
-WORK = {"tokenizer_trainings": 0, "map_results_written": 0}
+WORK = {"tokenizer_trainings": 0, "map_results_written": 0, "epoch_end_steps": []}
 
 
 def fsdp_on_cpu_processes():
@@ -57,6 +57,9 @@ def counting_train_tokenizer(*args, **kwargs):
 class SaveParametersOnEveryRank(TrainerCallback):
     def __init__(self, folder: Path):
         self.folder = folder
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        WORK["epoch_end_steps"].append(state.global_step)  # where each process's epochs end: the same, or out of step
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         WORK["sharded_modules"] = sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})

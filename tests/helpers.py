@@ -1,12 +1,14 @@
 """What the tests share: small padded batches, a tokenizer trained on the toy corpus, running code where hf_attention
-is not installed, the environment of a user of the loopback Hub, and faked machines."""
+is not installed, the environment of a user of the loopback Hub, faked machines, and the skips that CI refuses."""
 
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -15,6 +17,8 @@ from hf_attention.data import toy_translation_corpus
 from hf_attention.data.tokenization import train_tokenizer
 
 ROOT = Path(__file__).parent.parent
+# Under CI the test extra is installed and the int8 operations build: a skip for either would hide a broken install.
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
 PAD, BOS, EOS = 0, 1, 2
 
 # Marian's conventions (see hf_attention.hub.marian_conversion): split sinusoid, logits bias, a separate target
@@ -126,3 +130,32 @@ def generate_alone(folder: Path, sentence: str, num_beams: int, n_best: int = 1,
         return list(zip(texts, output.sequences_scores.tolist(), strict=True))
     steps = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
     return list(zip(texts, steps.masked_fill(steps.isinf(), 0).sum(1).tolist(), strict=True))
+
+
+def require_module(name: str, extra: str = "test"):
+    """`pytest.importorskip` for a package of an extra (at module level too), except under `CI=true`, where the test
+    extra is installed and a missing package fails the run instead of hiding behind a skip."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        message = f"{name} is not installed ({error}); pip install 'hf_attention[{extra}]'"
+        if IN_CI:
+            pytest.fail(f"{message}. Under CI=true a missing test extra fails instead of skipping.", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+def require_int8_kernel(kernel: str) -> None:
+    """Skip unless hf_attention's int8 operation `kernel` ("vnni" or "avx2") runs here. A CPU (or capability map)
+    without the instructions skips with that reason everywhere; a CPU that has them but a build that failed skips
+    only outside CI: under `CI=true` it fails, since the suite would otherwise pass without testing the kernels."""
+    from hf_attention.inference import int8_vnni
+
+    instructions = {"vnni": "avx512_vnni", "avx2": "avx2"}[kernel]
+    if (int8_vnni.int8_vnni_available if kernel == "vnni" else int8_vnni.int8_avx2_available)():
+        return
+    if not (getattr(hardware.capabilities(), instructions) and getattr(hardware.detect(), instructions)):
+        pytest.skip(f"no {instructions.upper()} on this CPU (or masked by HF_ATTENTION_CPU_CAPABILITY)")
+    message = f"this CPU has {instructions.upper()} but hf_attention's int8 operations did not build"
+    if IN_CI:
+        pytest.fail(f"{message}: under CI=true a failed build fails instead of skipping.", pytrace=False)
+    pytest.skip(message)

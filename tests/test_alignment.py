@@ -13,7 +13,7 @@ from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.inference.alignment import align, alignment_error_rate, format_alignment
 from hf_attention.inference.translate import main
 
-from .helpers import save_toy_translation_model
+from .helpers import require_module, save_toy_translation_model
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_the_command_line_writes_each_hypothesis_s_alignment(tmp_path, model_dir
 
 @pytest.mark.parametrize("num_beams", ["1", "2"])
 def test_the_ctranslate2_engine_aligns_as_the_torch_engine(tmp_path, model_dir, num_beams):
-    pytest.importorskip("ctranslate2")
+    require_module("ctranslate2")
     # An untrained model attends almost evenly, and the two engines' rounding would break its near-ties: sharpen
     # the aligning layer's attention (the penultimate, layer 0 of 2), so that each row has one clear maximum.
     sharp = tmp_path / "sharp"

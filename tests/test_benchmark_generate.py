@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import require_module
+
 ROOT = Path(__file__).parent.parent
 TINY_RUN = ["--preset", "tiny", "--vocab_size", "200", "--source_length", "8", "--new_tokens", "4", "--rounds", "1"]
 
@@ -21,7 +23,7 @@ def benchmark(*arguments: str, temporary: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # 23 s; the auto-engine run below checks the last lines
 def test_one_run_ends_with_a_line_per_workload_and_leaves_no_export_behind(tmp_path):
-    pytest.importorskip("ctranslate2")
+    require_module("ctranslate2")
     (tmp_path / "exports").mkdir()
     result = benchmark("--engines", "marian,fp32,int8,ct2-int8", "--workloads", "greedy_b1,beam4_b16",
                        "--json", str(tmp_path / "figures.json"), temporary=tmp_path / "exports")  # fmt: skip

@@ -15,9 +15,9 @@ from hf_attention.hub.marian_conversion import convert_checkpoint
 from hf_attention.inference.ctranslate2_export import export_ctranslate2
 from hf_attention.inference.errors import ExportError
 
-from .helpers import toy_tokenizer
+from .helpers import require_module, toy_tokenizer
 
-ctranslate2 = pytest.importorskip("ctranslate2", reason="the ctranslate2 extra is not installed")
+ctranslate2 = require_module("ctranslate2")
 
 ROOT = Path(__file__).parent.parent
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
@@ -83,7 +83,7 @@ def test_a_converted_opus_mt_model_exports_with_its_pad_token_last(tmp_path, sep
     """opus-mt's layout (pad last, decoding from pad, a final logits bias, MarianTokenizer): CTranslate2's own
     converter drops the pad token from such vocabularies; this export keeps every row. With separate vocabularies
     the target tokens come from the MarianTokenizer's target vocabulary."""
-    pytest.importorskip("sentencepiece")
+    require_module("sentencepiece")
     from .test_opus_mt import opus_mt_checkpoint
 
     opus_mt_checkpoint(tmp_path / "opus-mt-en-de", separate_vocabs=separate_vocabs)

@@ -29,7 +29,7 @@ from hf_attention.inference.quantization import (
     compiled_int8_kernel,
 )
 
-from .helpers import padded_batch, toy_tokenizer, with_capabilities
+from .helpers import padded_batch, require_int8_kernel, require_module, toy_tokenizer, with_capabilities
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -109,7 +109,12 @@ def quantized_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tenso
     return products * scale * layer.weight_scale.float() + layer.bias.float()
 
 
-needs_vnni = pytest.mark.skipif(not int8_vnni.int8_vnni_available(), reason="no AVX512-VNNI, or no build")
+@pytest.fixture
+def vnni_kernel():
+    require_int8_kernel("vnni")
+
+
+needs_vnni = pytest.mark.usefixtures("vnni_kernel")
 
 
 @needs_vnni
@@ -195,7 +200,7 @@ def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(mo
     ):
         assert not int8_vnni.int8_vnni_available()
     assert not int8_avx2_available()  # one build holds both operations
-    ninja = pytest.importorskip("ninja")  # torch's builder runs ninja by name: the pip package's comes first
+    ninja = require_module("ninja")  # torch's builder runs ninja by name: the pip package's comes first
     assert paths_seen == [os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))] and os.environ["PATH"] == path
     model = optimize_for_inference(HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny")), "int8",
                                    compile=True)  # fmt: skip
@@ -205,8 +210,8 @@ def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(mo
 @pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_nothing(kernel, rows):
-    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
-        pytest.skip("no AVX512-VNNI, or no build")
+    if kernel == "vnni":
+        require_int8_kernel(kernel)
     torch.manual_seed(0)
     layers = [Int8Linear.from_linear(nn.Linear(40, size), kernel=kernel) for size in (40, 40, 24)]
     fused = Int8Linear.concatenated(layers)
@@ -222,10 +227,8 @@ def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_
 @pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_an_int8_layer_whose_weights_change_in_place_computes_with_the_new_ones(kernel, rows):
-    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
-        pytest.skip("no AVX512-VNNI, or no build")
-    if kernel == "avx2" and not int8_avx2_available():
-        pytest.skip("no AVX2, or no build")
+    if kernel in ("vnni", "avx2"):
+        require_int8_kernel(kernel)
     torch.manual_seed(0)
     layer, other = (Int8Linear.from_linear(nn.Linear(48, 32), kernel=kernel) for _ in range(2))
     inputs = torch.randn(rows, 48)
@@ -433,10 +436,8 @@ def test_compiled_int8_uses_the_machines_kernel_and_generates_its_eager_tokens(
 ):
     """fbgemm's packed weights cannot be compiled: with compile, decoding steps' activations are quantised to int8 by
     our operations (VNNI; AVX2 where bf16 would be emulated), or multiply the int8 weights in bf16."""
-    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
-        pytest.skip("no AVX512-VNNI, or no build")
-    if kernel == "avx2" and not int8_avx2_available():
-        pytest.skip("no AVX2, or no build")
+    if kernel in ("vnni", "avx2"):
+        require_int8_kernel(kernel)
     if flags is not None:
         monkeypatch.setattr(hardware, "_installed", [hardware.Capabilities("x86_64", "faked", frozenset(flags))])
     batch = padded_batch([7, 4, 6], max_length=7)
@@ -469,7 +470,12 @@ def seven_bit_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tenso
     return products * scale * layer.weight_scale.float() + layer.bias.float()
 
 
-needs_avx2_operation = pytest.mark.skipif(not int8_avx2_available(), reason="no AVX2, or no build")
+@pytest.fixture
+def avx2_kernel():
+    require_int8_kernel("avx2")
+
+
+needs_avx2_operation = pytest.mark.usefixtures("avx2_kernel")
 
 
 @needs_avx2_operation
@@ -523,8 +529,8 @@ def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_int8_scales_and_biases_stay_float32_when_the_model_turns_bf16(kernel, tiny_config, tmp_path):
     """Issue 24's item 11: `model.to(torch.bfloat16)` rounded the per-row scales (a gain error up to 0.4%)."""
-    if kernel == "vnni" and not int8_vnni.int8_vnni_available():
-        pytest.skip("no AVX512-VNNI, or no build")
+    if kernel == "vnni":
+        require_int8_kernel(kernel)
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(64, 48), kernel=kernel)
     scale, bias = layer.weight_scale.clone(), layer.bias.clone()
@@ -584,8 +590,7 @@ def test_batch_invariant_int8_gives_each_row_the_output_it_gets_alone(tiny_confi
 @pytest.mark.skipif(int8_vnni.fcntl is None, reason="no flock on this system")
 def test_a_build_killed_midway_leaves_no_lock_that_hangs_later_uses(tmp_path):
     """torch's builder waits forever on the `lock` file a killed build leaves; ours clears it under an flock."""
-    if not int8_avx2_available():
-        pytest.skip("no AVX2, or no build")
+    require_int8_kernel("avx2")
     folder = int8_vnni.build_directory()
     (folder / "lock").write_text("")  # torch's FileBaton, as a build killed midway leaves it
     check = "from hf_attention.inference.int8_vnni import int8_avx2_available as a; print(a())"

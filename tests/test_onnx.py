@@ -18,10 +18,10 @@ from hf_attention.inference.errors import ExportError
 from hf_attention.inference.evaluate import EvaluationArguments, evaluate_saved_model
 from hf_attention.inference.onnx_export import OnnxModelForSeq2SeqLM, export_onnx
 
-from .helpers import toy_tokenizer
+from .helpers import require_module, toy_tokenizer
 
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+require_module("onnxruntime")
+require_module("onnxscript")
 
 ROOT = Path(__file__).parent.parent
 SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i see cats"]

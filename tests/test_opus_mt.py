@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, MarianMTModel, MarianTokenizer
 
@@ -14,13 +13,11 @@ from hf_attention.data import toy_translation_corpus
 from hf_attention.hub.marian_conversion import convert_checkpoint
 from hf_attention.training.job import main as train
 
-from .helpers import hub_environment
+from .helpers import hub_environment, require_module
 from .hub_server import LocalHub
 from .test_hub_roundtrip import client
 
-sentencepiece = pytest.importorskip(
-    "sentencepiece", reason="MarianTokenizer needs sentencepiece (hf_attention[marian])"
-)
+sentencepiece = require_module("sentencepiece")
 
 ROOT = Path(__file__).parent.parent
 SENTENCES = ["we buy two dogs", "they sell ninety one trees"]

@@ -94,3 +94,44 @@ def test_the_wheel_installs_and_works_outside_the_source_tree(tmp_path):
     load = run_without_hf_attention(LOAD_WITHOUT_HF_ATTENTION, str(tmp_path / "model"))
     assert load.returncode == 0, load.stderr[-3000:]
     assert "LOADED HfAttentionForConditionalGeneration" in load.stdout
+
+
+# Two tests as a user's suite would write them: one needs a package of the test extra that is missing, one needs the
+# int8 operations on a CPU that has the instructions while their build has failed.
+SKIPS_THAT_HIDE_A_BROKEN_INSTALL = textwrap.dedent(
+    """
+    from hf_attention.inference import int8_vnni
+    from tests.helpers import require_int8_kernel, require_module
+
+
+    def test_needs_a_missing_extra():
+        require_module("hf_attention_no_such_package")
+
+
+    def test_needs_the_int8_operations_whose_build_failed(monkeypatch):
+        monkeypatch.setitem(int8_vnni._state, "built", False)  # as after a failed build: avx2 present, no operation
+        require_int8_kernel("avx2")
+    """
+)
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_under_ci_a_missing_extra_or_a_failed_build_fails_instead_of_skipping(tmp_path, ci):
+    """Issue 24's item 17: outside CI both tests skip with the reason; under CI=true both fail, naming it."""
+    from hf_attention import hardware
+
+    if not (hardware.capabilities().avx2 and hardware.detect().avx2):
+        pytest.skip("the build case needs a CPU (and capability map) with AVX2")
+    (tmp_path / "test_skips.py").write_text(SKIPS_THAT_HIDE_A_BROKEN_INSTALL)
+    environment = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", "test_skips.py"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if ci:
+        assert result.returncode == 1 and "2 failed" in result.stdout, result.stdout[-3000:]
+        assert "hf_attention_no_such_package is not installed" in result.stdout
+        assert "Under CI=true a missing test extra fails instead of skipping" in result.stdout
+        assert "did not build: under CI=true a failed build fails instead of skipping" in result.stdout
+    else:
+        assert result.returncode == 0 and "2 skipped" in result.stdout, result.stdout[-3000:]
+        assert "pip install 'hf_attention[test]'" in result.stdout
+        assert "this CPU has AVX2 but hf_attention's int8 operations did not build" in result.stdout

@@ -9,10 +9,10 @@ import torch
 
 from hf_attention import HfAttentionForConditionalGeneration
 
-from .helpers import hub_environment, padded_batch, run_without_hf_attention
+from .helpers import hub_environment, padded_batch, require_module, run_without_hf_attention
 from .hub_server import LocalHub
 
-peft = pytest.importorskip("peft")
+peft = require_module("peft")
 
 
 def train_adapter(base_folder, steps: int = 5):

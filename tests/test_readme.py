@@ -10,6 +10,8 @@ import pytest
 import hf_attention.configuration_hf_attention
 import hf_attention.modeling_hf_attention
 
+from .helpers import require_module
+
 README = Path(__file__).parent.parent / "README.md"
 DOCS = sorted((README.parent / "docs").glob("*.md"))
 
@@ -56,8 +58,8 @@ def trained_run(tmp_path, monkeypatch):
     "page", [page for page in DOCS if "```python" in page.read_text()], ids=lambda page: page.name
 )
 def test_the_docs_python_examples_run(page, trained_run):
-    pytest.importorskip("ctranslate2")
-    pytest.importorskip("onnxruntime")
+    require_module("ctranslate2")
+    require_module("onnxruntime")
     for example in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
         exec(compile(example, str(page), "exec"), {})
 

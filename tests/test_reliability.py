@@ -361,8 +361,8 @@ def test_a_run_killed_anywhere_resumes_to_the_parameters_of_an_uninterrupted_run
         (["--preset", "huge"], "--preset 'huge': choose one of base, big, tiny"),
         (["--too_long", "cut"], "--too_long 'cut': choose one of drop, truncate"),
         (["--resume_from_checkpoint", "latest"], "holds no complete checkpoint-N folder to resume from"),
-        (["--generation_num_beams", "0"], "--generation_num_beams 0: must be at least 1"),
-        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
+        (["--generation_num_beams", "0"], "--generation_num_beams 0: must be a positive integer"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be a positive integer"),
     ],
 )
 def test_bad_training_options_stop_the_run_before_anything_is_written(tmp_path, options, message):

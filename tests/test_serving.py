@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import generate_alone, save_perturbed_copy, save_toy_translation_model
+from .helpers import generate_alone, require_module, save_perturbed_copy, save_toy_translation_model
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+httpx = require_module("httpx")
+require_module("fastapi")
 from hf_attention.serving import DynamicBatcher, QueueFull, ServeArguments  # noqa: E402
 from hf_attention.serving.process import ServerProcess, metric  # noqa: E402
 from hf_attention.serving.schema import DecodingOptions  # noqa: E402
@@ -366,3 +366,21 @@ def test_serve_arguments_read_ray_style_strings():
         ServeArguments.from_dict({"model": "m", "max_batch_tokens": "lots"})
     with pytest.raises(ValueError, match="beams: not an option of the server"):
         ServeArguments.from_dict({"model": "m", "beams": "2"})
+
+
+def test_checking_a_request_leaves_the_decoding_tokenizer_s_padding_alone(model_dir):
+    """A request is checked on the event loop while a batch is encoded (padded) on the decoding thread. A fast
+    tokenizer's padding is a setting of one Rust object, so a check through the engine's tokenizer, between its
+    setting and its encoding, made the batch unpadded: "Unable to create tensor" (seen under Ray Serve). Requests are
+    checked with their own copy."""
+    from hf_attention.serving.app import TranslationService
+    from hf_attention.serving.schema import TranslateRequest
+
+    service = TranslationService(ServeArguments(model=str(model_dir), quantization="none"))
+    service.load()
+    backend = service.engine.tokenizer.backend_tokenizer
+    backend.enable_padding(pad_id=service.engine.tokenizer.pad_token_id)  # the decoding thread, mid-encoding
+    sources, lengths = service.sentences(TranslateRequest(text=SOURCES[:2], constraints=[["hunde"], []]))
+    assert backend.padding is not None  # still padding the decoding thread's batch
+    assert lengths == [len(ids) for ids in service.engine.tokenizer(SOURCES[:2])["input_ids"]]
+    assert sources[0].constraints is not None and sources[1].constraints is None

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import generate_alone, save_toy_translation_model
+from .helpers import generate_alone, require_module, save_toy_translation_model
 
-pytest.importorskip("ray.serve")
-httpx = pytest.importorskip("httpx")
+require_module("ray.serve")
+httpx = require_module("httpx")
 from hf_attention.serving.arguments import ServeArgumentError  # noqa: E402
 from hf_attention.serving.ray_app import app, deployment_options  # noqa: E402
 

@@ -97,6 +97,17 @@ def test_options_that_need_the_corpus_size_are_refused(tmp_path, corpus_files, e
     assert not (tmp_path / "out").exists()
 
 
+def test_loader_workers_are_refused_for_a_stream_over_several_processes(tmp_path, corpus_files, monkeypatch):
+    """The processes agree before each batch whether all have one (a collective): in the training process only."""
+    from hf_attention.training.arguments import PaperTrainingArguments
+
+    monkeypatch.setattr(PaperTrainingArguments, "world_size", property(lambda self: 2))
+    arguments = streaming_arguments(corpus_files, "--max_steps", "2", "--dataloader_num_workers", "2")
+    with pytest.raises(SystemExit, match="--dataloader_num_workers 2 with --streaming on several processes: .* use 0"):
+        main([*arguments, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_stream_without_a_validation_split_is_refused(tmp_path, corpus_files):
     arguments = [flag for flag in streaming_arguments(corpus_files) if "val.jsonl" not in flag]
     arguments.remove("--validation_file")

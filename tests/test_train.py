@@ -27,7 +27,13 @@ from hf_attention.training.trainer import (
     share_embedding_modules,
 )
 
-from .helpers import padded_batch
+from .helpers import IN_CI, padded_batch
+
+# accelerate is a dependency: under CI a missing launcher is a broken install, and its tests fail rather than skip.
+needs_accelerate_launcher = pytest.mark.skipif(
+    shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists() and not IN_CI,
+    reason="the accelerate launcher is not installed",
+)
 
 ROOT = Path(__file__).parent.parent
 # A small, fast run: 4000 toy pairs, tiny model, short generations.
@@ -213,8 +219,7 @@ def test_a_checkpoint_that_names_its_staging_folder_as_best_is_repaired_on_resum
     assert json.loads(state_path.read_text())["best_model_checkpoint"] == str(tmp_path / "checkpoint-2")
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")  # fmt: skip
+@needs_accelerate_launcher
 @pytest.mark.slow  # the FSDP test below trains two DDP processes too, in the default suite
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     # SGD, not Adam: Adam's normalised first steps turn float-rounding noise in near-zero gradients into full-size
@@ -236,13 +241,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(rank0[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")  # fmt: skip
+@needs_accelerate_launcher
 @pytest.mark.parametrize(
     "streaming",
-    [  # the streaming case in the default suite; the other two (17 s each) with the slow tests
+    [  # 17 s each; test_two_processes_end_every_epoch_together streams in two processes in the default suite
         pytest.param([], marks=pytest.mark.slow),
-        ["--streaming"],
+        pytest.param(["--streaming"], marks=pytest.mark.slow),  # the epoch test below streams in the default suite
         pytest.param(["--streaming", "--max_tokens", "64"], marks=pytest.mark.slow),
     ],
     ids=["cached", "streaming", "tokens"],
@@ -274,8 +278,46 @@ def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streamin
         assert torch.equal(tensor, rank1[name]), name
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")  # fmt: skip
+@needs_accelerate_launcher
+@pytest.mark.parametrize(
+    "batching",
+    [  # a stream cut into token batches in the default suite; sentence batches and map-style token batches slow
+        ["--streaming", "--max_tokens", "112", "--shuffle_buffer_size", "50"],
+        pytest.param(["--streaming", "--per_device_train_batch_size", "8"], marks=pytest.mark.slow),
+        pytest.param(["--max_tokens", "128"], marks=pytest.mark.slow),
+    ],
+    ids=["stream-tokens", "stream-sentences", "map-tokens"],
+)
+def test_two_processes_end_every_epoch_together(tmp_path, batching):
+    """Issue 24's item 2: the two processes' parts of a stream differ (161 pairs: 81 and 80), and so do the batches
+    cut from them; each process ended its epochs at its own step, and the epoch's save and evaluation paired
+    different collectives (gloo: "collective mismatch"). Now every epoch ends at the same step on both, through
+    several epochs, with gradient accumulation 2 and a save and an evaluation at each epoch's end."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = toy_translation_corpus(200, seed=4)
+    for name, part in (("train", rows[:161]), ("val", rows[161:181]), ("test", rows[181:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    arguments = ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "val.jsonl"),
+                 "--test_file", str(data / "test.jsonl"), "--vocab_size", "150",
+                 "--cache_dir", str(tmp_path / "cache"), "--max_steps", "16", "--gradient_accumulation_steps", "2",
+                 "--save_strategy", "epoch", "--eval_strategy", "epoch", "--generation_max_length", "6",
+                 "--generation_num_beams", "1", "--test_before_training", "false", "--max_source_length", "64",
+                 "--max_target_length", "64", "--output_dir", str(tmp_path / "run"), *batching]  # fmt: skip
+    log = tmp_path / "log.txt"
+    finish(launch([*two_processes(29527, "--multi_gpu"), str(tmp_path / "out"), *arguments], log), log)
+    work = [json.loads((tmp_path / "out" / f"work{rank}.json").read_text()) for rank in range(2)]
+    epochs = work[0]["epoch_end_steps"]
+    assert work[1]["epoch_end_steps"] == epochs and len(epochs) >= 3, epochs  # several epochs, ended together
+    assert [rank["tokenizer_trainings"] for rank in work] == [1, 0]
+    saved = sorted(int(path.name.split("-")[1]) for path in (tmp_path / "run").glob("checkpoint-*"))
+    assert saved == epochs[-len(saved) :]  # each epoch's checkpoint (the oldest rotated away)
+    rank0, rank1 = (load_file(tmp_path / "out" / f"rank{rank}.safetensors") for rank in range(2))
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name
+
+
+@needs_accelerate_launcher
 def test_two_fsdp_processes_end_with_the_parameters_of_two_ddp_processes(tmp_path):
     """FSDP2 through accelerate shards the model along `_no_split_modules` (gloo, on CPU: see distributed_train.py)
     and trains, averages, evaluates and saves the same model as DDP."""
@@ -323,8 +365,7 @@ def test_two_fsdp_processes_end_with_the_parameters_of_two_ddp_processes(tmp_pat
     assert predicted[0] == predicted[1]
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")  # fmt: skip
+@needs_accelerate_launcher
 @pytest.mark.slow  # 15 s of launching two processes for a refusal
 def test_fsdp_with_sharded_checkpoints_refuses_averaging_before_training(tmp_path):
     output_dir = tmp_path / "run"

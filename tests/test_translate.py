@@ -13,7 +13,7 @@ import torch
 
 from hf_attention.inference.translate import length_sorted_batches, main
 
-from .helpers import generate_alone, save_toy_translation_model, with_capabilities
+from .helpers import generate_alone, require_module, save_toy_translation_model, with_capabilities
 
 ROOT = Path(__file__).parent.parent
 SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i see cats", "you count three hundred"]
@@ -57,7 +57,7 @@ def test_translations_come_out_in_input_order_as_generate_gives_them(tmp_path, m
 
 
 def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_dir, monkeypatch):
-    pytest.importorskip("ctranslate2")
+    require_module("ctranslate2")
     (tmp_path / "temporary").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))  # where the export of the model goes
     source = tmp_path / "source.txt"
@@ -99,7 +99,7 @@ def test_the_default_quantization_is_the_machines_choice_for_the_workload(
 def test_the_ctranslate2_engine_decodes_with_the_generation_config_s_beams_and_length_penalty(tmp_path, model_dir):
     """The paper's α = 0.6 (the training job saves it): without it, CTranslate2 scored 37.50 BLEU on Multi30k where
     generate() scores 37.73."""
-    pytest.importorskip("ctranslate2")
+    require_module("ctranslate2")
     from transformers import GenerationConfig
 
     from hf_attention import export_ctranslate2

@@ -163,6 +163,64 @@ class TokenBatchStream(IterableDataset):
             yield [pool[index] for index in batch]
 
 
+class SentenceBatchStream(IterableDataset):
+    """A stream's pairs in lists of `batch_size` (the last list may be shorter, unless `drop_last`): the sentence-
+    count batches of `--streaming` without `--max_tokens`, as items, like `TokenBatchStream`'s."""
+
+    def __init__(self, stream, batch_size: int, drop_last: bool = False):
+        self.stream, self.batch_size, self.drop_last = stream, batch_size, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        batch = []
+        for pair in self.stream:
+            batch.append(pair)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+
+class EvenBatchesAcrossProcesses(IterableDataset):
+    """Each data-parallel process's batches of a stream, cut so that every process yields the same number per epoch.
+
+    Streamed parts differ between processes (`split_dataset_by_node`), and so do the batches cut from them: one
+    process would end its epoch while another is still training, and their collectives (gradient reductions, an
+    epoch's evaluation and save) would pair up wrongly or hang. Before each batch the processes agree (an all-reduce
+    of "I have one", a minimum) whether all have another; the epoch ends on every process at the first that has none.
+    The longer parts' last few batches are left out of that epoch, as `drop_last` leaves a remainder out; the next
+    epoch reshuffles. The agreement is a collective, so it runs in the training process (`--dataloader_num_workers 0`).
+
+    Args:
+        batches: this process's batches (`TokenBatchStream`, `SentenceBatchStream`).
+        device: where the agreement's one-number tensor lives (the process group's device: cpu for gloo).
+    """
+
+    def __init__(self, batches: IterableDataset, device: torch.device | str = "cpu"):
+        self.batches, self.device = batches, device
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(
+                "EvenBatchesAcrossProcesses agrees across processes: iterate it in the training process."
+            )
+        iterator = iter(self.batches)
+        while True:
+            batch = next(iterator, None)
+            every_process_has_one = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(every_process_has_one, op=torch.distributed.ReduceOp.MIN)
+            if not every_process_has_one.item():
+                return
+            yield batch
+
+
 class PaddingCounter:
     """Wraps a data collator to count the real and padded tokens of the batches it builds.
 

@@ -57,6 +57,15 @@ class Sampling:
         return {"do_sample": True, **{name: value for name, value in vars(self).items() if value is not None}}
 
 
+def lexical_constraints(tokenizer, include: list[str], avoid: list[str]) -> LexicalConstraints:
+    """Phrases to include and to avoid as the target tokens `tokenizer` gives them (no end token)."""
+
+    def tokens(phrase: str) -> list[int]:
+        return tokenizer(text_target=phrase, add_special_tokens=False)["input_ids"]
+
+    return LexicalConstraints.from_token_ids([tokens(p) for p in include], [tokens(p) for p in avoid])
+
+
 class Engine:
     """What every engine shares: tokens per sentence, and translating a batch within §6.1-style length limits."""
 
@@ -124,11 +133,7 @@ class Engine:
 
     def lexical_constraints(self, include: list[str], avoid: list[str]) -> LexicalConstraints:
         """Phrases as the target tokens the model generates (no end token)."""
-
-        def tokens(phrase: str) -> list[int]:
-            return self.tokenizer(text_target=phrase, add_special_tokens=False)["input_ids"]
-
-        return LexicalConstraints.from_token_ids([tokens(p) for p in include], [tokens(p) for p in avoid])
+        return lexical_constraints(self.tokenizer, include, avoid)
 
     def prefix_ids(self, prefixes: list[str] | None) -> list[list[int]] | None:
         """The target tokens of each prefix, without an end token; None when no sentence has one."""

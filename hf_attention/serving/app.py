@@ -6,6 +6,7 @@ so `/health` answers 503 ("loading") until the model has loaded and translated a
 """
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..inference.alignment import format_alignment
-from ..inference.engines import load_engine
+from ..inference.engines import lexical_constraints, load_engine
 from .arguments import ServeArguments
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServingMetrics
@@ -52,6 +53,7 @@ class TranslationService:
         self.arguments = arguments
         self.metrics = metrics or ServingMetrics()
         self.engine = None
+        self.tokenizer = None  # the requests' own copy of the engine's: see `load`
         self.status = "loading"  # then "ok", "failed" or "draining"
         self.failure: str | None = None
         self.model_name = arguments.served_model_name or model_name(arguments.model)
@@ -66,6 +68,10 @@ class TranslationService:
             batch_size=arguments.max_batch_sentences, batch_invariant=arguments.batch_invariant,
         )  # fmt: skip
         engine.decode([WARM_UP_SENTENCE], max_new_tokens=8)
+        # Requests are checked on the event loop while a batch decodes on another thread. A fast tokenizer's padding
+        # and truncation are settings of one shared Rust object: a call without padding there would switch off the
+        # padding of the batch being encoded here. The requests get their own copy.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.engine = engine
 
     def options(self, body: TranslateRequest) -> DecodingOptions:
@@ -103,8 +109,8 @@ class TranslationService:
         empty = [field_error(at.format(i), "an empty sentence.", s) for i, s in enumerate(sentences) if not s.strip()]
         if empty:
             raise RequestError(*empty)
-        lengths = [len(ids) for ids in self.engine.tokenizer(sentences)["input_ids"]]
-        longest = min(self.arguments.max_batch_tokens, getattr(self.engine.tokenizer, "model_max_length", 10**9))
+        lengths = [len(ids) for ids in self.tokenizer(sentences)["input_ids"]]
+        longest = min(self.arguments.max_batch_tokens, getattr(self.tokenizer, "model_max_length", 10**9))
         too_long = [
             field_error(at.format(i), f"{length} tokens: more than the {longest} this server takes in one sentence.")
             for i, length in enumerate(lengths)
@@ -155,7 +161,7 @@ class TranslationService:
         found = []
         for row in range(count):
             include, avoid = (given.get(name, [[]] * count)[row] for name in ("constraints", "avoid"))
-            found.append(self.engine.lexical_constraints(include, avoid) if include or avoid else None)
+            found.append(lexical_constraints(self.tokenizer, include, avoid) if include or avoid else None)
         limit = body.max_new_tokens or self.arguments.max_new_tokens
         too_many = [row for row, c in enumerate(found) if c and c.token_count > limit]
         if too_many:

@@ -24,7 +24,7 @@ from transformers import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import hardware
-from ..configuration_hf_attention import PRESETS, HfAttentionConfig
+from ..configuration_hf_attention import PRESETS, HfAttentionConfig, require_positive_integers
 
 
 @dataclass
@@ -478,11 +478,9 @@ def validate_arguments(
         "--max_tokens": (training_args.max_tokens, 2, "one token and </s>"),
     }
     minimums |= {flag: limit for flag, limit in optional_minimums.items() if limit[0] is not None}
-    for flag in ("generation_num_beams", "generation_max_length", "per_device_train_batch_size",
-                 "per_device_eval_batch_size", "generation_max_new_tokens_over_source"):  # fmt: skip
-        value = getattr(training_args, flag)
-        if value is not None and value < 1:
-            minimums[f"--{flag}"] = (value, 1, "a positive number")
+    positive = ("generation_num_beams", "generation_max_length", "per_device_train_batch_size",
+                "per_device_eval_batch_size", "generation_max_new_tokens_over_source")  # fmt: skip
+    require_positive_integers({f"--{flag}": getattr(training_args, flag) for flag in positive}, TrainingArgumentError)
     for flag, (value, minimum, why) in minimums.items():
         if value < minimum:
             raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
@@ -507,10 +505,13 @@ def validate_arguments(
                 "tokens on one side (--max_source_length / --max_target_length); raise --max_tokens or lower those."
             )
         if training_args.train_sampling_strategy != "random":
-            raise TrainingArgumentError(
-                f"--train_sampling_strategy {training_args.train_sampling_strategy} with --streaming: a stream is "
-                "read in order (shuffled in --shuffle_buffer_size); drop the flag."
-            )
+            raise TrainingArgumentError(f"--train_sampling_strategy {training_args.train_sampling_strategy} with "
+                                        "--streaming: a stream is read in order (shuffled in --shuffle_buffer_size); "
+                                        "drop the flag.")  # fmt: skip
+        if training_args.world_size > 1 and training_args.dataloader_num_workers:
+            raise TrainingArgumentError(f"--dataloader_num_workers {training_args.dataloader_num_workers} with "
+                                        "--streaming on several processes: they agree before each batch whether all "
+                                        "have one, in the training process; use 0.")  # fmt: skip
     if data_args.guided_alignment and not training_args.guided_alignment_weight > 0:
         raise TrainingArgumentError(f"--guided_alignment_weight {training_args.guided_alignment_weight}: must be "
                                     "positive (leave --guided_alignment out to train without it).")  # fmt: skip

@@ -31,7 +31,13 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
-from ..data.batching import TokenBatchSampler, TokenBatchStream, token_lengths
+from ..data.batching import (
+    EvenBatchesAcrossProcesses,
+    SentenceBatchStream,
+    TokenBatchSampler,
+    TokenBatchStream,
+    token_lengths,
+)
 from ..modeling_hf_attention import label_smoothed_cross_entropy
 from .checkpoint_averaging import average_into_model, average_state_dicts, missing_weights
 from .guided_alignment import capture_cross_attention_inputs, guided_alignment_loss, head_log_attention
@@ -218,9 +224,14 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         stream already split across processes (`--streaming`) one that accelerate neither dispatches nor re-splits."""
         batched_stream = isinstance(self.train_dataset, TokenBatchStream)  # --streaming --max_tokens
         if batched_stream or (isinstance(self.train_dataset, datasets.IterableDataset) and self.args.world_size > 1):
+            batches = self.train_dataset
+            if not batched_stream:
+                batches = SentenceBatchStream(batches, self._train_batch_size, self.args.dataloader_drop_last)
+            if self.args.world_size > 1:  # every process takes the same number of steps in each epoch
+                batches = EvenBatchesAcrossProcesses(batches, self.args.device)
             loader = DataLoader(
-                self.train_dataset,
-                batch_size=None if batched_stream else self._train_batch_size,  # its items are batches already
+                batches,
+                batch_size=None,  # its items are batches already
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
                 pin_memory=self.args.dataloader_pin_memory,
