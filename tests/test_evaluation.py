@@ -51,6 +51,10 @@ def test_scores_and_signatures_together():
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score)
     assert score_translations(REFERENCES, REFERENCES)["bleu"] == pytest.approx(100)
     assert "version:" in scores["bleu_signature"] and "nc:6" in scores["chrf_signature"]
+    capitalised = score_translations([text.capitalize() for text in PREDICTIONS], REFERENCES)
+    assert capitalised["bleu_lowercase"] == pytest.approx(scores["bleu"])  # case no longer counts...
+    assert capitalised["bleu"] < capitalised["bleu_lowercase"]  # ...where the cased score sees it
+    assert "case:lc" in scores["bleu_lowercase_signature"] and "case:mixed" in scores["bleu_signature"]
     with pytest.raises(ValueError, match="2 translations for 3 references"):
         score_translations(PREDICTIONS[:2], REFERENCES)
     with pytest.raises(ValueError, match=r"No local metric 'rouge'; choose one of \['chrf', 'sacrebleu'\]"):
@@ -87,6 +91,7 @@ def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
     report = json.loads(report_file.read_text())
     assert report["sentences"] == 6 and report["pair"] == "en-de" and report["num_beams"] == 2
     assert 0 <= report["bleu"] <= 100 and report["bleu_signature"].startswith("nrefs:1")
+    assert report["bleu_lowercase_signature"].startswith("nrefs:1|case:lc") and 0 <= report["bleu_lowercase"] <= 100
     assert report["examples"][0]["reference"] == rows[0]["translation"]["de"]
     hypotheses = (tmp_path / "report" / "scores.translations.txt").read_text().splitlines()  # every one, in order
     assert len(hypotheses) == 6 and hypotheses[:5] == [example["translation"] for example in report["examples"]]

@@ -57,6 +57,8 @@ def test_training_learns_and_writes_model_tokenizer_card_curves_and_results(tmp_
     assert results["bleu_after"] > results["bleu_before"] + 20, results
     assert f"test BLEU {results['bleu_before']:.1f} -> {results['bleu_after']:.1f}" in printed
     assert results["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert results["bleu_lowercase_signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
+    assert f"lowercased BLEU {results['bleu_lowercase_after']:.1f}" in printed
 
     model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
     assert isinstance(model, HfAttentionForConditionalGeneration)
@@ -70,9 +72,11 @@ def test_training_learns_and_writes_model_tokenizer_card_curves_and_results(tmp_
     metadata = card_metadata(output_dir)
     assert metadata["language"] == ["en", "de"] and metadata["license"] == "apache-2.0"
     assert metadata["pipeline_tag"] == "translation" and "base_model" not in metadata
-    scores = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
-    assert scores == {"bleu": round(results["bleu_after"], 2), "chrf": round(results["chrf_after"], 2)}
+    scores = {(m["type"], m.get("config")): m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {("bleu", None): round(results["bleu_after"], 2), ("chrf", None): round(results["chrf_after"], 2),
+                      ("bleu", "lowercase"): round(results["bleu_lowercase_after"], 2)}  # fmt: skip
     card = (output_dir / "README.md").read_text()
+    assert results["bleu_lowercase_signature"] in card and "| BLEU (lowercased) |" in card
     assert results["bleu_signature"] in card and "| adam_beta2 | 0.98 |" in card and "| adam_epsilon | 1e-09 |" in card
 
     # Fine-tuning the saved model: its tokenizer is reused and the card's text names the base model.

@@ -27,6 +27,8 @@ REPORTED_HYPERPARAMETERS = (
     "num_train_epochs",
     "seed",
     "average_last_n_checkpoints",
+    "r_drop_alpha",
+    "ema_decay",
     "generation_length_penalty",
     "generation_length_penalty_style",
     "bf16",
@@ -85,6 +87,8 @@ class ModelCardFacts:
     parameters: int
     architecture: str
     example_source: str
+    bleu_lowercase: float | None = None  # None in the results.json of runs before it was reported
+    bleu_lowercase_signature: str | None = None
 
     @classmethod
     def from_run(cls, summary, model_args, data_args, training_args, config: HfAttentionConfig) -> "ModelCardFacts":
@@ -131,6 +135,8 @@ class ModelCardFacts:
             parameters=summary.parameters,
             architecture=architecture,
             example_source=summary.example_source,
+            bleu_lowercase=summary.bleu_lowercase_after,
+            bleu_lowercase_signature=summary.bleu_lowercase_signature,
         )
 
 
@@ -142,6 +148,10 @@ def render_model_card(facts: ModelCardFacts) -> ModelCard:
     """The card: Hub metadata (languages, licence, datasets, `model-index` results, `base_model` when it is a Hub
     id) and the text of `model_card_template.md`."""
     languages = [facts.source_lang, facts.target_lang]
+    # (type, config, name, value): the Hub tells the two BLEU scores apart by their config
+    scores = [("bleu", None, "BLEU (cased sacreBLEU)", facts.bleu), ("chrf", None, "chrF", facts.chrf)]
+    if facts.bleu_lowercase is not None:
+        scores.insert(1, ("bleu", "lowercase", "BLEU (lowercased)", facts.bleu_lowercase))
     eval_results = [
         EvalResult(
             task_type="translation",
@@ -150,10 +160,11 @@ def render_model_card(facts: ModelCardFacts) -> ModelCard:
             dataset_name=facts.dataset_name,
             dataset_split="test",
             metric_type=metric,
+            metric_config=metric_config,
             metric_name=metric_name,
             metric_value=round(value, 2),
         )
-        for metric, metric_name, value in (("bleu", "BLEU", facts.bleu), ("chrf", "chrF", facts.chrf))
+        for metric, metric_config, metric_name, value in scores
     ]
     hub_base_model = facts.base_model if facts.base_model and not _is_local_path(facts.base_model) else None
     card_data = ModelCardData(
@@ -172,6 +183,7 @@ def render_model_card(facts: ModelCardFacts) -> ModelCard:
         card_data,
         template_path=str(TEMPLATE),
         **{**asdict(facts), "bleu": f"{facts.bleu:.2f}", "chrf": f"{facts.chrf:.2f}"},
+        bleu_lowercase_text=None if facts.bleu_lowercase is None else f"{facts.bleu_lowercase:.2f}",
         bleu_before_text=None if facts.bleu_before is None else f"{facts.bleu_before:.2f}",
         parameters_text=f"{facts.parameters / 1e6:.2f}M",
     )

@@ -107,4 +107,6 @@ def main(argv: list[str] | None = None) -> None:
         hypotheses.write_text("".join(f"{line}\n" for line in translations), encoding="utf-8")
         print(f"translations in {hypotheses}", file=sys.stderr)
     print(text)
-    print(f"BLEU {report['bleu']:.2f} ({report['bleu_signature']}), chrF {report['chrf']:.2f}", file=sys.stderr)
+    print(f"BLEU {report['bleu']:.2f} (cased: {report['bleu_signature']}), lowercased BLEU "
+          f"{report['bleu_lowercase']:.2f} ({report['bleu_lowercase_signature']}), chrF {report['chrf']:.2f}",
+          file=sys.stderr)  # fmt: skip

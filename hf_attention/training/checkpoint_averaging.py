@@ -63,8 +63,9 @@ def _architecture(checkpoint: Path) -> dict:
     return {key: value for key, value in config.items() if key not in NOT_ARCHITECTURE}
 
 
-def average_state_dicts(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the checkpoints' weights (accumulated in float64, returned in each tensor's dtype).
+def average_state_dicts(checkpoints: list[Path], weights_file: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The element-wise mean of the checkpoints' weights (accumulated in float64, returned in each tensor's dtype),
+    or of another file of weights each holds (`weights_file`: the moving averages of --ema_decay).
 
     Raises:
         CheckpointAveragingError: the checkpoints' configs describe different architectures, or their tensors differ.
@@ -81,7 +82,9 @@ def average_state_dicts(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
             )
     total, first = None, None
     for checkpoint in checkpoints:
-        weights = load_file(checkpoint / "model.safetensors")
+        if not (checkpoint / weights_file).is_file():
+            raise CheckpointAveragingError(f"{checkpoint} holds no {weights_file}.")
+        weights = load_file(checkpoint / weights_file)
         if total is None:
             first = weights
             total = {name: tensor.to(torch.float64) for name, tensor in weights.items()}
@@ -93,9 +96,12 @@ def average_state_dicts(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
     return {name: (summed / len(checkpoints)).to(first[name].dtype) for name, summed in total.items()}
 
 
-def average_into_model(model: PreTrainedModel, checkpoints: list[Path]) -> None:
-    """Load the average of `checkpoints` into `model` (which has their architecture), in place."""
-    averaged = average_state_dicts(checkpoints)
+def average_into_model(
+    model: PreTrainedModel, checkpoints: list[Path], weights_file: str = "model.safetensors"
+) -> None:
+    """Load the average of `checkpoints` (their `weights_file`) into `model` (which has their architecture), in
+    place."""
+    averaged = average_state_dicts(checkpoints, weights_file)
     missing = missing_weights(model, set(averaged))
     unexpected = sorted(set(averaged) - set(model.state_dict()))
     if missing or unexpected:

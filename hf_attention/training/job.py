@@ -45,16 +45,15 @@ from .arguments import (
     TrainingArgumentError,
     parse_arguments,
     parse_config_overrides,
-    planned_checkpoints,
     requested_phases,
-    validate_arguments,
-    validate_averaging,
 )
 from .checkpoint_averaging import CheckpointAveragingError, find_checkpoints
 from .plots import plot_training_curves
 from .prepare import PreparedData, prepare_data
+from .regularization import EMA_WEIGHTS_NAME
 from .run_folder import OutputFolderError, RunFolder, plan_run_folder
 from .trainer import CheckpointSafeSeq2SeqTrainer, FsdpUnsupportedError, WallClockCallback, steps_per_epoch
+from .validation import planned_checkpoints, validate_arguments, validate_averaging
 
 logger = logging.get_logger(__name__)
 
@@ -70,11 +69,13 @@ class RunSummary:
     test_sentences: int
     example_source: str
     bleu_before: float | None
-    bleu_after: float
+    bleu_after: float  # cased sacreBLEU
     chrf_after: float
     bleu_signature: str
     chrf_signature: str
     length_report: str
+    bleu_lowercase_after: float | None = None  # the same on lowercased text: what papers on small sets report
+    bleu_lowercase_signature: str | None = None
 
 
 def load_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -351,14 +352,22 @@ def run(
     train_result = trainer.train(resume_from_checkpoint=resume)
     # Every process takes part in averaging, evaluating and gathering the weights; then the main process alone.
     averaging_failed = None
+    moving_average = training_args.ema_decay > 0 and training_args.ema_final_model
+    if moving_average and not training_args.average_last_n_checkpoints:
+        trainer.weight_average.copy_to(trainer.model)  # the smoothed weights are the final model
     if training_args.average_last_n_checkpoints:  # §6.1: the final model averages the last checkpoints
         try:
             trainer.average_checkpoints_into_model(
-                find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints)
+                find_checkpoints([folder.checkpoints_dir], training_args.average_last_n_checkpoints),
+                EMA_WEIGHTS_NAME if moving_average else "model.safetensors",
             )
         except CheckpointAveragingError as error:  # the trained weights are still worth keeping
             averaging_failed = f"--average_last_n_checkpoints {training_args.average_last_n_checkpoints}: {error}"
-            logger.error(f"{averaging_failed}; the final model keeps the last weights instead.")
+            if moving_average:
+                trainer.weight_average.copy_to(trainer.model)
+            kept = "the moving average" if moving_average else "the last weights"
+            averaging_failed += f"; the final model in {folder.output_dir} holds {kept}, not the average"
+            logger.error(f"{averaging_failed}.")
     files = final_evaluation(trainer) if phases.evaluate else {}
     model = trainer.whole_model()
     if model is None:  # not the main process: its part is done
@@ -393,6 +402,8 @@ def run(
             bleu_signature=scores["bleu_signature"],
             chrf_signature=scores["chrf_signature"],
             length_report=str(data.length_report),
+            bleu_lowercase_after=scores["bleu_lowercase"],
+            bleu_lowercase_signature=scores["bleu_lowercase_signature"],
         )
         examples = write_report(final_dir, summary, data, translations, trainer, model, model_args, data_args)
     folder.finish()
@@ -409,8 +420,7 @@ def run(
     for source, translation, reference in examples:
         print(f"\n  {data_args.source_lang}:  {source}\n  model:  {translation}\n  ref:    {reference}")
     if averaging_failed:
-        raise AveragingFailedError(f"{averaging_failed}; the final model in {folder.output_dir} holds the last "
-                                   "weights, not the average.")  # fmt: skip
+        raise AveragingFailedError(f"{averaging_failed}.")
     return summary
 
 
@@ -424,8 +434,9 @@ def describe(summary: RunSummary) -> str:
         f"\n{summary.parameters / 1e6:.2f}M parameters, {summary.steps} steps on "
         f"{'a stream of' if summary.train_pairs is None else summary.train_pairs} pairs "
         f"({summary.length_report}), {summary.seconds:.0f}s in all\n"
-        f"{summary.scored_split} BLEU {before} -> {summary.bleu_after:.1f}, chrF {summary.chrf_after:.1f}\n"
-        f"  {summary.bleu_signature}\n  {summary.chrf_signature}\n"
+        f"{summary.scored_split} BLEU {before} -> {summary.bleu_after:.1f} (cased sacreBLEU), lowercased BLEU "
+        f"{summary.bleu_lowercase_after:.1f}, chrF {summary.chrf_after:.1f}\n"
+        f"  {summary.bleu_signature}\n  {summary.bleu_lowercase_signature}\n  {summary.chrf_signature}\n"
         f"model, tokenizer, model card, curves and results in {summary.output_dir}"
     )
 

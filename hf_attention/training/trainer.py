@@ -41,6 +41,7 @@ from ..data.batching import (
 from ..modeling_hf_attention import label_smoothed_cross_entropy
 from .checkpoint_averaging import average_into_model, average_state_dicts, missing_weights
 from .guided_alignment import capture_cross_attention_inputs, guided_alignment_loss, head_log_attention
+from .regularization import EMA_WEIGHTS_NAME, MovingAverageCallback, WeightMovingAverage, doubled, symmetric_kl
 
 STAGING_DIR = ".checkpoint-staging"
 
@@ -165,6 +166,9 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
     _staging_root: str | None = None
     # (layer, head, weight) of guided-alignment training (`guided_alignment.py`), or None
     guided_alignment: tuple[int, int, float] | None = None
+    # --ema_decay's moving average of the weights (`regularization.py`), from the start of training; else None
+    weight_average: WeightMovingAverage | None = None
+    resumed_checkpoint: str | None = None  # the checkpoint `train` resumes from, whose moving average goes on
 
     def __init__(self, *args, guided_alignment: tuple[int, int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -173,6 +177,11 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             self.label_smoother = TokenLabelSmoother(self.label_smoother.epsilon)
         if self.is_fsdp_enabled:
             share_embedding_modules(self.model)
+        if getattr(self.args, "ema_decay", 0):
+            if self.is_fsdp_enabled:
+                raise FsdpUnsupportedError(f"--ema_decay {self.args.ema_decay} with FSDP: the moving average keeps "
+                                           "whole weights; train it with DDP, or without --ema_decay.")  # fmt: skip
+            self.add_callback(MovingAverageCallback(self))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """`Seq2SeqTrainer.train`, except that resuming a run that already did all its steps trains no further.
@@ -184,6 +193,7 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resumed_checkpoint = checkpoint if isinstance(checkpoint, str) else None
         if isinstance(checkpoint, str) and self.args.should_save:
             repair_best_checkpoint_path(os.path.join(checkpoint, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
@@ -193,6 +203,8 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             if done or (self.args.max_steps <= 0 and (state.epoch or 0) >= self.args.num_train_epochs):
                 self._load_from_checkpoint(checkpoint)
                 self.state = state
+                if getattr(self.args, "ema_decay", 0):  # the checkpoint's moving average, as training would end
+                    MovingAverageCallback(self).on_train_begin(self.args, state, self.control, model=self.model)
                 losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
                 return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -205,8 +217,11 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             self._signature_columns = [*self._signature_columns, "alignment"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The translation loss, plus λ × the guided-alignment loss on batches that carry `alignment_targets`."""
+        """The translation loss, plus λ × the guided-alignment loss on batches that carry `alignment_targets`, or in
+        training with --r_drop_alpha R-Drop's (`r_drop_loss`)."""
         targets = inputs.pop("alignment_targets", None)
+        if getattr(self.args, "r_drop_alpha", 0) and model.training:
+            return self.r_drop_loss(model, inputs, return_outputs, num_items_in_batch)
         if targets is None or self.guided_alignment is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         layer, head, weight = self.guided_alignment
@@ -217,6 +232,16 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         log_attention = head_log_attention(attention, captured["hidden_states"], captured["key_value_states"],
                                            inputs["attention_mask"], head)  # fmt: skip
         loss = loss + weight * guided_alignment_loss(log_attention, targets)
+        return (loss, outputs) if return_outputs else loss
+
+    def r_drop_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """R-Drop: the mean of the translation loss over two dropout passes (one pass over the doubled batch), plus
+        α × ½(KL(P₁‖P₂) + KL(P₂‖P₁)) per target token, normalised like the translation loss."""
+        labels = inputs["labels"]
+        both = None if num_items_in_batch is None else num_items_in_batch * 2
+        loss, outputs = super().compute_loss(model, doubled(inputs), True, both)
+        first, second = outputs["logits"].chunk(2)
+        loss = loss + self.args.r_drop_alpha * symmetric_kl(first, second, labels, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def get_train_dataloader(self) -> DataLoader:
@@ -276,12 +301,16 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
             self.accelerator.state.fsdp_plugin.state_dict_type
         )
 
-    def average_checkpoints_into_model(self, checkpoints: list[Path]) -> None:
-        """§6.1's final model, on every process (each keeps its own shard under FSDP): all must call it."""
+    def average_checkpoints_into_model(self, checkpoints: list[Path], weights_file: str = "model.safetensors") -> None:
+        """§6.1's final model, on every process (each keeps its own shard under FSDP): all must call it.
+
+        Args:
+            weights_file: what to average in each checkpoint: the weights, or `EMA_WEIGHTS_NAME`'s moving averages.
+        """
         if not self.is_fsdp_enabled:
-            average_into_model(self.model, checkpoints)
+            average_into_model(self.model, checkpoints, weights_file)
             return
-        averaged = average_state_dicts(checkpoints)
+        averaged = average_state_dicts(checkpoints, weights_file)
         # One entry per tensor: torch would copy a tied parameter's other names unsharded into its shard.
         names = [name for name, _ in (*self.model.named_parameters(), *self.model.named_buffers())]
         averaged = {name: averaged[name] for name in names if name in averaged}
@@ -328,6 +357,8 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
+            if self.weight_average is not None and self.args.should_save:  # inside the swap, like every file
+                self.weight_average.save(self.model, os.path.join(staged, EMA_WEIGHTS_NAME))
         finally:
             self._staging_root = None
             self.args.save_total_limit = save_total_limit
