@@ -161,6 +161,22 @@ def two_processes(port: int, *distribution: str) -> list[str]:
             "tests/distributed_train.py"]  # fmt: skip
 
 
+def toy_corpus_files(tmp_path: Path, pairs: int, train: int, validation: int = 20) -> list[str]:
+    """The toy corpus as train/val/test JSON lines files, and the job's flags that read them (a small tokenizer,
+    cached; short greedy evaluation; the run in tmp_path/run)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = toy_translation_corpus(pairs, seed=4)
+    splits = {"train": rows[:train], "val": rows[train : train + validation], "test": rows[train + validation :]}
+    for name, part in splits.items():
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    return ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "val.jsonl"),
+            "--test_file", str(data / "test.jsonl"), "--vocab_size", "150", "--cache_dir", str(tmp_path / "cache"),
+            "--generation_max_length", "6", "--generation_num_beams", "1", "--test_before_training", "false",
+            "--max_source_length", "64", "--max_target_length", "64",
+            "--output_dir", str(tmp_path / "run")]  # fmt: skip
+
+
 @pytest.mark.slow  # test_reliability's run killed anywhere covers it in the default suite
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(tmp_path):
     arguments = [*QUICK, "--max_steps", "150", "--save_steps", "20", "--toy_eval_size", "4"]
@@ -259,18 +275,8 @@ def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streamin
     """The main process trains the tokenizer and tokenises; the other loads both from the cache. A stream is split
     across the processes (and each cuts its part into token batches). Either way the two processes end with the same
     parameters."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = toy_translation_corpus(400, seed=4)
-    for name, part in (("train", rows[:360]), ("val", rows[360:380]), ("test", rows[380:])):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
-    arguments = ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "val.jsonl"),
-                 "--test_file", str(data / "test.jsonl"), "--vocab_size", "150",
-                 "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--save_strategy", "no",
-                 "--per_device_train_batch_size", "8",
-                 "--generation_max_length", "6", "--generation_num_beams", "1", "--test_before_training", "false",
-                 "--max_source_length", "64", "--max_target_length", "64", "--output_dir", str(tmp_path / "run"),
-                 *streaming]  # fmt: skip
+    arguments = [*toy_corpus_files(tmp_path, pairs=400, train=360), "--max_steps", "4", "--save_strategy", "no",
+                 "--per_device_train_batch_size", "8", *streaming]  # fmt: skip
     log = tmp_path / "log.txt"
     finish(launch([*two_processes(29519, "--multi_gpu"), str(tmp_path / "out"), *arguments], log), log)
     work = [json.loads((tmp_path / "out" / f"work{rank}.json").read_text()) for rank in range(2)]
@@ -297,17 +303,9 @@ def test_two_processes_end_every_epoch_together(tmp_path, batching):
     cut from them; each process ended its epochs at its own step, and the epoch's save and evaluation paired
     different collectives (gloo: "collective mismatch"). Now every epoch ends at the same step on both, through
     several epochs, with gradient accumulation 2 and a save and an evaluation at each epoch's end."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = toy_translation_corpus(200, seed=4)
-    for name, part in (("train", rows[:161]), ("val", rows[161:181]), ("test", rows[181:])):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
-    arguments = ["--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "val.jsonl"),
-                 "--test_file", str(data / "test.jsonl"), "--vocab_size", "150",
-                 "--cache_dir", str(tmp_path / "cache"), "--max_steps", "16", "--gradient_accumulation_steps", "2",
-                 "--save_strategy", "epoch", "--eval_strategy", "epoch", "--generation_max_length", "6",
-                 "--generation_num_beams", "1", "--test_before_training", "false", "--max_source_length", "64",
-                 "--max_target_length", "64", "--output_dir", str(tmp_path / "run"), *batching]  # fmt: skip
+    arguments = [*toy_corpus_files(tmp_path, pairs=200, train=161), "--max_steps", "16",
+                 "--gradient_accumulation_steps", "2", "--save_strategy", "epoch", "--eval_strategy", "epoch",
+                 *batching]  # fmt: skip
     log = tmp_path / "log.txt"
     finish(launch([*two_processes(29527, "--multi_gpu"), str(tmp_path / "out"), *arguments], log), log)
     work = [json.loads((tmp_path / "out" / f"work{rank}.json").read_text()) for rank in range(2)]
