@@ -37,29 +37,26 @@ def validate_arguments(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise TrainingArgumentError(f"{flag} {value!r}: choose one of {', '.join(allowed)}.")
-    minimums = {
+    minimums = {  # flag: (value, least allowed, why); a flag left unset (None) is not checked
         "--vocab_size": (model_args.vocab_size, 5, "4 special tokens and at least 1 subword"),
         "--max_source_length": (data_args.max_source_length, 2, "one token and </s>"),
         "--max_target_length": (data_args.max_target_length, 2, "one token and </s>"),
+        "--val_max_target_length": (data_args.val_max_target_length, 2, "one token and </s>"),
+        "--max_tokens": (training_args.max_tokens, 2, "one token and </s>"),
         "--toy_train_size": (data_args.toy_train_size, 1, "at least one pair"),
         "--toy_eval_size": (data_args.toy_eval_size, 1, "at least one pair"),
-        "--validation_split_percentage": (data_args.validation_split_percentage, 0, "a percentage"),
-    }
-    optional_minimums = {
-        "--val_max_target_length": (data_args.val_max_target_length, 2, "one token and </s>"),
         "--max_train_samples": (data_args.max_train_samples, 1, "at least one pair"),
         "--max_eval_samples": (data_args.max_eval_samples, 0, "0 means all"),
         "--max_predict_samples": (data_args.max_predict_samples, 1, "at least one pair"),
+        "--validation_split_percentage": (data_args.validation_split_percentage, 0, "a percentage"),
         "--num_beams": (data_args.num_beams, 1, "a positive number"),
         "--preprocessing_num_workers": (data_args.preprocessing_num_workers, 1, "at least one process"),
-        "--max_tokens": (training_args.max_tokens, 2, "one token and </s>"),
     }
-    minimums |= {flag: limit for flag, limit in optional_minimums.items() if limit[0] is not None}
     positive = ("generation_num_beams", "generation_max_length", "per_device_train_batch_size",
                 "per_device_eval_batch_size", "generation_max_new_tokens_over_source")  # fmt: skip
     require_positive_integers({f"--{flag}": getattr(training_args, flag) for flag in positive}, TrainingArgumentError)
     for flag, (value, minimum, why) in minimums.items():
-        if value < minimum:
+        if value is not None and value < minimum:
             raise TrainingArgumentError(f"{flag} {value}: must be at least {minimum} ({why}).")
     if data_args.validation_split_percentage > 99:
         raise TrainingArgumentError(
