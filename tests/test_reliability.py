@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -319,28 +320,45 @@ def test_an_overwrite_replaces_the_folder_only_when_the_run_is_complete(finished
 # 9-10. Resume is exact, wherever the run was killed.
 
 
-def test_a_run_killed_anywhere_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path):
-    arguments = [*T, "--max_steps", "12", "--save_steps", "4"]
-    script = [sys.executable, "scripts/train.py", *arguments]
+RESUMED = [*T, "--max_steps", "12", "--save_steps", "4"]  # the run the resume tests kill and resume
 
-    def run(command: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(command, cwd=ROOT, env=subprocess_environment(), capture_output=True, text=True)
 
-    whole = tmp_path / "whole"
-    assert run([*script, "--output_dir", str(whole)]).returncode == 0
-    for point in ("step:6", "checkpoint:2", "final_save", "finished"):
-        output_dir = tmp_path / point.replace(":", "-")
-        if point == "finished":
-            assert run([*script, "--output_dir", str(output_dir)]).returncode == 0
-        else:
-            killed = run([sys.executable, "tests/killed_during_training.py", point, *arguments, "--output_dir",
-                          str(output_dir)])  # fmt: skip
-            assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-            assert not (output_dir / "model.safetensors").exists()
-        resumed = run([*script, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert json.loads((output_dir / "results.json").read_text())["steps"] == 12, point
-        assert_same_parameters(whole / "model.safetensors", output_dir / "model.safetensors")
+def run_quietly(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=subprocess_environment(), capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The parameters every killed-and-resumed run must end with."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    finished = run_quietly([sys.executable, "scripts/train.py", *RESUMED, "--output_dir", str(output_dir)])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return output_dir
+
+
+def kill_then_resume(point: str, output_dir: Path) -> None:
+    """Kill a run at POINT (or let it finish), then resume it with `latest`: it must end at step 12."""
+    if point == "finished":
+        finished = run_quietly([sys.executable, "scripts/train.py", *RESUMED, "--output_dir", str(output_dir)])
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    else:
+        killed = run_quietly([sys.executable, "tests/killed_during_training.py", point, *RESUMED, "--output_dir",
+                              str(output_dir)])  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert not (output_dir / "model.safetensors").exists()
+    resumed = run_quietly([sys.executable, "scripts/train.py", *RESUMED, "--output_dir", str(output_dir),
+                           "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((output_dir / "results.json").read_text())["steps"] == 12, point
+
+
+def test_a_run_killed_anywhere_resumes_to_the_parameters_of_an_uninterrupted_run(uninterrupted_run, tmp_path):
+    points = ["step:6", "checkpoint:2", "final_save", "finished"]
+    folders = [tmp_path / point.replace(":", "-") for point in points]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one thread per process (OMP_NUM_THREADS=1): two at a time
+        list(pool.map(kill_then_resume, points, folders))
+    for folder in folders:
+        assert_same_parameters(uninterrupted_run / "model.safetensors", folder / "model.safetensors")
 
 
 # Bad input: one line that names the argument, the value and what is allowed.
@@ -431,31 +449,24 @@ def test_bad_evaluation_options_are_named(finished_run, tmp_path, options, messa
         evaluate_main(["--model_dir", str(finished_run), "--test_file", str(tmp_path / "test.tsv"), *options])
 
 
-def test_an_interrupted_overwrite_resumes_from_its_own_checkpoints_with_latest(tmp_path):
+def test_an_interrupted_overwrite_resumes_from_its_own_checkpoints_with_latest(uninterrupted_run, tmp_path):
     """A replacing run trains in `.NAME.training`; killed there, `--resume_from_checkpoint latest` (or the path)
     with `--overwrite_output_dir` continues it instead of deleting it, and ends with the uninterrupted parameters."""
-    arguments = [*T, "--max_steps", "12", "--save_steps", "4"]
-    script = [sys.executable, "scripts/train.py", *arguments]
-
-    def run(command: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(command, cwd=ROOT, env=subprocess_environment(), capture_output=True, text=True)
-
-    whole, target = tmp_path / "whole", tmp_path / "target"
-    assert run([*script, "--output_dir", str(whole)]).returncode == 0
+    target = tmp_path / "target"
     target.mkdir()
     (target / "old-notes.txt").write_text("the folder being replaced")
-    killed = run([sys.executable, "tests/killed_during_training.py", "step:6", *arguments, "--output_dir",
-                  str(target), "--overwrite_output_dir"])  # fmt: skip
+    killed = run_quietly([sys.executable, "tests/killed_during_training.py", "step:6", *RESUMED, "--output_dir",
+                          str(target), "--overwrite_output_dir"])  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     staging = tmp_path / ".target.training"
     assert (staging / "checkpoint-4").is_dir()
     assert folder_bytes(target) == {"old-notes.txt": b"the folder being replaced"}
     with pytest.raises(SystemExit, match="belongs to an unfinished run that replaces .* pass --overwrite_output_dir"):
-        main([*arguments, "--output_dir", str(target), "--resume_from_checkpoint", str(staging / "checkpoint-4")])
+        main([*RESUMED, "--output_dir", str(target), "--resume_from_checkpoint", str(staging / "checkpoint-4")])
     assert (staging / "checkpoint-4").is_dir()
-    resumed = run([*script, "--output_dir", str(target), "--overwrite_output_dir", "--resume_from_checkpoint",
-                   "latest"])  # fmt: skip
+    resumed = run_quietly([sys.executable, "scripts/train.py", *RESUMED, "--output_dir", str(target),
+                           "--overwrite_output_dir", "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((target / "results.json").read_text())["steps"] == 12
     assert not (target / "old-notes.txt").exists() and not staging.exists()
-    assert_same_parameters(whole / "model.safetensors", target / "model.safetensors")
+    assert_same_parameters(uninterrupted_run / "model.safetensors", target / "model.safetensors")
