@@ -7,6 +7,7 @@ not importable, pulls with `trust_remote_code=True` and must get identical logit
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,14 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
     batch = padded_batch([7, 4], max_length=7, vocab_size=model.config.vocab_size)
     torch.save(batch, tmp_path / "batch.pt")
     hub.state.requests.clear()
-    pulled = client(
-        hub, tmp_path / "bob", "pull", "alice/tiny-en-de", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")
-    )
+    sentence = "we buy two dogs"
+    consumers = [  # three fresh processes, two at a time: a pull, the pipeline without and with hf_attention
+        (tmp_path / "bob", "pull", "alice/tiny-en-de", str(tmp_path / "batch.pt"), str(tmp_path / "o.pt")),
+        (tmp_path / "dave", "translate", "alice/tiny-en-de", sentence),
+        (tmp_path / "carol", "translate", "alice/tiny-en-de", sentence, "--installed"),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pulled, translated, installed = pool.map(lambda arguments: client(hub, *arguments), consumers)
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert_same_outputs(tmp_path / "o.pt", expected_outputs(model, batch))
     assert {
@@ -86,8 +92,6 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
     assert ("GET", "/{repo}/resolve/{revision}/{file}") in hub.called()
 
     # The published repo serves the translation pipeline too.
-    sentence = "we buy two dogs"
-    translated = client(hub, tmp_path / "bob", "translate", "alice/tiny-en-de", sentence)
     assert translated.returncode == 0, translated.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "trained")
     expected = []
@@ -96,7 +100,6 @@ def test_push_then_pull_without_hf_attention_gives_identical_outputs(hub, tmp_pa
         expected.append({"translation_text": tokenizer.decode(generated[0], skip_special_tokens=True)})
     assert json.loads(translated.stdout.strip().splitlines()[-1]) == expected
     # Where hf_attention is installed, the same call needs no trust_remote_code.
-    installed = client(hub, tmp_path / "carol", "translate", "alice/tiny-en-de", sentence, "--installed")
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert json.loads(installed.stdout.strip().splitlines()[-1]) == expected
 
