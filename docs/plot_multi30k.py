@@ -1,6 +1,7 @@
 """Draws docs/multi30k_bleu_vs_time.png: validation BLEU against wall-clock minutes for the runs of docs/multi30k.md.
 
     python docs/plot_multi30k.py [RUN_FOLDER[=MINUTES] ...]   # checkpoint-*/trainer_state.json (wall_seconds)
+    python docs/plot_multi30k.py --figure docs/multi30k_fp32_ab.png RUN_FOLDER ...   # only these runs, elsewhere
 
 `=MINUTES` adds the minutes a run spent before training where its `wall_seconds` count from the training start
 (runs made before the job counted from its own start). Runs made before the training job logged `wall_seconds` are
@@ -36,8 +37,13 @@ def run_curve(run: Path, offset_minutes: float) -> list[tuple[float, float]]:
 
 
 def main() -> None:
-    curves, finals = dict(MEASURED), {}
-    for argument in sys.argv[1:]:
+    arguments, figure_file = sys.argv[1:], Path(__file__).with_name("multi30k_bleu_vs_time.png")
+    if arguments[:1] == ["--figure"]:  # a figure of the named runs alone (an A/B), not the history
+        figure_file, arguments, history = Path(arguments[1]), arguments[2:], {}
+    else:
+        history = MEASURED
+    curves, finals = dict(history), {}
+    for argument in arguments:
         folder, _, offset = argument.partition("=")
         curves[Path(folder).name] = run_curve(Path(folder), float(offset or 0))
         results = Path(folder) / "results.json"
@@ -55,7 +61,7 @@ def main() -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(Path(__file__).with_name("multi30k_bleu_vs_time.png"), dpi=100)
+    figure.savefig(figure_file, dpi=100)
 
 
 if __name__ == "__main__":
