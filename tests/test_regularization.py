@@ -97,6 +97,24 @@ def test_the_moving_average_follows_its_formula_and_saves_as_the_model_does(tiny
         WeightMovingAverage(model, decay=1.0)
 
 
+def test_the_moving_average_s_decay_warms_up_with_the_step_so_the_initial_weights_fade(tiny_config):
+    model = HfAttentionForConditionalGeneration(tiny_config)
+    start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    average = WeightMovingAverage(model, decay=0.999)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    average.update(model, step=1)  # d_1 = 2/11
+    average.update(model, step=2)  # d_2 = 3/12
+    kept = 2 / 11 * 3 / 12  # what is left of θ0
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(average.averages[name], kept * start[name] + (1 - kept) * parameter.detach())
+    average.update(model, step=100_000)  # long after the warm-up: the decay asked for
+    for name, parameter in model.named_parameters():
+        expected = 0.999 * kept * start[name] + (1 - 0.999 * kept) * parameter.detach()
+        torch.testing.assert_close(average.averages[name], expected)
+
+
 EMA_RUN = [*QUICK, "--max_steps", "6", "--save_steps", "2", "--toy_eval_size", "4", "--ema_decay", "0.9",
            "--r_drop_alpha", "1", "--config_overrides", "dropout=0.1", "--test_before_training", "false"]  # fmt: skip
 

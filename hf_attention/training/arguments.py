@@ -231,7 +231,8 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
         default=0.0,
         metadata={
             "help": "Keep an exponential moving average of the weights, θ_ema ← d·θ_ema + (1 − d)·θ after each "
-            "optimizer step (e.g. 0.999; 0: off), saved in each checkpoint as ema.safetensors."
+            "optimizer step t (e.g. 0.999; 0: off), d warmed up as min(d, (1 + t) / (10 + t)), saved in each "
+            "checkpoint as ema.safetensors."
         },
     )
     ema_final_model: bool = field(

@@ -49,6 +49,10 @@ def doubled(inputs: dict) -> dict:
 class WeightMovingAverage:
     """θ_ema ← d·θ_ema + (1 − d)·θ over a model's floating-point parameters, kept in float32 beside them.
 
+    Given the optimizer step t, the decay warms up as TensorFlow's `ExponentialMovingAverage(num_updates=t)` does,
+    d_t = min(d, (1 + t) / (10 + t)): without it the initial random weights keep a weight of d^t in the average
+    (3.7% after 3300 steps at d = 0.999, the length of the fp32 Multi30k recipe).
+
     Its `state_dict()` is the model's own (buffers included, one name per tied tensor) with the averaged
     parameters in place, so it saves, loads and averages (`checkpoint_averaging`) like model.safetensors.
     """
@@ -64,11 +68,12 @@ class WeightMovingAverage:
         }
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """One step of the average, after an optimizer step."""
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """One step of the average, after optimizer step `step` (None: the plain formula, no warm-up)."""
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         for name, parameter in model.named_parameters():
             if name in self.averages:
-                self.averages[name].lerp_(parameter.detach().float(), 1 - self.decay)
+                self.averages[name].lerp_(parameter.detach().float(), 1 - decay)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with the averages in place of its parameters, each tensor once (tied ones under
@@ -116,4 +121,4 @@ class MovingAverageCallback(TrainerCallback):
             trainer.weight_average.load(Path(resumed) / EMA_WEIGHTS_NAME)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.trainer.weight_average.update(model)
+        self.trainer.weight_average.update(model, state.global_step)
