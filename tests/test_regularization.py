@@ -72,13 +72,20 @@ def test_r_drop_loss_is_the_two_passes_mean_loss_plus_alpha_times_their_symmetri
         model, batch(model)))  # fmt: skip
 
 
-def test_the_moving_average_follows_its_formula_and_saves_as_the_model_does(tiny_config, tmp_path):
+def averaged_then_moved(tiny_config, decay: float):
+    """A model, its moving average started from its weights θ0, and θ0 itself; the model's weights then move to
+    θ1 = θ0 + 1."""
     model = HfAttentionForConditionalGeneration(tiny_config)
     start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    average = WeightMovingAverage(model, decay=0.9)
+    average = WeightMovingAverage(model, decay=decay)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)
+    return model, average, start
+
+
+def test_the_moving_average_follows_its_formula_and_saves_as_the_model_does(tiny_config, tmp_path):
+    model, average, start = averaged_then_moved(tiny_config, decay=0.9)
     average.update(model)
     average.update(model)  # θ1 twice: 0.81·θ0 + 0.19·θ1
     for name, parameter in model.named_parameters():
@@ -98,12 +105,7 @@ def test_the_moving_average_follows_its_formula_and_saves_as_the_model_does(tiny
 
 
 def test_the_moving_average_s_decay_warms_up_with_the_step_so_the_initial_weights_fade(tiny_config):
-    model = HfAttentionForConditionalGeneration(tiny_config)
-    start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    average = WeightMovingAverage(model, decay=0.999)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1.0)
+    model, average, start = averaged_then_moved(tiny_config, decay=0.999)
     average.update(model, step=1)  # d_1 = 2/11
     average.update(model, step=2)  # d_2 = 3/12
     kept = 2 / 11 * 3 / 12  # what is left of θ0
