@@ -131,10 +131,16 @@ def tiny_model() -> HfAttentionForConditionalGeneration:
     return HfAttentionForConditionalGeneration(HfAttentionConfig.from_preset("tiny"))
 
 
-def test_auto_on_an_avx2_cpu_quantizes_to_eager_dynamic_int8(monkeypatch):
+def test_auto_decodes_large_beams_with_eager_int8_our_vnni_operation_for_few_rows_on_cpus_without_bf16(monkeypatch):
+    """Eager int8 is fbgemm's, except on AVX512-VNNI CPUs without bf16: our VNNI operation for a decoding step's few
+    rows, fbgemm's for the encoder's many (where the operation built)."""
     with_capabilities(monkeypatch, "avx2")
     model = optimize_for_inference(tiny_model(), batch_size=16, num_beams=4)
     assert model.lm_head.kernel == "dynamic" and not model_is_compiled(model)
+    with_capabilities(monkeypatch, "avx512-vnni")
+    model = optimize_for_inference(tiny_model(), batch_size=16, num_beams=4)
+    expected = "vnni_float32" if int8_vnni.int8_vnni_available() else "dynamic"
+    assert model.lm_head.kernel == expected and not model_is_compiled(model)
 
 
 def test_auto_on_a_native_bf16_cpu_decodes_large_beams_in_bf16(monkeypatch):
@@ -152,12 +158,18 @@ def test_auto_on_an_avx512_bf16_cpu_compiles_int8_steps_with_the_vnni_kernel(mon
     assert model_is_compiled(model) and model.lm_head.kernel == expected
 
 
-def test_auto_on_a_cpu_without_native_bf16_compiles_greedy_steps_with_the_avx2_kernel(monkeypatch):
+def test_auto_on_a_cpu_without_native_bf16_compiles_greedy_steps_with_a_float32_kernel(monkeypatch):
     for cpu_class in ("avx2", "avx512-vnni"):
         with_capabilities(monkeypatch, cpu_class)
         model = optimize_for_inference(tiny_model())
         assert model_is_compiled(model) and model.dtype == torch.float32
-        assert model.lm_head.kernel == ("avx2" if int8_avx2_available() else "weight_only")
+        # our VNNI operation where the map and this CPU have it, else the AVX2 one, else torch's
+        expected = "weight_only"
+        if int8_vnni.int8_vnni_available():
+            expected = "vnni_float32"
+        elif int8_avx2_available():
+            expected = "avx2"
+        assert model.lm_head.kernel == expected
 
 
 def test_a_quantization_named_compiles_only_when_compiling_is_named_too(monkeypatch):

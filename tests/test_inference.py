@@ -17,17 +17,15 @@ from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipe
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.generation_hf_attention import GrowingCacheLayer
 from hf_attention.inference import int8_vnni
-from hf_attention.inference.int8_vnni import int8_avx2_available
-from hf_attention.inference.quantization import (
+from hf_attention.inference.int8_linear import (
     DEQUANTIZE_FROM_ROWS,
     INT8_KERNELS,
-    HfAttentionInt8Config,
     Int8Linear,
-    PrepackedLinear,
     can_prepack_bf16,
-    compile_without_module_guards,
     compiled_int8_kernel,
 )
+from hf_attention.inference.int8_vnni import int8_avx2_available, pack_weight
+from hf_attention.inference.quantization import HfAttentionInt8Config, PrepackedLinear, compile_without_module_guards
 
 from .helpers import padded_batch, require_int8_kernel, require_module, toy_tokenizer, with_capabilities
 
@@ -109,6 +107,10 @@ def quantized_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tenso
     return products * scale * layer.weight_scale.float() + layer.bias.float()
 
 
+# the operation each of our kernels multiplies with, for `require_int8_kernel`
+OWN_KERNEL_OPERATION = {"vnni": "vnni", "vnni_float32": "vnni", "avx2": "avx2"}
+
+
 @pytest.fixture
 def vnni_kernel():
     require_int8_kernel("vnni")
@@ -150,13 +152,15 @@ def test_the_vnni_operation_refuses_scales_sums_and_sizes_it_cannot_use():
     layer = Int8Linear.from_linear(torch.nn.Linear(40, 6), kernel="vnni")
     rows = torch.randn(2, 40).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="int8_vnni_matmul: weight_scale and weight_sums need one value per"):
-        torch.ops.hf_attention.int8_vnni_matmul(rows, layer.weight, layer.weight_scale[:3], layer.weight_sums)
+        torch.ops.hf_attention.int8_vnni_matmul(rows, layer.weight_packed, layer.weight_scale[:3], layer.weight_sums)
+    with pytest.raises(RuntimeError, match=r"packed_weight \[6, 40\] is not pack_weight's layout for 6 outputs of 40"):
+        torch.ops.hf_attention.int8_vnni_matmul(rows, layer.weight, layer.weight_scale, layer.weight_sums)
     wide = torch.zeros(2, 1 << 16, dtype=torch.int8)
     with pytest.raises(
         RuntimeError, match=r"int8_vnni_matmul: K = 65536 could overflow the 32-bit sums \(at most 65535\)"
     ):
         torch.ops.hf_attention.int8_vnni_matmul(
-            torch.zeros(1, 1 << 16, dtype=torch.bfloat16), wide, torch.ones(2), torch.zeros(2, dtype=torch.int32)
+            torch.zeros(1, 1 << 16, dtype=torch.bfloat16), pack_weight(wide), torch.ones(2), torch.zeros(2).int()
         )
 
 
@@ -171,6 +175,36 @@ def test_a_vnni_int8_layer_sums_its_weight_rows_again_when_they_load():
     hidden = torch.randn(2, 64).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(hidden), quantized_rows_product(hidden, other).to(torch.bfloat16))
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 10, 100), (3, 4, 64), (23, 37, 130), (5, 40, 33)])  # rows, outputs, inputs
+def test_a_vnni_float32_int8_layer_quantizes_each_float32_row_to_int8_and_multiplies_exactly(shape):
+    rows, outputs, inputs = shape  # every tail of 16 outputs and 4 inputs
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="vnni_float32")
+    hidden = torch.randn(rows, inputs)
+    hidden[rows // 2] = 0
+    expected = quantized_rows_product(hidden, layer)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden), expected)
+        assert torch.equal(torch.compile(layer, fullgraph=True)(hidden), expected)
+        hidden[0, 1] = float("nan")
+        output = layer(hidden)
+    assert output[0].isnan().all() and torch.isfinite(output[1:]).all()
+
+
+@needs_vnni
+def test_a_vnni_float32_layer_multiplies_many_rows_with_fbgemm_and_without_vnni_with_the_avx2_operation(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear.from_linear(linear, kernel="vnni_float32")
+    dynamic = Int8Linear.from_linear(linear, kernel="dynamic")
+    many, few = torch.randn(DEQUANTIZE_FROM_ROWS, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(many), dynamic(many))  # eager: the encoder's rows go to fbgemm
+        with_capabilities(monkeypatch, "avx2")  # a model saved on a VNNI CPU, loaded on one without
+        assert torch.equal(layer(few), seven_bit_rows_product(few, layer))
 
 
 def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(monkeypatch):
@@ -210,8 +244,8 @@ def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(mo
 @pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_nothing(kernel, rows):
-    if kernel == "vnni":
-        require_int8_kernel(kernel)
+    if kernel in ("vnni", "vnni_float32"):
+        require_int8_kernel("vnni")
     torch.manual_seed(0)
     layers = [Int8Linear.from_linear(nn.Linear(40, size), kernel=kernel) for size in (40, 40, 24)]
     fused = Int8Linear.concatenated(layers)
@@ -227,8 +261,8 @@ def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_
 @pytest.mark.parametrize("rows", [3, DEQUANTIZE_FROM_ROWS + 5])
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_an_int8_layer_whose_weights_change_in_place_computes_with_the_new_ones(kernel, rows):
-    if kernel in ("vnni", "avx2"):
-        require_int8_kernel(kernel)
+    if kernel in OWN_KERNEL_OPERATION:
+        require_int8_kernel(OWN_KERNEL_OPERATION[kernel])
     torch.manual_seed(0)
     layer, other = (Int8Linear.from_linear(nn.Linear(48, 32), kernel=kernel) for _ in range(2))
     inputs = torch.randn(rows, 48)
@@ -280,7 +314,9 @@ def test_int8_model_generates_and_saves_int8_weights_that_reload_to_the_same_tok
 
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "hf_attention_int8", "kernel": "dynamic"}
+    # eagerly, fbgemm's product, or our VNNI operation for few rows on AVX512-VNNI CPUs without bf16
+    kernel = "vnni_float32" if compiled_int8_kernel() == "vnni_float32" else "dynamic"
+    assert config["quantization_config"] == {"quant_method": "hf_attention_int8", "kernel": kernel}
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         assert weights.get_tensor("model.encoder.layers.0.self_attn.q_proj.weight").dtype == torch.int8
         assert weights.get_tensor("lm_head.weight").dtype == torch.int8
@@ -425,6 +461,7 @@ def test_compile_without_module_guards_takes_the_modes_options_with_the_guard_fi
 # where this CPU has the instructions as well
 COMPILED_KERNELS = [
     ("vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}, torch.bfloat16),  # Zen 4/5
+    ("vnni_float32", {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}, torch.float32),  # Cascade/Ice Lake
     ("avx2", {"avx2", "fma", "avx512f", "avx512bw"}, torch.float32),  # no VNNI, bf16 emulated: float32 throughout
     ("weight_only", {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}, torch.bfloat16),  # native bf16, no VNNI
 ]
@@ -436,8 +473,8 @@ def test_compiled_int8_uses_the_machines_kernel_and_generates_its_eager_tokens(
 ):
     """fbgemm's packed weights cannot be compiled: with compile, decoding steps' activations are quantised to int8 by
     our operations (VNNI; AVX2 where bf16 would be emulated), or multiply the int8 weights in bf16."""
-    if kernel in ("vnni", "avx2"):
-        require_int8_kernel(kernel)
+    if kernel in OWN_KERNEL_OPERATION:
+        require_int8_kernel(OWN_KERNEL_OPERATION[kernel])
     if flags is not None:
         monkeypatch.setattr(hardware, "_installed", [hardware.Capabilities("x86_64", "faked", frozenset(flags))])
     batch = padded_batch([7, 4, 6], max_length=7)
@@ -488,7 +525,8 @@ def test_an_avx2_int8_layer_quantizes_each_row_to_7_bits_and_multiplies_exactly(
     hidden[rows // 2] = 0
     expected = seven_bit_rows_product(hidden, layer)
     with torch.no_grad():
-        product = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale, layer.weight_sums)
+        product = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                          layer.weight_sums)  # fmt: skip
         assert torch.equal(product + layer.bias, expected)
         if rows < DEQUANTIZE_FROM_ROWS:  # eager decoding steps and compiled ones both use the operation
             assert torch.equal(layer(hidden), expected)
@@ -507,13 +545,15 @@ def test_the_avx2_operation_gives_nan_for_a_row_with_nan_and_refuses_sizes_it_ca
     hidden[1, 7] = float("nan")
     hidden[2, 0] = float("inf")
     with torch.no_grad():
-        output = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale, layer.weight_sums)
+        output = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                         layer.weight_sums)  # fmt: skip
     assert torch.isfinite(output[0]).all() and output[1:].isnan().all()
-    with pytest.raises(RuntimeError, match="weight_scale and weight_sums need one value per weight row"):
-        torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight, layer.weight_scale[:3], layer.weight_sums)
+    with pytest.raises(RuntimeError, match="weight_scale and weight_sums need one value per output"):
+        torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale[:3], layer.weight_sums)
     wide = torch.zeros(2, 1 << 17, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="could overflow the 32-bit sums"):
-        torch.ops.hf_attention.int8_avx2_matmul(torch.zeros(1, 1 << 17), wide, torch.ones(2), torch.zeros(2).int())
+        torch.ops.hf_attention.int8_avx2_matmul(torch.zeros(1, 1 << 17), pack_weight(wide), torch.ones(2),
+                                                torch.zeros(2).int())  # fmt: skip
 
 
 def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):

@@ -1,11 +1,14 @@
 // The int8 matrix products of a decoding step, as torch operations torch.compile captures
-// (see hf_attention/inference/int8_vnni.py). Each input row is quantised to int8 (symmetric, its own scale):
-// - torch.ops.hf_attention.int8_vnni_matmul(rows, weight, weight_scale, weight_sums): bf16 rows, AVX512-VNNI's 4-way
-//   int8 dot products (vpdpbusd), which read the weights faster than torch's _weight_int8pack_mm (which converts every
-//   weight to float first);
-// - torch.ops.hf_attention.int8_avx2_matmul(rows, weight, weight_scale, weight_sums): float32 rows (no bf16, which
-//   AVX2 CPUs emulate), quantised to 7 bits and multiplied with vpmaddubsw, as fbgemm does on AVX2, two input rows
-//   at a time so that each loaded weight serves both.
+// (see hf_attention/inference/int8_vnni.py). Each input row is quantised to integer steps (symmetric, its own scale)
+// and multiplied by weights packed once by `pack_weight` (int8_vnni.py): blocks of 16 output columns, and in each
+// block, for every 4 consecutive inputs, 64 bytes holding those 4 inputs' weights of each of the 16 columns. One
+// 32-bit lane of a vector then accumulates one column, so a tile of rows x columns stays in registers from the first
+// input to the last, each loaded weight serves every row of the tile and no sum is ever reduced across lanes.
+// - torch.ops.hf_attention.int8_vnni_matmul(rows, packed_weight, weight_scale, weight_sums): float32 or bf16 rows,
+//   quantised to 8 bits, AVX512-VNNI's 4-way int8 dot products (vpdpbusd) into 16 columns per register;
+// - torch.ops.hf_attention.int8_avx2_matmul(rows, packed_weight, weight_scale, weight_sums): float32 rows, quantised to
+//   7 bits and multiplied with vpmaddubsw + vpmaddwd, as fbgemm does on AVX2, 8 columns per register.
+// A row holding NaN or infinity gives NaN outputs, not finite garbage.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -19,177 +22,294 @@
 
 namespace {
 
-float bf16_to_float(uint16_t bits) {
-    uint32_t widened = static_cast<uint32_t>(bits) << 16;
-    float value;
-    std::memcpy(&value, &widened, sizeof(value));
-    return value;
-}
+constexpr int64_t kColumns = 16;  // output columns per packed block
+constexpr int64_t kDepth = 4;     // inputs per 32-bit lane: a packed block holds 64 bytes per 4 inputs
+constexpr int64_t kTileRows = 4;  // rows per register tile
+constexpr int64_t kRowChunk = 32;  // rows per parallel task: a task's weights are read once for that many rows
 
-// out (M x N) = quantised(rows (M x K, bf16)) @ weight (N x K, int8).T * row scales * weight_scale (N).
-// VNNI multiplies unsigned by signed bytes: the rows' steps in [-127, 127] are shifted into [1, 255], and
-// 128 * weight_sums (each weight row's sum) takes the shift back out.
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-void int8_vnni_kernel(const uint16_t* rows, const int8_t* weight, const float* weight_scale, const int32_t* weight_sums,
-                      float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
-    std::vector<uint8_t> quantized(m_size * k_size);
-    std::vector<float> row_scale(m_size);
-    for (int64_t m = 0; m < m_size; ++m) {
-        const uint16_t* row = rows + m * k_size;
-        float largest = 0.f;
-        for (int64_t k = 0; k < k_size; ++k) largest = std::max(largest, std::fabs(bf16_to_float(row[k])));
-        const float scale = largest > 0.f ? largest / 127.f : 1.f, inverse = 1.f / scale;
-        for (int64_t k = 0; k < k_size; ++k) {
-            const int step = static_cast<int>(std::nearbyint(bf16_to_float(row[k]) * inverse));
-            quantized[m * k_size + k] = static_cast<uint8_t>(std::clamp(step, -127, 127) + 128);
-        }
-        row_scale[m] = scale;
-    }
-    const uint8_t* x = quantized.data();
-    const float* scales = row_scale.data();
+// The tasks of one product: column chunks of `blocks_per_chunk` blocks times row chunks of kRowChunk rows, in an order
+// that gives each thread whole column chunks (each block's weights read by one thread).
+template <typename Tile>
+void for_each_tile(int64_t m_size, int64_t blocks, int64_t blocks_per_chunk, const Tile& tile) {
+    const int64_t column_chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+    const int64_t row_chunks = (m_size + kRowChunk - 1) / kRowChunk;
 #pragma omp parallel for schedule(static)
-    for (int64_t block = 0; block < (n_size + 3) / 4; ++block) {
-        // Four weight rows at a time: four independent sums keep the loads in flight.
-        const int8_t* w[4];
-        for (int r = 0; r < 4; ++r) w[r] = weight + std::min(block * 4 + r, n_size - 1) * k_size;
-        for (int64_t m = 0; m < m_size; ++m) {
-            __m512i total[4];
-            for (int r = 0; r < 4; ++r) total[r] = _mm512_setzero_si512();
-            for (int64_t k = 0; k < k_size; k += 64) {
-                const __mmask64 mask = k_size - k >= 64 ? ~0ULL : (1ULL << (k_size - k)) - 1;
-                const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + m * k_size + k);
-                for (int r = 0; r < 4; ++r)
-                    total[r] = _mm512_dpbusd_epi32(total[r], xv, _mm512_maskz_loadu_epi8(mask, w[r] + k));
-            }
-            for (int r = 0; r < 4 && block * 4 + r < n_size; ++r) {
-                const int64_t n = block * 4 + r;
-                const int32_t product = _mm512_reduce_add_epi32(total[r]) - 128 * weight_sums[n];
-                out[m * n_size + n] = static_cast<float>(product) * scales[m] * weight_scale[n];
-            }
+    for (int64_t task = 0; task < column_chunks * row_chunks; ++task) {
+        const int64_t first_block = task / row_chunks * blocks_per_chunk;
+        const int64_t end_block = std::min(first_block + blocks_per_chunk, blocks);
+        const int64_t first_row = task % row_chunks * kRowChunk, end_row = std::min(first_row + kRowChunk, m_size);
+        for (int64_t m = first_row; m < end_row; m += kTileRows) tile(m, std::min(kTileRows, end_row - m), first_block,
+                                                                      end_block);
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+inline __mmask16 first_lanes(int64_t count) {
+    return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+inline __m512 load_floats(const float* source, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, source); }
+inline __m512 load_floats(const uint16_t* bf16, __mmask16 mask) {  // bf16 is the top half of a float32
+    const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bf16));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
+}
+
+// One row as bytes round(x / scale) + 128 with scale = max|x| / 127 (1 for a zero row), padded with 128 (zero) to
+// k_padded; returns the scale, NaN for a row with NaN or infinity.
+template <typename T>
+float quantize_row_8_bits(const T* row, int64_t k_size, int64_t k_padded, uint8_t* out) {
+    const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    __m512 largest = _mm512_setzero_ps();
+    __mmask16 not_finite = 0;
+    for (int64_t k = 0; k < k_size; k += 16) {
+        const __mmask16 mask = first_lanes(k_size - k);
+        const __m512 magnitude = _mm512_abs_ps(load_floats(row + k, mask));
+        not_finite |= mask & ~_mm512_cmp_ps_mask(magnitude, infinity, _CMP_LT_OQ);
+        largest = _mm512_max_ps(largest, magnitude);
+    }
+    std::memset(out + k_size, 128, k_padded - k_size);
+    if (not_finite) return std::numeric_limits<float>::quiet_NaN();
+    const float top = _mm512_reduce_max_ps(largest);
+    const float scale = top > 0.f ? top / 127.f : 1.f;
+    const __m512 inverse = _mm512_set1_ps(1.f / scale);
+    const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127), shift = _mm512_set1_epi32(128);
+    for (int64_t k = 0; k < k_size; k += 16) {
+        const __mmask16 mask = first_lanes(k_size - k);
+        // rounded to nearest, ties to even (the default rounding mode), as torch.round
+        __m512i steps = _mm512_cvtps_epi32(_mm512_mul_ps(load_floats(row + k, mask), inverse));
+        steps = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(steps, low), high), shift);
+        _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(steps));
+    }
+    return scale;
+}
+
+// out[r][columns of blocks block .. block + C) for ROWS rows: ROWS x C registers of 16 sums each. VNNI multiplies
+// unsigned by signed bytes: the rows' steps were shifted by 128, and 128 * weight_sums takes the shift back out.
+template <int ROWS, int C>
+inline void vnni_tile(const uint8_t* x, int64_t k_padded, const int8_t* packed, int64_t depth_groups, int64_t block,
+                      const float* row_scale, const float* weight_scale, const int32_t* weight_sums, float* out,
+                      int64_t n_size) {
+    __m512i total[ROWS][C];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < C; ++c) total[r][c] = _mm512_setzero_si512();
+    const int8_t* weights = packed + block * depth_groups * 64;
+    for (int64_t g = 0; g < depth_groups; ++g) {
+        __m512i w[C];
+        for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(weights + (c * depth_groups + g) * 64);
+        for (int r = 0; r < ROWS; ++r) {
+            int32_t four;
+            std::memcpy(&four, x + r * k_padded + g * kDepth, sizeof(four));
+            const __m512i inputs = _mm512_set1_epi32(four);
+            for (int c = 0; c < C; ++c) total[r][c] = _mm512_dpbusd_epi32(total[r][c], inputs, w[c]);
+        }
+    }
+    for (int c = 0; c < C; ++c) {
+        const int64_t n = (block + c) * kColumns;
+        const __mmask16 mask = first_lanes(n_size - n);
+        const __m512i shift = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, weight_sums + n), 7);
+        const __m512 scale = _mm512_maskz_loadu_ps(mask, weight_scale + n);
+        for (int r = 0; r < ROWS; ++r) {  // (product * row scale) * weight scale, the order of the tests' reference
+            const __m512 product = _mm512_cvtepi32_ps(_mm512_sub_epi32(total[r][c], shift));
+            const __m512 value = _mm512_mul_ps(_mm512_mul_ps(product, _mm512_set1_ps(row_scale[r])), scale);
+            _mm512_mask_storeu_ps(out + r * n_size + n, mask, value);
         }
     }
 }
 
-// out (M x N) = quantised(rows (M x K, float32)) @ weight (N x K, int8).T * row scales * weight_scale (N), with AVX2.
-// vpmaddubsw multiplies unsigned by signed bytes and adds pairs in 16 bits, saturating: rows are quantised to 7 bits,
-// steps in [-63, 63] shifted into [1, 127] (|pair| <= 2 * 127 * 127 < 2^15, as fbgemm's reduce_range on AVX2), and
-// 64 * weight_sums takes the shift back out. A row holding NaN or infinity gives NaN outputs, not finite garbage.
-__attribute__((target("avx2,fma")))
-void int8_avx2_kernel(const float* rows, const int8_t* weight, const float* weight_scale, const int32_t* weight_sums,
+template <int ROWS>
+void vnni_rows(const uint8_t* x, int64_t k_padded, const int8_t* packed, int64_t depth_groups, int64_t first_block,
+               int64_t end_block, const float* row_scale, const float* weight_scale, const int32_t* weight_sums,
+               float* out, int64_t n_size) {
+    int64_t block = first_block;
+    for (; block + 4 <= end_block; block += 4)  // 4 x 4 registers: 16 independent sums in flight
+        vnni_tile<ROWS, 4>(x, k_padded, packed, depth_groups, block, row_scale, weight_scale, weight_sums, out, n_size);
+    for (; block < end_block; ++block)
+        vnni_tile<ROWS, 1>(x, k_padded, packed, depth_groups, block, row_scale, weight_scale, weight_sums, out, n_size);
+}
+
+template <typename T>
+void int8_vnni_kernel(const T* rows, const int8_t* packed, const float* weight_scale, const int32_t* weight_sums,
                       float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
-    const int64_t k_padded = (k_size + 31) / 32 * 32;
-    std::vector<uint8_t> quantized(m_size * k_padded, 0);  // zero tail: no product there
+    const int64_t depth_groups = (k_size + kDepth - 1) / kDepth, k_padded = depth_groups * kDepth;
+    std::vector<uint8_t> quantized(m_size * k_padded);
     std::vector<float> row_scale(m_size);
-    for (int64_t m = 0; m < m_size; ++m) {
-        const float* row = rows + m * k_size;
-        float largest = 0.f;
-        bool finite = true;
-        for (int64_t k = 0; k < k_size; ++k) {
-            finite = finite && std::isfinite(row[k]);
-            largest = std::max(largest, std::fabs(row[k]));
+#pragma omp parallel for schedule(static) if (m_size >= kRowChunk)
+    for (int64_t m = 0; m < m_size; ++m)
+        row_scale[m] = quantize_row_8_bits(rows + m * k_size, k_size, k_padded, quantized.data() + m * k_padded);
+    const int64_t blocks = (n_size + kColumns - 1) / kColumns;
+    for_each_tile(m_size, blocks, 4, [&](int64_t m, int64_t rows_here, int64_t first_block, int64_t end_block) {
+        const uint8_t* x = quantized.data() + m * k_padded;
+        const float* scales = row_scale.data() + m;
+        float* o = out + m * n_size;
+        switch (rows_here) {
+            case 4: vnni_rows<4>(x, k_padded, packed, depth_groups, first_block, end_block, scales, weight_scale, weight_sums, o, n_size); break;
+            case 3: vnni_rows<3>(x, k_padded, packed, depth_groups, first_block, end_block, scales, weight_scale, weight_sums, o, n_size); break;
+            case 2: vnni_rows<2>(x, k_padded, packed, depth_groups, first_block, end_block, scales, weight_scale, weight_sums, o, n_size); break;
+            default: vnni_rows<1>(x, k_padded, packed, depth_groups, first_block, end_block, scales, weight_scale, weight_sums, o, n_size);
         }
-        if (!finite) {  // the NaN scale carries into every output of the row
-            row_scale[m] = std::numeric_limits<float>::quiet_NaN();
-            continue;
-        }
-        const float scale = largest > 0.f ? largest / 63.f : 1.f, inverse = 1.f / scale;
-        for (int64_t k = 0; k < k_size; ++k) {
-            const int step = static_cast<int>(std::nearbyint(row[k] * inverse));
-            quantized[m * k_padded + k] = static_cast<uint8_t>(std::clamp(step, -63, 63) + 64);
-        }
-        row_scale[m] = scale;
+    });
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// One row as bytes round(x / scale) + 64 with scale = max|x| / 63, padded with 64 (zero): vpmaddubsw adds pairs of
+// products in 16 bits, saturating, and 2 * 127 * 127 < 2^15 only with 7-bit steps (fbgemm's reduce_range on AVX2).
+float quantize_row_7_bits(const float* row, int64_t k_size, int64_t k_padded, uint8_t* out) {
+    const __m256 sign = _mm256_set1_ps(-0.f), infinity = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    const int64_t k_full = k_size / 8 * 8;
+    __m256 largest = _mm256_setzero_ps();
+    int not_finite = 0;
+    for (int64_t k = 0; k < k_full; k += 8) {
+        const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+        not_finite |= ~_mm256_movemask_ps(_mm256_cmp_ps(magnitude, infinity, _CMP_LT_OQ)) & 0xFF;
+        largest = _mm256_max_ps(largest, magnitude);
     }
-    const int64_t k_full = k_size / 32 * 32;
-    const uint8_t* x = quantized.data();
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, largest);
+    float top = *std::max_element(lanes, lanes + 8);
+    for (int64_t k = k_full; k < k_size; ++k) {
+        not_finite |= !std::isfinite(row[k]);
+        top = std::max(top, std::fabs(row[k]));
+    }
+    std::memset(out + k_size, 64, k_padded - k_size);
+    if (not_finite) return std::numeric_limits<float>::quiet_NaN();
+    const float scale = top > 0.f ? top / 63.f : 1.f, inverse = 1.f / scale;
+    const __m256 inverses = _mm256_set1_ps(inverse);
+    const __m256i low = _mm256_set1_epi32(-63), high = _mm256_set1_epi32(63), shift = _mm256_set1_epi32(64);
+    for (int64_t k = 0; k < k_full; k += 8) {
+        __m256i steps = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverses));
+        steps = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(steps, low), high), shift);
+        // packs work within 128-bit halves: bytes 0-3 of each half are steps 0-3 and 4-7
+        const __m256i words = _mm256_packus_epi32(steps, steps), bytes = _mm256_packus_epi16(words, words);
+        const int32_t first = _mm256_cvtsi256_si32(bytes), second = _mm_cvtsi128_si32(_mm256_extracti128_si256(bytes, 1));
+        std::memcpy(out + k, &first, 4);
+        std::memcpy(out + k + 4, &second, 4);
+    }
+    for (int64_t k = k_full; k < k_size; ++k) {
+        const int step = static_cast<int>(std::nearbyint(row[k] * inverse));
+        out[k] = static_cast<uint8_t>(std::clamp(step, -63, 63) + 64);
+    }
+    return scale;
+}
+
+// out[r][one block's 16 columns] for ROWS rows: two registers of 8 sums per row.
+template <int ROWS>
+inline void avx2_tile(const uint8_t* x, int64_t k_padded, const int8_t* packed, int64_t depth_groups, int64_t block,
+                      const float* row_scale, const float* weight_scale, const int32_t* weight_sums, float* out,
+                      int64_t n_size) {
+    __m256i total[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) total[r][0] = total[r][1] = _mm256_setzero_si256();
+    const int8_t* weights = packed + block * depth_groups * 64;
     const __m256i ones = _mm256_set1_epi16(1);
-#pragma omp parallel for schedule(static)
-    for (int64_t block = 0; block < (n_size + 3) / 4; ++block) {
-        // Four weight rows and two input rows at a time: each loaded weight serves both rows.
-        const int8_t* w[4];
-        for (int r = 0; r < 4; ++r) w[r] = weight + std::min(block * 4 + r, n_size - 1) * k_size;
-        alignas(32) int8_t tail[4][32];
-        for (int r = 0; r < 4; ++r) {
-            std::memset(tail[r], 0, 32);
-            std::memcpy(tail[r], w[r] + k_full, k_size - k_full);
+    for (int64_t g = 0; g < depth_groups; ++g) {
+        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weights + g * 64));
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weights + g * 64 + 32));
+        for (int r = 0; r < ROWS; ++r) {
+            int32_t four;
+            std::memcpy(&four, x + r * k_padded + g * kDepth, sizeof(four));
+            const __m256i inputs = _mm256_set1_epi32(four);
+            total[r][0] = _mm256_add_epi32(total[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(inputs, low), ones));
+            total[r][1] = _mm256_add_epi32(total[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(inputs, high), ones));
         }
-        for (int64_t m = 0; m < m_size; m += 2) {
-            const bool pair = m + 1 < m_size;
-            const uint8_t* x0 = x + m * k_padded;
-            const uint8_t* x1 = pair ? x0 + k_padded : x0;
-            __m256i total[2][4];
-            for (int i = 0; i < 2; ++i)
-                for (int r = 0; r < 4; ++r) total[i][r] = _mm256_setzero_si256();
-            for (int64_t k = 0; k < k_padded; k += 32) {
-                const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + k));
-                const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + k));
-                for (int r = 0; r < 4; ++r) {
-                    const int8_t* source = k < k_full ? w[r] + k : tail[r];
-                    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
-                    total[0][r] = _mm256_add_epi32(total[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, wv), ones));
-                    total[1][r] = _mm256_add_epi32(total[1][r], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, wv), ones));
-                }
-            }
-            for (int i = 0; i < (pair ? 2 : 1); ++i) {
-                for (int r = 0; r < 4 && block * 4 + r < n_size; ++r) {
-                    const __m128i folded = _mm_add_epi32(_mm256_castsi256_si128(total[i][r]),
-                                                         _mm256_extracti128_si256(total[i][r], 1));
-                    const __m128i pairs = _mm_add_epi32(folded, _mm_shuffle_epi32(folded, 0x4e));
-                    const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32(pairs, 0xb1)));
-                    const int64_t n = block * 4 + r;
-                    const int32_t product = sum - 64 * weight_sums[n];
-                    out[(m + i) * n_size + n] = static_cast<float>(product) * row_scale[m + i] * weight_scale[n];
-                }
-            }
+    }
+    const int64_t n = block * kColumns, valid = std::min(kColumns, n_size - n);
+    alignas(32) int32_t sums[kColumns] = {0};
+    alignas(32) float scales[kColumns] = {0}, values[kColumns];
+    std::memcpy(sums, weight_sums + n, valid * sizeof(int32_t));
+    std::memcpy(scales, weight_scale + n, valid * sizeof(float));
+    for (int r = 0; r < ROWS; ++r) {
+        for (int half = 0; half < 2; ++half) {  // 64 * weight_sums takes the rows' shift by 64 back out
+            const __m256i shift = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums + 8 * half)), 6);
+            const __m256 product = _mm256_cvtepi32_ps(_mm256_sub_epi32(total[r][half], shift));
+            const __m256 scaled = _mm256_mul_ps(product, _mm256_set1_ps(row_scale[r]));
+            _mm256_store_ps(values + 8 * half, _mm256_mul_ps(scaled, _mm256_load_ps(scales + 8 * half)));
         }
+        std::memcpy(out + r * n_size + n, values, valid * sizeof(float));
     }
 }
 
-// The checks both operations make before reading any memory: shapes, dtypes, one scale and one sum per weight row,
-// and K small enough that a row's integer sum fits in int32 (`max_k`: each input adds at most 255 * 127 with VNNI's
-// shifted bytes, 127 * 127 with AVX2's shifted 7-bit steps).
-void check_operands(const char* name, const at::Tensor& rows, at::ScalarType row_type, const char* row_type_name,
-                    const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& weight_sums,
-                    int64_t max_k) {
-    TORCH_CHECK(rows.dim() == 2 && weight.dim() == 2 && rows.size(1) == weight.size(1), name,
-                ": rows (M, K) and weight (N, K), not ", rows.sizes(), " and ", weight.sizes());
-    TORCH_CHECK(rows.scalar_type() == row_type && weight.scalar_type() == at::kChar &&
-                    weight_scale.scalar_type() == at::kFloat && weight_sums.scalar_type() == at::kInt,
-                name, ": ", row_type_name, " rows, int8 weight, float32 weight_scale, int32 weight_sums");
-    TORCH_CHECK(weight_scale.numel() == weight.size(0) && weight_sums.numel() == weight.size(0), name,
-                ": weight_scale and weight_sums need one value per weight row (", weight.size(0), ")");
-    TORCH_CHECK(weight.size(1) <= max_k, name, ": K = ", weight.size(1), " could overflow the 32-bit sums (at most ",
-                max_k, ")");
+void int8_avx2_kernel(const float* rows, const int8_t* packed, const float* weight_scale, const int32_t* weight_sums,
+                      float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
+    const int64_t depth_groups = (k_size + kDepth - 1) / kDepth, k_padded = depth_groups * kDepth;
+    std::vector<uint8_t> quantized(m_size * k_padded);
+    std::vector<float> row_scale(m_size);
+#pragma omp parallel for schedule(static) if (m_size >= kRowChunk)
+    for (int64_t m = 0; m < m_size; ++m)
+        row_scale[m] = quantize_row_7_bits(rows + m * k_size, k_size, k_padded, quantized.data() + m * k_padded);
+    const int64_t blocks = (n_size + kColumns - 1) / kColumns;
+    for_each_tile(m_size, blocks, 1, [&](int64_t m, int64_t rows_here, int64_t block, int64_t) {
+        const uint8_t* x = quantized.data() + m * k_padded;
+        const float* scales = row_scale.data() + m;
+        float* o = out + m * n_size;
+        switch (rows_here) {
+            case 4: avx2_tile<4>(x, k_padded, packed, depth_groups, block, scales, weight_scale, weight_sums, o, n_size); break;
+            case 3: avx2_tile<3>(x, k_padded, packed, depth_groups, block, scales, weight_scale, weight_sums, o, n_size); break;
+            case 2: avx2_tile<2>(x, k_padded, packed, depth_groups, block, scales, weight_scale, weight_sums, o, n_size); break;
+            default: avx2_tile<1>(x, k_padded, packed, depth_groups, block, scales, weight_scale, weight_sums, o, n_size);
+        }
+    });
 }
 
-at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
+#pragma GCC pop_options
+
+// The checks both operations make before reading any memory: shapes, dtypes, one scale and one sum per output, a
+// packed weight of the shape `pack_weight` gives for N outputs and K inputs, and K small enough that a row's integer
+// sum fits in int32 (`max_k`: each input adds at most 255 * 127 with VNNI's shifted bytes, 127 * 127 with AVX2's
+// shifted 7-bit steps).
+void check_operands(const char* name, const at::Tensor& rows, bool bf16_allowed, const at::Tensor& packed,
+                    const at::Tensor& weight_scale, const at::Tensor& weight_sums, int64_t max_k) {
+    const bool row_type = rows.scalar_type() == at::kFloat || (bf16_allowed && rows.scalar_type() == at::kBFloat16);
+    TORCH_CHECK(row_type && packed.scalar_type() == at::kChar && weight_scale.scalar_type() == at::kFloat &&
+                    weight_sums.scalar_type() == at::kInt,
+                name, ": ", bf16_allowed ? "float32 or bf16" : "float32",
+                " rows, int8 packed_weight, float32 weight_scale, int32 weight_sums");
+    const int64_t n_size = weight_scale.numel();
+    TORCH_CHECK(weight_sums.numel() == n_size, name, ": weight_scale and weight_sums need one value per output (",
+                n_size, " and ", weight_sums.numel(), ")");
+    TORCH_CHECK(rows.dim() == 2, name, ": rows (M, K), not ", rows.sizes());
+    const int64_t k_size = rows.size(1);
+    TORCH_CHECK(packed.dim() == 3 && packed.size(0) == (n_size + kColumns - 1) / kColumns &&
+                    packed.size(1) == (k_size + kDepth - 1) / kDepth && packed.size(2) == kColumns * kDepth,
+                name, ": packed_weight ", packed.sizes(), " is not pack_weight's layout for ", n_size, " outputs of ",
+                k_size, " inputs");
+    TORCH_CHECK(k_size <= max_k, name, ": K = ", k_size, " could overflow the 32-bit sums (at most ", max_k, ")");
+}
+
+at::Tensor int8_vnni_matmul(const at::Tensor& rows, const at::Tensor& packed_weight, const at::Tensor& weight_scale,
                             const at::Tensor& weight_sums) {
-    check_operands("int8_vnni_matmul", rows, at::kBFloat16, "bf16", weight, weight_scale, weight_sums,
-                   (int64_t{1} << 16) - 1);
-    const at::Tensor x = rows.contiguous(), w = weight.contiguous();
+    check_operands("int8_vnni_matmul", rows, true, packed_weight, weight_scale, weight_sums, (int64_t{1} << 16) - 1);
+    const at::Tensor x = rows.contiguous(), w = packed_weight.contiguous();
     const at::Tensor scale = weight_scale.contiguous(), sums = weight_sums.contiguous();
-    at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
-    int8_vnni_kernel(reinterpret_cast<const uint16_t*>(x.data_ptr()), w.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                     sums.data_ptr<int32_t>(), out.data_ptr<float>(), x.size(0), w.size(0), x.size(1));
+    at::Tensor out = at::empty({x.size(0), scale.numel()}, x.options().dtype(at::kFloat));
+    if (x.scalar_type() == at::kFloat)
+        int8_vnni_kernel(x.data_ptr<float>(), w.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<int32_t>(),
+                         out.data_ptr<float>(), x.size(0), scale.numel(), x.size(1));
+    else
+        int8_vnni_kernel(reinterpret_cast<const uint16_t*>(x.data_ptr()), w.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                         sums.data_ptr<int32_t>(), out.data_ptr<float>(), x.size(0), scale.numel(), x.size(1));
     return out;
 }
 
-at::Tensor int8_avx2_matmul(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& weight_scale,
+at::Tensor int8_avx2_matmul(const at::Tensor& rows, const at::Tensor& packed_weight, const at::Tensor& weight_scale,
                             const at::Tensor& weight_sums) {
-    check_operands("int8_avx2_matmul", rows, at::kFloat, "float32", weight, weight_scale, weight_sums,
-                   (int64_t{1} << 17) - 1);
-    const at::Tensor x = rows.contiguous(), w = weight.contiguous();
+    check_operands("int8_avx2_matmul", rows, false, packed_weight, weight_scale, weight_sums, (int64_t{1} << 17) - 1);
+    const at::Tensor x = rows.contiguous(), w = packed_weight.contiguous();
     const at::Tensor scale = weight_scale.contiguous(), sums = weight_sums.contiguous();
-    at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+    at::Tensor out = at::empty({x.size(0), scale.numel()}, x.options());
     int8_avx2_kernel(x.data_ptr<float>(), w.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<int32_t>(),
-                     out.data_ptr<float>(), x.size(0), w.size(0), x.size(1));
+                     out.data_ptr<float>(), x.size(0), scale.numel(), x.size(1));
     return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(hf_attention, m) {
-    m.def("int8_vnni_matmul(Tensor rows, Tensor weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
-    m.def("int8_avx2_matmul(Tensor rows, Tensor weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
+    m.def("int8_vnni_matmul(Tensor rows, Tensor packed_weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
+    m.def("int8_avx2_matmul(Tensor rows, Tensor packed_weight, Tensor weight_scale, Tensor weight_sums) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_attention, CPU, m) {
