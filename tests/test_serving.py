@@ -7,6 +7,7 @@ requests only; a client that leaves frees its slot; SIGTERM drains. The batcher'
 import asyncio
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -384,3 +385,38 @@ def test_checking_a_request_leaves_the_decoding_tokenizer_s_padding_alone(model_
     assert backend.padding is not None  # still padding the decoding thread's batch
     assert lengths == [len(ids) for ids in service.engine.tokenizer(SOURCES[:2])["input_ids"]]
     assert sources[0].constraints is not None and sources[1].constraints is None
+
+
+def test_the_server_loads_and_decodes_every_batch_on_one_thread(model_dir, monkeypatch):
+    """OpenMP keeps a pool of worker threads for each thread that starts parallel work; with two pools on a 2-core
+    machine libgomp sleeps between parallel regions instead of spinning, and a sentence decoded in twice the time.
+    The model loads, warms up and decodes every batch on the service's one torch thread, not the event loop's."""
+    from fastapi.testclient import TestClient
+
+    from hf_attention.serving import app as app_module
+
+    threads = []
+    load_engine = app_module.load_engine
+
+    def recording_load_engine(*args, **kwargs):
+        threads.append(("load", threading.get_ident()))
+        engine = load_engine(*args, **kwargs)
+        decode = engine.decode
+
+        def recording_decode(*decode_args, **decode_kwargs):
+            threads.append(("decode", threading.get_ident()))
+            return decode(*decode_args, **decode_kwargs)
+
+        engine.decode = recording_decode
+        return engine
+
+    monkeypatch.setattr(app_module, "load_engine", recording_load_engine)
+    arguments = ServeArguments(model=str(model_dir), quantization="none", max_new_tokens=8)
+    with TestClient(app_module.create_app(arguments)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for texts in (SOURCES[:1], SOURCES[:3]):
+            assert client.post("/v1/translate", json={"text": texts}).status_code == 200
+    assert [kind for kind, _ in threads] == ["load", "decode", "decode", "decode"]  # the warm-up, two requests
+    assert len({ident for _, ident in threads}) == 1 and threads[0][1] != threading.get_ident()

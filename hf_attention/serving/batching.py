@@ -4,7 +4,7 @@ A request's sentences join one queue. When the queue is no longer empty, the bat
 for company (less if a full batch is already queued), then decodes the oldest sentence with the sentences queued with
 the same decoding options that are closest to it in length, as many as fit in `max_batch_sentences` sentences and
 `max_batch_tokens` padded source tokens, longest first. Serving the oldest first means no sentence waits behind an
-endless stream of better-fitting ones. While a batch decodes (on one worker thread, off the event loop, so `/health`
+endless stream of better-fitting ones. While a batch decodes (on one thread, off the event loop, so `/health`
 and `/metrics` still answer) new requests queue up and make the next batch: under load, batches fill by themselves
 even with `max_wait_ms = 0`.
 
@@ -63,10 +63,12 @@ class DynamicBatcher:
         max_wait_ms: how long the first sentence of an idle queue waits for company.
         max_queue: sentences that may wait; past that, `submit` raises `QueueFull`.
         metrics: where queue depth, batch sizes and batch times are counted.
+        executor: the one thread `decode` runs on (the server's torch thread; default: the batcher's own).
     """
 
     def __init__(self, decode: Decode, max_batch_tokens: int, max_batch_sentences: int, max_wait_ms: float,
-                 max_queue: int, metrics: ServingMetrics | None = None):  # fmt: skip
+                 max_queue: int, metrics: ServingMetrics | None = None,
+                 executor: ThreadPoolExecutor | None = None):  # fmt: skip
         self.decode = decode
         self.max_batch_tokens, self.max_batch_sentences = max_batch_tokens, max_batch_sentences
         self.max_wait, self.max_queue = max_wait_ms / 1000, max_queue
@@ -76,7 +78,8 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         # one decoding thread: the engines are not thread-safe, and torch already uses every core for one batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_attention-decode")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_attention-decode")
 
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
@@ -89,7 +92,8 @@ class DynamicBatcher:
         if self._task is not None:
             self._wakeup.set()
             await self._task
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, sentences: list, lengths: list[int], options: DecodingOptions) -> list:
         """The hypotheses of each sentence, once every batch holding one of them has been decoded.

@@ -38,7 +38,7 @@ class TranslatorDeployment:
     def __init__(self, arguments: dict):
         self.arguments = ServeArguments.from_dict(arguments)
         self.service = TranslationService(self.arguments)
-        self.service.load()
+        self.service.torch_thread.submit(self.service.load).result()  # where every batch decodes after it
         self.service.status = "ok"
         self.decode_sentences.set_max_batch_size(self.arguments.max_batch_sentences)
         self.decode_sentences.set_batch_wait_timeout_s(self.arguments.max_wait_ms / 1000)
@@ -59,7 +59,7 @@ class TranslatorDeployment:
             lengths = [queued[i][1] for i in positions]
             for batch in cut_into_batches(lengths, self.arguments.max_batch_tokens, longest_first=True):
                 sentences = [queued[positions[i]][0] for i in batch]
-                hypotheses = await asyncio.to_thread(self.service.decode, sentences, options)
+                hypotheses = await self.service.on_torch_thread(self.service.decode, sentences, options)
                 for i, result in zip(batch, hypotheses, strict=True):
                     found[positions[i]] = result
         return found
