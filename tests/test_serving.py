@@ -359,6 +359,59 @@ def test_the_batcher_refuses_past_its_queue_and_fails_only_the_failing_batch():
     assert isinstance(failed, ValueError) and served == [["good"]]
 
 
+def test_clients_that_come_back_over_more_than_max_wait_stay_in_one_batch():
+    """Clients answered by one batch send their next requests one after another. Each arrival restarts the wait, so
+    8 clients coming back 20 ms apart (140 ms in all, max_wait 50 ms) make one batch again; a deadline counted from the
+    oldest arrival started a batch after 50 ms and split them into groups that took turns."""
+    seen = []
+
+    def decode(sentences, options):
+        time.sleep(0.01)
+        seen.append(len(sentences))
+        return [[sentence] for sentence in sentences]
+
+    async def client(batcher, number: int) -> None:
+        for round_number in range(4):
+            await asyncio.sleep(0.02 * number)  # the answers go out one by one; the clients come back in turn
+            assert await batcher.submit([f"{number}.{round_number}"], [1], GREEDY) == [[f"{number}.{round_number}"]]
+
+    async def scenario():
+        batcher = DynamicBatcher(decode, 1000, 64, max_wait_ms=50, max_queue=100)
+        batcher.start()
+        await asyncio.gather(*(client(batcher, number) for number in range(8)))
+        await batcher.drain()
+
+    asyncio.run(scenario())
+    assert seen == [8, 8, 8, 8]
+
+
+def test_an_idle_batcher_waits_max_wait_for_company_and_at_most_four_times_that_while_sentences_keep_coming():
+    started = []
+
+    def decode(sentences, options):
+        started.append((time.perf_counter(), len(sentences)))
+        return [[sentence] for sentence in sentences]
+
+    async def scenario(arrivals: list[float]):
+        batcher = DynamicBatcher(decode, 1000, 64, max_wait_ms=50, max_queue=100)
+        batcher.start()
+        begin = time.perf_counter()
+
+        async def arrive(delay: float, number: int):
+            await asyncio.sleep(delay)
+            await batcher.submit([str(number)], [1], GREEDY)
+
+        await asyncio.gather(*(arrive(delay, number) for number, delay in enumerate(arrivals)))
+        await batcher.drain()
+        return begin
+
+    begin = asyncio.run(scenario([0.0]))
+    assert len(started) == 1 and 0.045 <= started[0][0] - begin < 0.15  # one sentence: max_wait, no more
+    started.clear()
+    begin = asyncio.run(scenario([0.03 * number for number in range(12)]))  # a steady stream, 30 ms apart
+    assert 0.19 <= started[0][0] - begin < 0.3 and started[0][1] < 12  # cut at 4 x max_wait
+
+
 def test_serve_arguments_read_ray_style_strings():
     arguments = ServeArguments.from_dict({"model": "m", "max_wait_ms": "2.5", "compile": "false", "num_beams": "None"})
     assert (arguments.max_wait_ms, arguments.compile, arguments.num_beams) == (2.5, False, None)

@@ -49,7 +49,11 @@ class ServeArguments:
         default=256, metadata={"help": "Default and largest max_new_tokens a request may ask for."}
     )
     max_wait_ms: float = field(
-        default=5.0, metadata={"help": "How long the first request of an idle queue waits for others to batch with."}
+        default=5.0,
+        metadata={
+            "help": "How long a free decoder waits for one more request before it starts a batch (each "
+            "arrival restarts the wait, 4x this at most); 0: no waiting."
+        },
     )
     max_batch_tokens: int = field(
         default=4096, metadata={"help": "Padded source tokens per batch; a longer sentence is refused (422)."}
