@@ -277,9 +277,15 @@ def inference_choice(
         # greedy b16 0.89x, beam4 b16 0.84x): such CPUs take the AVX2 rules below.
         return InferenceChoice("int8", True, "AVX512-VNNI int8 kernel in a compiled step")
     if machine.avx2 and num_beams == 1 and batch_size < AVX2_COMPILE_BELOW_SENTENCES:
-        # our AVX2 int8 kernel (float32 activations) in a compiled step: greedy b1 2.67x against eager int8's 1.70x
-        # (a Xeon limited to AVX2). transformers does not compile beam search.
-        return InferenceChoice("int8", True, "AVX2 int8 kernel in a compiled step")
+        # our int8 kernel with float32 activations in a compiled step: on a Xeon with AVX512-VNNI and no AVX512-BF16
+        # (the VNNI kernel) greedy b1 4.41x MarianMTModel against eager int8's 1.89x; limited to AVX2 (the AVX2
+        # kernel) 2.67x against 1.70x. transformers does not compile beam search.
+        kernel = "AVX512-VNNI" if machine.avx512_vnni else "AVX2"
+        return InferenceChoice("int8", True, f"{kernel} int8 kernel, float32 activations, in a compiled step")
+    if machine.avx512_vnni:
+        # eager int8 (beam search, large batches) without native bf16: our VNNI kernel for the few rows of a step,
+        # fbgemm's for the encoder's many (optimize_for_inference's "vnni_float32"): beam4 b1 2.15x, beam4 b16 2.35x.
+        return InferenceChoice("int8", False, "AVX512-VNNI int8 kernel below 24 rows per step, fbgemm's above")
     # AVX2 (beam search, large batches), Arm (qnnpack): fbgemm's / qnnpack's dynamic int8, eager. Limited to AVX2:
     # beam4 b1 2.17x against 1.72x compiled, greedy b16 1.86x against 1.74x, beam4 b16 1.99x against 1.92x.
     return InferenceChoice("int8", False, "dynamic int8 kernels")

@@ -81,8 +81,8 @@ INFERENCE_CHOICES = [
     ("avx2-vnni", 1, 4, "int8", False),
     ("avx512", 1, 1, "int8", True),  # AVX-512 without VNNI: the AVX2 kernel
     ("avx512", 16, 1, "int8", False),
-    ("avx512-vnni", 1, 1, "int8", True),  # no native bf16: the AVX2 kernel, as on AVX2 CPUs
-    ("avx512-vnni", 16, 1, "int8", False),
+    ("avx512-vnni", 1, 1, "int8", True),  # no native bf16: the VNNI kernel with float32 activations
+    ("avx512-vnni", 16, 1, "int8", False),  # eager: the VNNI kernel below 24 rows, fbgemm above
     ("avx512-vnni", 16, 4, "int8", False),
     ("avx512-bf16", 1, 1, "int8", True),
     ("avx512-bf16", 1, 4, "int8", True),
