@@ -43,6 +43,27 @@ void for_each_tile(int64_t m_size, int64_t blocks, int64_t blocks_per_chunk, con
     }
 }
 
+// Each row quantised by `quantize_row` to bytes, padded to whole groups of kDepth inputs, with its scale.
+struct QuantizedRows {
+    int64_t depth_groups, k_padded;
+    std::vector<uint8_t> bytes;
+    std::vector<float> scales;
+};
+
+template <typename T, typename Quantize>
+QuantizedRows quantize_rows(const T* rows, int64_t m_size, int64_t k_size, Quantize quantize_row) {
+    QuantizedRows quantized;
+    quantized.depth_groups = (k_size + kDepth - 1) / kDepth;
+    quantized.k_padded = quantized.depth_groups * kDepth;
+    quantized.bytes.resize(m_size * quantized.k_padded);
+    quantized.scales.resize(m_size);
+#pragma omp parallel for schedule(static) if (m_size >= kRowChunk)
+    for (int64_t m = 0; m < m_size; ++m)
+        quantized.scales[m] = quantize_row(rows + m * k_size, k_size, quantized.k_padded,
+                                           quantized.bytes.data() + m * quantized.k_padded);
+    return quantized;
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
@@ -131,16 +152,12 @@ void vnni_rows(const uint8_t* x, int64_t k_padded, const int8_t* packed, int64_t
 template <typename T>
 void int8_vnni_kernel(const T* rows, const int8_t* packed, const float* weight_scale, const int32_t* weight_sums,
                       float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
-    const int64_t depth_groups = (k_size + kDepth - 1) / kDepth, k_padded = depth_groups * kDepth;
-    std::vector<uint8_t> quantized(m_size * k_padded);
-    std::vector<float> row_scale(m_size);
-#pragma omp parallel for schedule(static) if (m_size >= kRowChunk)
-    for (int64_t m = 0; m < m_size; ++m)
-        row_scale[m] = quantize_row_8_bits(rows + m * k_size, k_size, k_padded, quantized.data() + m * k_padded);
+    const QuantizedRows quantized = quantize_rows(rows, m_size, k_size, quantize_row_8_bits<T>);
+    const int64_t depth_groups = quantized.depth_groups, k_padded = quantized.k_padded;
     const int64_t blocks = (n_size + kColumns - 1) / kColumns;
     for_each_tile(m_size, blocks, 4, [&](int64_t m, int64_t rows_here, int64_t first_block, int64_t end_block) {
-        const uint8_t* x = quantized.data() + m * k_padded;
-        const float* scales = row_scale.data() + m;
+        const uint8_t* x = quantized.bytes.data() + m * k_padded;
+        const float* scales = quantized.scales.data() + m;
         float* o = out + m * n_size;
         switch (rows_here) {
             case 4: vnni_rows<4>(x, k_padded, packed, depth_groups, first_block, end_block, scales, weight_scale, weight_sums, o, n_size); break;
@@ -234,16 +251,12 @@ inline void avx2_tile(const uint8_t* x, int64_t k_padded, const int8_t* packed, 
 
 void int8_avx2_kernel(const float* rows, const int8_t* packed, const float* weight_scale, const int32_t* weight_sums,
                       float* out, int64_t m_size, int64_t n_size, int64_t k_size) {
-    const int64_t depth_groups = (k_size + kDepth - 1) / kDepth, k_padded = depth_groups * kDepth;
-    std::vector<uint8_t> quantized(m_size * k_padded);
-    std::vector<float> row_scale(m_size);
-#pragma omp parallel for schedule(static) if (m_size >= kRowChunk)
-    for (int64_t m = 0; m < m_size; ++m)
-        row_scale[m] = quantize_row_7_bits(rows + m * k_size, k_size, k_padded, quantized.data() + m * k_padded);
+    const QuantizedRows quantized = quantize_rows(rows, m_size, k_size, quantize_row_7_bits);
+    const int64_t depth_groups = quantized.depth_groups, k_padded = quantized.k_padded;
     const int64_t blocks = (n_size + kColumns - 1) / kColumns;
     for_each_tile(m_size, blocks, 1, [&](int64_t m, int64_t rows_here, int64_t block, int64_t) {
-        const uint8_t* x = quantized.data() + m * k_padded;
-        const float* scales = row_scale.data() + m;
+        const uint8_t* x = quantized.bytes.data() + m * k_padded;
+        const float* scales = quantized.scales.data() + m;
         float* o = out + m * n_size;
         switch (rows_here) {
             case 4: avx2_tile<4>(x, k_padded, packed, depth_groups, block, scales, weight_scale, weight_sums, o, n_size); break;
