@@ -39,7 +39,8 @@ def logits_of(model, source, target, **kwargs):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])
+# flex_attention compiles its kernel on a CPU (30 s of the default suite): an opt-in backend, checked with -m slow
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_attention_backends_agree_with_eager(tiny_config, source_batch, target_batch, variant, backend):
     eager = logits_of(make_model(tiny_config, "eager", **VARIANTS[variant]), source_batch, target_batch)
     other = logits_of(make_model(tiny_config, backend, **VARIANTS[variant]), source_batch, target_batch)
