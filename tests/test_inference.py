@@ -107,6 +107,17 @@ def quantized_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tenso
     return products * scale * layer.weight_scale.float() + layer.bias.float()
 
 
+def seeded_layer_and_rows(kernel: str, rows: int, outputs: int, inputs: int) -> tuple[Int8Linear, torch.Tensor]:
+    """A seeded int8 layer with `kernel` and float32 input rows, the middle one all zeros (its scale is 1). dynamo
+    forgets earlier compiles: each shape of these tests compiles `Int8Linear.forward` anew, past its recompile cap."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel=kernel)
+    hidden = torch.randn(rows, inputs)
+    hidden[rows // 2] = 0
+    return layer, hidden
+
+
 # the operation each of our kernels multiplies with, for `require_int8_kernel`
 OWN_KERNEL_OPERATION = {"vnni": "vnni", "vnni_float32": "vnni", "avx2": "avx2"}
 
@@ -180,11 +191,7 @@ def test_a_vnni_int8_layer_sums_its_weight_rows_again_when_they_load():
 @needs_vnni
 @pytest.mark.parametrize("shape", [(1, 10, 100), (3, 4, 64), (23, 37, 130), (5, 40, 33)])  # rows, outputs, inputs
 def test_a_vnni_float32_int8_layer_quantizes_each_float32_row_to_int8_and_multiplies_exactly(shape):
-    rows, outputs, inputs = shape  # every tail of 16 outputs and 4 inputs
-    torch.manual_seed(0)
-    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="vnni_float32")
-    hidden = torch.randn(rows, inputs)
-    hidden[rows // 2] = 0
+    layer, hidden = seeded_layer_and_rows("vnni_float32", *shape)  # every tail of 16 outputs and 4 inputs
     expected = quantized_rows_product(hidden, layer)
     with torch.no_grad():
         assert torch.equal(layer(hidden), expected)
@@ -519,10 +526,7 @@ needs_avx2_operation = pytest.mark.usefixtures("avx2_kernel")
 @pytest.mark.parametrize("shape", [(1, 10, 100), (3, 4, 64), (23, 37, 130), (2, 5, 32), (64, 9, 33)])
 def test_an_avx2_int8_layer_quantizes_each_row_to_7_bits_and_multiplies_exactly(shape):
     rows, outputs, inputs = shape  # every tail of 32 inputs, odd and even row counts
-    torch.manual_seed(0)
-    layer = Int8Linear.from_linear(torch.nn.Linear(inputs, outputs), kernel="avx2")
-    hidden = torch.randn(rows, inputs)
-    hidden[rows // 2] = 0
+    layer, hidden = seeded_layer_and_rows("avx2", rows, outputs, inputs)
     expected = seven_bit_rows_product(hidden, layer)
     with torch.no_grad():
         product = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
