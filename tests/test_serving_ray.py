@@ -20,6 +20,7 @@ DRIVER = str(Path(__file__).parent / "ray_serve_driver.py")
 SOURCES = ["we buy two dogs", "they sell ninety one trees and five houses", "i see cats", "you count three hundred"]
 
 
+@pytest.mark.slow  # 48 s, most of it starting Ray: the default suite was at 14 of its 15 minutes
 def test_two_replicas_answer_through_ray_serves_proxy(tmp_path):
     model = save_toy_translation_model(tmp_path / "model")
     driver = subprocess.Popen(
