@@ -8,7 +8,7 @@ Section map (paper -> code, in file order):
     §3.5   positional encoding            -> `SinusoidalPositionalEncoding`, `LearnedPositionalEmbedding`
     §3.1   encoder and decoder layers     -> `EncoderLayer`, `DecoderLayer`; stacks `HfAttentionEncoder`/`Decoder`
     §3.4   pre-softmax linear projection  -> `HfAttentionForConditionalGeneration.lm_head`
-    §5.4   residual dropout; label smoothing -> `SublayerConnection`; `label_smoothed_cross_entropy` (loss file)
+    §5.4   residual dropout; label smoothing -> `SublayerConnection` (`apply_dropout`); `label_smoothed_cross_entropy`
     input checks                          -> the last section: each input named when it is wrong
 
 Shape legend: B batch, S source length, T target length, K key length, D d_model, H heads, Dh = D/H,
@@ -41,6 +41,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_io_hf_attention import CheckpointIOMixin
 from .configuration_hf_attention import HfAttentionConfig
+from .dropout_hf_attention import apply_dropout
 from .generation_hf_attention import HfAttentionGenerationMixin
 from .loss_hf_attention import label_smoothed_cross_entropy
 
@@ -82,7 +83,7 @@ def eager_attention_forward(
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_weights = apply_dropout(attn_weights, dropout, module.training)
     attn_output = torch.matmul(attn_weights, value)  # (B, H, T, Dh)
     attn_output = attn_output.transpose(1, 2).contiguous()  # (B, T, H, Dh)
     return attn_output, attn_weights
@@ -193,7 +194,6 @@ class MultiHeadAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        # (B', k·T, H, Dh) holds its rows in (B, T) order already.
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # Concat(head_1..head_h): (B, T, D)
         if targets_per_source > 1 and attn_weights is not None:  # (B', H, k·T, K) -> (B, H, T, K)
             attn_weights = attn_weights.unflatten(2, (targets_per_source, -1)).transpose(1, 2).flatten(0, 1)
@@ -216,7 +216,7 @@ class PositionwiseFeedForward:
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))  # (B, T, F)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = apply_dropout(hidden_states, self.activation_dropout, self.training)
         return self.fc2(hidden_states)  # (B, T, D)
 
 
@@ -280,7 +280,7 @@ class SublayerConnection:
         if self.normalize_before:
             hidden_states = layer_norm(hidden_states)
         hidden_states = sublayer(hidden_states)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = apply_dropout(hidden_states, self.dropout, self.training)
         hidden_states = residual + hidden_states
         if not self.normalize_before:
             hidden_states = layer_norm(hidden_states)
@@ -454,7 +454,7 @@ class TransformerStack(HfAttentionPreTrainedModel):
             )
         position_ids = past_length + torch.arange(length, device=inputs_embeds.device)
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)  # (B, L, D)
-        return nn.functional.dropout(hidden_states, p=self.config.dropout, training=self.training)
+        return apply_dropout(hidden_states, self.config.dropout, self.training)
 
     def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layer_norm(hidden_states) if self.layer_norm is not None else hidden_states

@@ -156,6 +156,23 @@ def test_logged_entries_carry_the_wall_clock_time_for_time_to_quality_curves(run
     assert times and times == sorted(times) and times[-1] > 0
 
 
+def test_a_spent_time_budget_stops_training_at_that_step_with_a_checkpoint(tmp_path):
+    output = tmp_path / "out"  # a budget spent before the first step ends: training stops after step 1
+    train([*RUN, "--output_dir", str(output), "--max_train_minutes", "1e-6"])
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    state = json.loads((output / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and state["max_steps"] == 6
+    last = load_file(output / "checkpoint-1" / "model.safetensors")
+    saved = load_file(output / "model.safetensors")  # the final model is the last step's
+    assert all(torch.equal(saved[name], last[name]) for name in saved)
+
+
+def test_a_negative_time_budget_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(SystemExit, match="--max_train_minutes -1: must be 0"):
+        train([*RUN, "--output_dir", str(tmp_path / "out"), "--max_train_minutes", "-1"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_averaging_into_a_folder_that_holds_its_inputs_is_refused_and_deletes_nothing(run, tmp_path):
     held = sorted(path.name for path in run.iterdir())
     for output in (run, run.parent):

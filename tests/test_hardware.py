@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
-from hf_attention.hardware import Capabilities, CudaDevice, inference_choice, training_precision
+from hf_attention.hardware import Capabilities, CudaDevice, inference_choice, training_attention, training_precision
 from hf_attention.inference import int8_vnni
 from hf_attention.inference.int8_vnni import int8_avx2_available
 from hf_attention.inference.quantization import Int8Linear, PrepackedLinear, model_is_compiled
@@ -199,3 +199,9 @@ def test_an_unknown_quantization_or_compile_is_refused(value):
         optimize_for_inference(tiny_model(), value)
     with pytest.raises(ValueError, match="compile='yes': must be 'auto', True or False"):
         optimize_for_inference(tiny_model(), None, "yes")
+
+
+def test_bf16_training_on_a_cpu_takes_eager_attention_and_everything_else_transformers_default():
+    assert training_attention("cpu", "bf16") == "eager"  # SDPA's CPU backward pass is slow in bf16
+    assert training_attention("cpu", "fp32") is None
+    assert training_attention("cuda", "bf16") is None and training_attention("cuda:0", "fp16") is None

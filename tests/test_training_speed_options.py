@@ -4,12 +4,13 @@ cannot run it, emulated bf16 warned about; `--precision auto` choosing bf16 only
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from hf_attention import HfAttentionForConditionalGeneration
 from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
 from hf_attention.training import arguments
 from hf_attention.training.arguments import parse_arguments
-from hf_attention.training.job import main
+from hf_attention.training.job import main, run
 
 from .helpers import padded_batch, with_capabilities
 
@@ -144,3 +145,29 @@ def test_a_bad_precision_is_refused_in_one_line(capsys, arguments, message):
         parse_arguments(["--toy_corpus", *arguments])
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, kernel",
+    [(["--bf16"], "eager"), ([], "sdpa"), (["--bf16", "--attn_implementation", "sdpa"], "sdpa")],
+    ids=["bf16", "fp32", "named"],
+)
+def test_bf16_training_on_a_cpu_uses_eager_attention_unless_a_kernel_is_named(
+    tmp_path, monkeypatch, arguments, kernel
+):
+    """SDPA's fused CPU kernel is slow in bf16's backward pass (hardware.training_attention); the saved model keeps
+    no trace of the choice, so it decodes with transformers' default."""
+    with_capabilities(monkeypatch, "avx512-bf16")
+    seen = []
+
+    class RecordAttention(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config._attn_implementation)
+
+    output = tmp_path / "out"
+    run(*parse_arguments(["--toy_corpus", "--toy_train_size", "50", "--toy_eval_size", "2", "--vocab_size", "120",
+                          "--output_dir", str(output), "--max_steps", "1", "--save_strategy", "no",
+                          "--generation_max_length", "4", "--test_before_training", "false", *arguments]),
+        callbacks=[RecordAttention()])  # fmt: skip
+    assert seen == [kernel]
+    assert "attn_implementation" not in (output / "config.json").read_text()

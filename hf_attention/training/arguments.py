@@ -243,6 +243,14 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
             "trained weights."
         },
     )
+    max_train_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stop training at the first optimizer step after this many minutes since the job started (data "
+            "and tokenizer included; a resumed run counts its earlier time), saving a checkpoint there, so that a "
+            "run fits a wall-clock budget on any machine; --max_steps stays the upper bound. 0: no limit."
+        },
+    )
     max_tokens: int | None = field(
         default=None,
         metadata={

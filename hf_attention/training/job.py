@@ -144,7 +144,11 @@ def build_trainer(
         data_collator=GuidedAlignmentCollator(padding) if guided else padding,
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
-        callbacks=[WallClockCallback(started), PaddingFractionCallback(padding), *(callbacks or [])],
+        callbacks=[
+            WallClockCallback(started, training_args.max_train_minutes),
+            PaddingFractionCallback(padding),
+            *(callbacks or []),
+        ],
         guided_alignment=guided,
     )
 
@@ -322,6 +326,10 @@ def run(
     set_seed(training_args.seed)
     data = prepare_data(model_args, data_args, training_args, phases)
     model = load_model(model_args, data.tokenizer)
+    attention = hardware.training_attention(training_args.training_device, training_args.precision_used)
+    if attention and not model_args.attn_implementation:  # a kernel named with --attn_implementation wins
+        model.set_attn_implementation(attention)
+        logger.warning(f"Attention: {attention} (faster than SDPA's CPU kernel for bf16 training).")
     training_args = training_args.with_paper_learning_rate(model.config.d_model)
     training_args = set_decoding_defaults(model, data_args, training_args, data.tokenizer)
     guided = guided_alignment_setting(model, training_args) if carries_alignments(data) else None

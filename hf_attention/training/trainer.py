@@ -30,6 +30,7 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
     seed_worker,
 )
+from transformers.utils import logging
 
 from ..data.batching import (
     EvenBatchesAcrossProcesses,
@@ -44,6 +45,7 @@ from .guided_alignment import capture_cross_attention_inputs, guided_alignment_l
 from .regularization import EMA_WEIGHTS_NAME, MovingAverageCallback, WeightMovingAverage, doubled, symmetric_kl
 
 STAGING_DIR = ".checkpoint-staging"
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -65,20 +67,33 @@ class TokenLabelSmoother:
 
 class WallClockCallback(TrainerCallback):
     """Adds `wall_seconds` (since the job started, across resumes) to every logged entry, so that curves can be drawn
-    against time: what "time to a good model" is measured in.
+    against time: what "time to a good model" is measured in; and with a budget, stops training when it is spent.
 
     Args:
         started: `time.perf_counter()` when the job started (data and tokenizer included); default: training start.
+        budget_minutes: stop at the first optimizer step after this many minutes, saving a checkpoint (0: never).
     """
 
-    def __init__(self, started: float | None = None):
+    def __init__(self, started: float | None = None, budget_minutes: float = 0.0):
         self.job_started = started
+        self.budget_seconds = budget_minutes * 60
 
     def on_train_begin(self, args, state, control, **kwargs):
         earlier = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
         self.started = self.job_started if self.job_started is not None else time.perf_counter()
         if earlier:  # a resumed run goes on from the time its last entry recorded
             self.started = time.perf_counter() - earlier[-1]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.budget_seconds or time.perf_counter() - self.started < self.budget_seconds:
+            return
+        if not control.should_training_stop:
+            logger.warning(
+                f"--max_train_minutes {self.budget_seconds / 60:g}: the time is spent; training stops at step "
+                f"{state.global_step} of {state.max_steps}."
+            )
+        control.should_training_stop = True
+        control.should_save = args.save_strategy != "no"  # the last checkpoint, for averaging and resuming
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.log_history and hasattr(self, "started"):

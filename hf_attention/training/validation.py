@@ -89,6 +89,10 @@ def validate_arguments(
     if data_args.guided_alignment and not training_args.guided_alignment_weight > 0:
         raise TrainingArgumentError(f"--guided_alignment_weight {training_args.guided_alignment_weight}: must be "
                                     "positive (leave --guided_alignment out to train without it).")  # fmt: skip
+    if training_args.max_train_minutes < 0:
+        raise TrainingArgumentError(
+            f"--max_train_minutes {training_args.max_train_minutes:g}: must be 0 (no limit) or more."
+        )
     if training_args.r_drop_alpha < 0:
         raise TrainingArgumentError(f"--r_drop_alpha {training_args.r_drop_alpha}: must be 0 (off) or more.")
     if not 0 <= training_args.ema_decay < 1:
