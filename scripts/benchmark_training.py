@@ -4,9 +4,9 @@ Both models have the same sizes and weights (MarianMTModel is our random model c
 `hf_attention_to_marian`) and train on the same batches with the same recipe: the paper's Adam, warm-up then
 inverse-square-root decay of the learning rate (peak --learning_rate, 1e-3 as in the Multi30k recipe), label
 smoothing 0.1. Marian runs as its users run it (fp32, its default attention); hf_attention runs with the options
-named by `--hf_options` (default `auto`: bf16 autocast with fp32 master weights where the CPU computes bf16 natively,
-AVX512-BF16 or AMX, else fp32; `hf_attention.hardware`). Each engine runs in its own process, so that
-its peak RSS is its own, in interleaved rounds; the figures are medians over rounds.
+named by `--hf_options` (default `auto`: bf16 autocast with fp32 master weights and eager attention where the CPU
+computes bf16 natively, AVX512-BF16 or AMX, else fp32; `hf_attention.hardware`). Each engine runs in its own process,
+so that its peak RSS is its own, in interleaved rounds; the figures are medians over rounds.
 
     python scripts/benchmark_training.py --quick                  # ≤ 5 minutes: speed and memory only
     python scripts/benchmark_training.py --minutes 10 --data ../shared/data/multi30k   # + BLEU at equal times
@@ -103,6 +103,7 @@ def build_models(args: BenchmarkArguments):
 
 def training_step_function(model, engine: str, args: BenchmarkArguments, total_steps: int):
     """One optimiser step of the paper's recipe on a batch; hf_attention under bf16 autocast if asked."""
+    from hf_attention import hardware
     from hf_attention.modeling_hf_attention import label_smoothed_cross_entropy
     from hf_attention.training.arguments import paper_learning_rate
 
@@ -114,6 +115,9 @@ def training_step_function(model, engine: str, args: BenchmarkArguments, total_s
     )
     options = hf_options(args.hf_options) if engine == "hf_attention" else {"fp32"}
     autocast = "bf16" in options
+    attention = hardware.training_attention("cpu", "bf16" if autocast else "fp32")
+    if attention and engine == "hf_attention":  # as the training job chooses it: eager under bf16 autocast on a CPU
+        model.set_attn_implementation(attention)
     if "checkpointing" in options:  # recompute each layer's activations in the backward pass instead of keeping them
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
