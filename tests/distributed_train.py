@@ -75,9 +75,26 @@ class SaveParametersOnEveryRank(TrainerCallback):
         (self.folder / f"work{args.process_index}.json").write_text(json.dumps(WORK))
 
 
+def clock_ahead_on_the_second_process(seconds: float) -> None:
+    """The second process's wall clock reads `seconds` more than the main process's: its --max_train_minutes would
+    run out that much earlier, were it its own clock that decided."""
+    from hf_attention.training.trainer import WallClockCallback
+
+    on_train_begin = WallClockCallback.on_train_begin
+
+    def ahead(self, args, state, control, **kwargs):
+        on_train_begin(self, args, state, control, **kwargs)
+        if args.process_index == 1:
+            self.started -= seconds
+
+    WallClockCallback.on_train_begin = ahead
+
+
 if __name__ == "__main__":
     if os.environ.get("HF_ATTENTION_FSDP_ON_CPU") == "1":
         fsdp_on_cpu_processes()
+    if os.environ.get("HF_ATTENTION_SECOND_CLOCK_AHEAD"):
+        clock_ahead_on_the_second_process(float(os.environ["HF_ATTENTION_SECOND_CLOCK_AHEAD"]))
     train_tokenizer = prepare.train_tokenizer
     prepare.train_tokenizer = counting_train_tokenizer
     arrow_dataset.ArrowWriter = CountingWriter

@@ -289,6 +289,26 @@ def test_two_processes_prepare_the_data_once_and_stay_in_step(tmp_path, streamin
 
 
 @needs_accelerate_launcher
+@pytest.mark.slow  # 20 s of two processes; the one-process budget test runs in the default suite
+def test_two_processes_stop_on_the_time_budget_at_the_same_step(tmp_path):
+    """The main process's clock decides when --max_train_minutes is spent, so neither process waits in a collective
+    for a step the other never takes: here the second process's clock runs 4 s ahead (with its own clock deciding,
+    the main process waited in the next step's all-reduce until the test's timeout)."""
+    arguments = [*toy_corpus_files(tmp_path, pairs=400, train=360), "--max_steps", "100000", "--save_steps", "5",
+                 "--per_device_train_batch_size", "8", "--max_train_minutes", "0.15"]  # fmt: skip
+    log = tmp_path / "log.txt"
+    process = launch([*two_processes(29531, "--multi_gpu"), str(tmp_path / "out"), *arguments], log,
+                     HF_ATTENTION_SECOND_CLOCK_AHEAD="4")  # fmt: skip
+    finish(process, log)
+    rank0, rank1 = (load_file(tmp_path / "out" / f"rank{rank}.safetensors") for rank in range(2))
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name
+    last = max(int(path.name.split("-")[1]) for path in (tmp_path / "run").glob("checkpoint-*"))
+    state = json.loads((tmp_path / "run" / f"checkpoint-{last}" / "trainer_state.json").read_text())
+    assert 0 < state["global_step"] == last < 100000  # stopped by the budget, with a checkpoint at that step
+
+
+@needs_accelerate_launcher
 @pytest.mark.parametrize(
     "batching",
     [  # a stream cut into token batches in the default suite; sentence batches and map-style token batches slow

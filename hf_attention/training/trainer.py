@@ -85,7 +85,12 @@ class WallClockCallback(TrainerCallback):
             self.started = time.perf_counter() - earlier[-1]
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.budget_seconds or time.perf_counter() - self.started < self.budget_seconds:
+        if not self.budget_seconds:
+            return
+        spent = torch.tensor(float(time.perf_counter() - self.started >= self.budget_seconds), device=args.device)
+        if args.world_size > 1:  # the main process's clock decides for all: each stops at the same step
+            torch.distributed.broadcast(spent, src=0)
+        if not spent.item():
             return
         if not control.should_training_stop:
             logger.warning(
