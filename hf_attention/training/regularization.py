@@ -51,7 +51,7 @@ class WeightMovingAverage:
 
     Given the optimizer step t, the decay warms up as TensorFlow's `ExponentialMovingAverage(num_updates=t)` does,
     d_t = min(d, (1 + t) / (10 + t)): without it the initial random weights keep a weight of d^t in the average
-    (3.7% after 3300 steps at d = 0.999, the length of the fp32 Multi30k recipe).
+    (3.7% after 3300 steps at d = 0.999, the length of the fp32 Multi30k run r6).
 
     Its `state_dict()` is the model's own (buffers included, one name per tied tensor) with the averaged
     parameters in place, so it saves, loads and averages (`checkpoint_averaging`) like model.safetensors.
