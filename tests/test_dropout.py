@@ -56,6 +56,7 @@ def test_every_dropout_site_of_the_model_draws_its_mask_here(monkeypatch):
         return original(hidden_states, p, training)
 
     monkeypatch.setattr("hf_attention.modeling_hf_attention.apply_dropout", counted)
+    monkeypatch.setattr("hf_attention.attention_hf_attention.apply_dropout", counted)
     batch = torch.tensor([[5, 6, 7, 2]])
     model(input_ids=batch, labels=batch)
     layers = config.encoder_layers + config.decoder_layers
