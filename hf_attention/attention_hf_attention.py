@@ -132,6 +132,16 @@ class MultiHeadAttention(nn.Module):
             value = self.v_proj(current_states) if value is None else value
             key_states = key.reshape(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
             value_states = value.reshape(kv_shape).transpose(1, 2)  # (B, H, K, Dh)
+            if layer_cache is not None and not is_cross_attention:
+                # A cache layer with its own step attention (generation_hf_attention.AncestralCacheLayer) stores
+                # and attends in one call; it declines (None) where it cannot.
+                layers = getattr(layer_cache, "layers", ())
+                attend_step = (
+                    getattr(layers[self.layer_idx], "attend_step", None) if len(layers) > self.layer_idx else None
+                )
+                attn_output = attend_step and attend_step(query_states, key_states, value_states, self.scaling)
+                if attn_output is not None:
+                    return self.out_proj(attn_output.reshape(*input_shape, -1)), None
             if layer_cache is not None:
                 key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
                 if is_cross_attention:

@@ -144,18 +144,21 @@ def require_module(name: str, extra: str = "test"):
         pytest.skip(message, allow_module_level=True)
 
 
-def require_int8_kernel(kernel: str) -> None:
-    """Skip unless hf_attention's int8 operation `kernel` ("vnni" or "avx2") runs here. A CPU (or capability map)
-    without the instructions skips with that reason everywhere; a CPU that has them but a build that failed skips
-    only outside CI: under `CI=true` it fails, since the suite would otherwise pass without testing the kernels."""
+def require_cpu_kernel(kernel: str) -> None:
+    """Skip unless hf_attention's CPU operation `kernel` ("vnni" or "avx2": the int8 products; "attention": the
+    cached attention) runs here. A CPU (or capability map) without the instructions skips with that reason
+    everywhere; a CPU that has them but a build that failed skips only outside CI: under `CI=true` it fails, since
+    the suite would otherwise pass without testing the kernels."""
     from hf_attention.inference import int8_vnni
 
-    instructions = {"vnni": "avx512_vnni", "avx2": "avx2"}[kernel]
-    if (int8_vnni.int8_vnni_available if kernel == "vnni" else int8_vnni.int8_avx2_available)():
+    instructions = {"vnni": "avx512_vnni", "avx2": "avx2", "attention": "avx2"}[kernel]
+    available = {"vnni": int8_vnni.int8_vnni_available, "avx2": int8_vnni.int8_avx2_available,
+                 "attention": int8_vnni.cached_attention_available}[kernel]  # fmt: skip
+    if available():
         return
     if not (getattr(hardware.capabilities(), instructions) and getattr(hardware.detect(), instructions)):
         pytest.skip(f"no {instructions.upper()} on this CPU (or masked by HF_ATTENTION_CPU_CAPABILITY)")
-    message = f"this CPU has {instructions.upper()} but hf_attention's int8 operations did not build"
+    message = f"this CPU has {instructions.upper()} but hf_attention's CPU operations did not build"
     if IN_CI:
         pytest.fail(f"{message}: under CI=true a failed build fails instead of skipping.", pytrace=False)
     pytest.skip(message)

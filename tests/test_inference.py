@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipeline
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
-from hf_attention.generation_hf_attention import GrowingCacheLayer
+from hf_attention.generation_hf_attention import AncestralCacheLayer, GrowingCacheLayer
 from hf_attention.inference import int8_vnni
 from hf_attention.inference.int8_linear import (
     DEQUANTIZE_FROM_ROWS,
@@ -27,7 +27,7 @@ from hf_attention.inference.int8_linear import (
 from hf_attention.inference.int8_vnni import int8_avx2_available, pack_weight
 from hf_attention.inference.quantization import HfAttentionInt8Config, PrepackedLinear, compile_without_module_guards
 
-from .helpers import padded_batch, require_int8_kernel, require_module, toy_tokenizer, with_capabilities
+from .helpers import padded_batch, require_cpu_kernel, require_module, toy_tokenizer, with_capabilities
 
 SOURCES = ["we buy two dogs", "they sell ninety one trees", "i see five cats"]
 
@@ -118,13 +118,13 @@ def seeded_layer_and_rows(kernel: str, rows: int, outputs: int, inputs: int) -> 
     return layer, hidden
 
 
-# the operation each of our kernels multiplies with, for `require_int8_kernel`
+# the operation each of our kernels multiplies with, for `require_cpu_kernel`
 OWN_KERNEL_OPERATION = {"vnni": "vnni", "vnni_float32": "vnni", "avx2": "avx2"}
 
 
 @pytest.fixture
 def vnni_kernel():
-    require_int8_kernel("vnni")
+    require_cpu_kernel("vnni")
 
 
 needs_vnni = pytest.mark.usefixtures("vnni_kernel")
@@ -252,7 +252,7 @@ def test_the_int8_operations_are_unavailable_without_the_cpu_flags_or_a_build(mo
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_nothing(kernel, rows):
     if kernel in ("vnni", "vnni_float32"):
-        require_int8_kernel("vnni")
+        require_cpu_kernel("vnni")
     torch.manual_seed(0)
     layers = [Int8Linear.from_linear(nn.Linear(40, size), kernel=kernel) for size in (40, 40, 24)]
     fused = Int8Linear.concatenated(layers)
@@ -269,7 +269,7 @@ def test_concatenated_int8_layers_give_the_layers_outputs_side_by_side_and_save_
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_an_int8_layer_whose_weights_change_in_place_computes_with_the_new_ones(kernel, rows):
     if kernel in OWN_KERNEL_OPERATION:
-        require_int8_kernel(OWN_KERNEL_OPERATION[kernel])
+        require_cpu_kernel(OWN_KERNEL_OPERATION[kernel])
     torch.manual_seed(0)
     layer, other = (Int8Linear.from_linear(nn.Linear(48, 32), kernel=kernel) for _ in range(2))
     inputs = torch.randn(rows, 48)
@@ -400,8 +400,9 @@ def test_a_static_cache_compiled_with_fullgraph_generates_the_eager_tokens(tiny_
     self_attention_cache = compiled.past_key_values.self_attention_cache
     if num_beams == 1:  # transformers compiles the step of greedy search and sampling, not of beam search
         assert counters["stats"]["unique_graphs"] > 0 and isinstance(self_attention_cache, StaticCache)
-    else:  # which runs faster eagerly with the growing cache
-        assert {type(layer) for layer in self_attention_cache.layers} == {GrowingCacheLayer}
+    else:  # which runs faster eagerly, with the growing cache (or, where our operation builds, the ancestral one)
+        growing = AncestralCacheLayer if int8_vnni.cached_attention_available() else GrowingCacheLayer
+        assert {type(layer) for layer in self_attention_cache.layers} == {growing}
     assert torch.equal(compiled.sequences, eager)
     assert model.generation_config.cache_implementation is None  # each call asks for the static cache
 
@@ -481,7 +482,7 @@ def test_compiled_int8_uses_the_machines_kernel_and_generates_its_eager_tokens(
     """fbgemm's packed weights cannot be compiled: with compile, decoding steps' activations are quantised to int8 by
     our operations (VNNI; AVX2 where bf16 would be emulated), or multiply the int8 weights in bf16."""
     if kernel in OWN_KERNEL_OPERATION:
-        require_int8_kernel(OWN_KERNEL_OPERATION[kernel])
+        require_cpu_kernel(OWN_KERNEL_OPERATION[kernel])
     if flags is not None:
         monkeypatch.setattr(hardware, "_installed", [hardware.Capabilities("x86_64", "faked", frozenset(flags))])
     batch = padded_batch([7, 4, 6], max_length=7)
@@ -516,7 +517,7 @@ def seven_bit_rows_product(rows: torch.Tensor, layer: Int8Linear) -> torch.Tenso
 
 @pytest.fixture
 def avx2_kernel():
-    require_int8_kernel("avx2")
+    require_cpu_kernel("avx2")
 
 
 needs_avx2_operation = pytest.mark.usefixtures("avx2_kernel")
@@ -574,7 +575,7 @@ def test_bad_options_are_refused_in_one_line(tiny_config, tmp_path):
 def test_int8_scales_and_biases_stay_float32_when_the_model_turns_bf16(kernel, tiny_config, tmp_path):
     """Issue 24's item 11: `model.to(torch.bfloat16)` rounded the per-row scales (a gain error up to 0.4%)."""
     if kernel == "vnni":
-        require_int8_kernel(kernel)
+        require_cpu_kernel(kernel)
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(64, 48), kernel=kernel)
     scale, bias = layer.weight_scale.clone(), layer.bias.clone()
@@ -634,7 +635,7 @@ def test_batch_invariant_int8_gives_each_row_the_output_it_gets_alone(tiny_confi
 @pytest.mark.skipif(int8_vnni.fcntl is None, reason="no flock on this system")
 def test_a_build_killed_midway_leaves_no_lock_that_hangs_later_uses(tmp_path):
     """torch's builder waits forever on the `lock` file a killed build leaves; ours clears it under an flock."""
-    require_int8_kernel("avx2")
+    require_cpu_kernel("avx2")
     folder = int8_vnni.build_directory()
     (folder / "lock").write_text("")  # torch's FileBaton, as a build killed midway leaves it
     check = "from hf_attention.inference.int8_vnni import int8_avx2_available as a; print(a())"

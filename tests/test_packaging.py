@@ -101,7 +101,7 @@ def test_the_wheel_installs_and_works_outside_the_source_tree(tmp_path):
 SKIPS_THAT_HIDE_A_BROKEN_INSTALL = textwrap.dedent(
     """
     from hf_attention.inference import int8_vnni
-    from tests.helpers import require_int8_kernel, require_module
+    from tests.helpers import require_cpu_kernel, require_module
 
 
     def test_needs_a_missing_extra():
@@ -110,7 +110,7 @@ SKIPS_THAT_HIDE_A_BROKEN_INSTALL = textwrap.dedent(
 
     def test_needs_the_int8_operations_whose_build_failed(monkeypatch):
         monkeypatch.setitem(int8_vnni._state, "built", False)  # as after a failed build: avx2 present, no operation
-        require_int8_kernel("avx2")
+        require_cpu_kernel("avx2")
     """
 )
 
@@ -134,4 +134,4 @@ def test_under_ci_a_missing_extra_or_a_failed_build_fails_instead_of_skipping(tm
     else:
         assert result.returncode == 0 and "2 skipped" in result.stdout, result.stdout[-3000:]
         assert "pip install 'hf_attention[test]'" in result.stdout
-        assert "this CPU has AVX2 but hf_attention's int8 operations did not build" in result.stdout
+        assert "this CPU has AVX2 but hf_attention's CPU operations did not build" in result.stdout

@@ -12,7 +12,11 @@ registers without sums across lanes:
 - AVX2: float32 rows in 7 bits (vpmaddubsw's 16-bit pair sums), as fbgemm on AVX2, so that nothing goes through bf16,
   which AVX2 CPUs emulate; 1.3-1.9x the row-by-row kernel this replaced.
 
-The C++ source is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja, as torch.compile
+The same library holds `torch.ops.hf_attention.cached_attention` (`csrc/cached_attention.cpp`): a decoding step's
+self-attention over a cache that beam search does not reorder (generation_hf_attention.AncestralCacheLayer), which
+`optimize_for_inference` installs on CPUs with AVX2 (`cached_attention_available()`).
+
+The C++ sources are compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and ninja, as torch.compile
 needs on a CPU; ~10 s, cached across processes in `build_directory()`, one build at a time: `exclusive_build`), on
 x86 CPUs only. Where the CPU lacks the instructions or
 the build fails, `int8_vnni_available()` / `int8_avx2_available()` are False and `Int8Linear` uses torch's kernels.
@@ -35,9 +39,13 @@ except ImportError:  # not on Windows, where the operations are not built either
 from .. import hardware
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_vnni.cpp"
+# Built into the same library: the decoding step's self-attention over a cache beam search never reorders
+# (`cached_attention.py`).
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "cached_attention.cpp")
 # How long a process waits for another's build of the operations before it gives up and uses torch's kernels.
 BUILD_WAIT_SECONDS = 600
-# "built": whether the operations are registered in this process; "vnni", "avx2": the last answers of *_available()
+# "built": whether the operations are registered in this process; "vnni", "avx2", "attention": the last answers of
+# *_available()
 _state: dict = {}
 
 
@@ -53,6 +61,12 @@ def int8_avx2_available() -> bool:
     """Whether `torch.ops.hf_attention.int8_avx2_matmul` runs here: AVX2 in the capability map and in this CPU, and
     the operations built and loaded. Like `int8_vnni_available`, call it outside torch.compile first."""
     return _available("avx2", lambda machine: machine.avx2)
+
+
+def cached_attention_available() -> bool:
+    """Whether `torch.ops.hf_attention.cached_attention` (csrc/cached_attention.cpp, built with these operations)
+    runs here: AVX2 in the capability map and in this CPU, and the operations built and loaded."""
+    return _available("attention", lambda machine: machine.avx2)
 
 
 def _available(kernel: str, has_instructions) -> bool:
@@ -114,7 +128,7 @@ def _build_and_load() -> bool:
             os.environ["PATH"] = os.pathsep.join(filter(None, [_ninja_folder(), path]))
             cpp_extension.load(
                 name="hf_attention_int8_vnni",
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),

@@ -38,6 +38,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import hardware
 from .int8_linear import Int8Linear, can_prepack_bf16, compiled_int8_kernel
+from .int8_vnni import cached_attention_available
 
 logger = logging.get_logger(__name__)
 
@@ -201,8 +202,8 @@ def optimize_for_inference(
         num_beams: the workload's beams (default: the generation config's).
         batch_invariant: with int8, quantise every input row with its own scale (the row-wise kernel of
             `compiled_int8_kernel()`, at every row count), never a whole batch with one scale as fbgemm's dynamic
-            product does, so that a sentence decodes to the same tokens in any batch (what a server batching
-            strangers' requests needs); slower than fbgemm for many rows.
+            product does, and with float32 activations, so that a sentence decodes to the same tokens in any batch
+            (what a server batching strangers' requests needs); slower than fbgemm for many rows.
 
     Raises:
         ValueError: an unknown `quantization`, or `"int8"` for a model that is not on the CPU.
@@ -231,6 +232,10 @@ def optimize_for_inference(
         # the encoder. Our AVX2 operation is slower than fbgemm's AVX2 kernels from 4 rows (0.86x at 16) eagerly.
         own_kernel = compiled_int8_kernel() if model.device.type == "cpu" else "weight_only"
         kernel = own_kernel if compile or batch_invariant or own_kernel == "vnni_float32" else "dynamic"
+        if batch_invariant and kernel == "vnni":
+            # float32 activations: in bf16, a sentence padded in a batch scored up to 0.04 away from itself alone
+            # (the encoder's attention sums its padding's zeros in other blocks), enough to change a server's answer.
+            kernel = "vnni_float32"
         # The output projection gets its own int8 copy of the embedding matrix, which stays float for the lookups.
         model.config.tie_word_embeddings = False
         replace_linear_layers(model, functools.partial(Int8Linear.from_linear, kernel=kernel))
@@ -254,6 +259,10 @@ def optimize_for_inference(
             compile_config.mode, compile_config.options = "default", {"cpp_wrapper": True}
             compiled_call = compile_without_module_guards(model.__call__, compile_config)  # skips module guards
         model.install_compiled_steps(compile_config, compiled_call)
+    if model.device.type == "cpu" and cached_attention_available():
+        # Eager decoding steps (beam search; greedy search where not compiled) attend with our operation over a
+        # self-attention cache that beam search does not move (generation_hf_attention.AncestralCacheLayer).
+        model.decode_with_cached_attention = True
     return model
 
 

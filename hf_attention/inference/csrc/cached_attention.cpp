@@ -1,0 +1,143 @@
+// One decoding step's self-attention over a cache that beam search never reorders
+// (see hf_attention/inference/cached_attention.py and generation_hf_attention.AncestralCacheLayer).
+//
+// torch.ops.hf_attention.cached_attention(query, keys, values, ancestors, length, scaling):
+//   query      (B, H, Dh)             this step's queries, float32 or bf16
+//   keys       (capacity, B, H, Dh)   position j of the hypothesis in row b at step j, float32 or bf16 (as values)
+//   ancestors  (B, capacity) int64    ancestors[b, j]: the row whose position j hypothesis b continues
+//   -> (B, H, Dh) in the query's dtype: softmax(q kᵀ · scaling) v over positions 0..length-1 of each hypothesis.
+// Each hypothesis reads its keys and values once, through `ancestors`, so that a beam reorder moves B × length
+// integers instead of the cache, and nothing is copied to gather the keys before multiplying.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float as_float(float value) { return value; }
+
+inline float as_float(uint16_t bf16) {  // a bf16 is the upper half of a float32
+    const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")  // built and called only where the capability map reports AVX2
+#endif
+// Summed in an order that depends on nothing but `size`: a vectorised reduction may start where the data is aligned,
+// and a row would then score differently by where it sits in the batch (a server's answers must not).
+template <typename State>
+inline float dot_product(const float* query, const State* key, int64_t size) {
+    constexpr int64_t kLanes = 8;
+    float lanes[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= size; d += kLanes)
+        for (int64_t lane = 0; lane < kLanes; ++lane) lanes[lane] += query[d + lane] * as_float(key[d + lane]);
+    for (; d < size; ++d) lanes[0] += query[d] * as_float(key[d]);
+    return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+template <typename Query, typename State>
+void cached_attention_kernel(const Query* query, const State* keys, const State* values, const int64_t* ancestors,
+                             float* out, int64_t batch, int64_t heads, int64_t head_dim, int64_t length,
+                             int64_t ancestor_stride, float scaling) {
+    const int64_t row_size = heads * head_dim;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(heads * length), q(row_size), acc(row_size);
+        for (int64_t b = begin; b < end; ++b) {
+            const int64_t* rows = ancestors + b * ancestor_stride;
+            for (int64_t i = 0; i < row_size; ++i) q[i] = as_float(query[b * row_size + i]) * scaling;
+            for (int64_t j = 0; j < length; ++j) {
+                const State* key = keys + (j * batch + rows[j]) * row_size;
+                for (int64_t h = 0; h < heads; ++h) {
+                    const float* qh = q.data() + h * head_dim;
+                    const State* kh = key + h * head_dim;
+                    scores[h * length + j] = dot_product(qh, kh, head_dim);
+                }
+            }
+            for (int64_t h = 0; h < heads; ++h) {  // softmax over each head's positions
+                float* sh = scores.data() + h * length;
+                const float top = *std::max_element(sh, sh + length);
+                float total = 0.f;
+                for (int64_t j = 0; j < length; ++j) total += (sh[j] = std::exp(sh[j] - top));
+                const float inverse = 1.f / total;
+                for (int64_t j = 0; j < length; ++j) sh[j] *= inverse;
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t j = 0; j < length; ++j) {
+                const State* value = values + (j * batch + rows[j]) * row_size;
+                for (int64_t h = 0; h < heads; ++h) {
+                    const float weight = scores[h * length + j];
+                    float* ah = acc.data() + h * head_dim;
+                    const State* vh = value + h * head_dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; ++d) ah[d] += weight * as_float(vh[d]);
+                }
+            }
+            std::copy(acc.begin(), acc.end(), out + b * row_size);
+        }
+    });
+}
+#if defined(__x86_64__)
+#pragma GCC pop_options
+#endif
+
+template <typename Query>
+void dispatch_state(const Query* query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& ancestors,
+                    float* out, int64_t length, double scaling) {
+    const int64_t batch = keys.size(1), heads = keys.size(2), head_dim = keys.size(3);
+    const int64_t* rows = ancestors.data_ptr<int64_t>();
+    if (keys.scalar_type() == at::kFloat)
+        cached_attention_kernel(query, keys.data_ptr<float>(), values.data_ptr<float>(), rows, out, batch, heads,
+                                head_dim, length, ancestors.stride(0), static_cast<float>(scaling));
+    else
+        cached_attention_kernel(query, reinterpret_cast<const uint16_t*>(keys.data_ptr()),
+                                reinterpret_cast<const uint16_t*>(values.data_ptr()), rows, out, batch, heads, head_dim,
+                                length, ancestors.stride(0), static_cast<float>(scaling));
+}
+
+at::Tensor cached_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& ancestors, int64_t length, double scaling) {
+    TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && keys.sizes() == values.sizes(),
+                "cached_attention: query (B, H, Dh) and keys, values (capacity, B, H, Dh) expected, got ", query.sizes(),
+                ", ", keys.sizes(), ", ", values.sizes());
+    TORCH_CHECK(keys.size(1) == query.size(0) && keys.size(2) == query.size(1) && keys.size(3) == query.size(2),
+                "cached_attention: keys ", keys.sizes(), " do not match the query ", query.sizes());
+    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && ancestors.stride(1) == 1,
+                "cached_attention: keys, values and each row of ancestors must be contiguous");
+    TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 2 && ancestors.size(0) == query.size(0),
+                "cached_attention: ancestors must be int64 (B, capacity), got ", ancestors.sizes());
+    TORCH_CHECK(length >= 1 && length <= keys.size(0) && length <= ancestors.size(1),
+                "cached_attention: length ", length, " outside 1..", std::min(keys.size(0), ancestors.size(1)));
+    const auto state_type = keys.scalar_type();
+    TORCH_CHECK(values.scalar_type() == state_type && (state_type == at::kFloat || state_type == at::kBFloat16),
+                "cached_attention: keys and values must both be float32 or both bf16");
+    TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
+                "cached_attention: the query must be float32 or bf16");
+    const at::Tensor q = query.contiguous();
+    at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    if (q.scalar_type() == at::kFloat)
+        dispatch_state(q.data_ptr<float>(), keys, values, ancestors, out.data_ptr<float>(), length, scaling);
+    else
+        dispatch_state(reinterpret_cast<const uint16_t*>(q.data_ptr()), keys, values, ancestors, out.data_ptr<float>(),
+                       length, scaling);
+    return out.to(query.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hf_attention, m) {
+    m.def("cached_attention(Tensor query, Tensor keys, Tensor values, Tensor ancestors, int length, float scaling) "
+          "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hf_attention, CPU, m) { m.impl("cached_attention", &cached_attention); }

@@ -1,0 +1,161 @@
+"""Beam search over a self-attention cache it never reorders: `AncestralCacheLayer` and our C++ operation
+`torch.ops.hf_attention.cached_attention`, which `optimize_for_inference` installs on a CPU. Every test compares
+against the path that moves the cache (transformers' `DynamicLayer`, eager attention)."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from hf_attention import HfAttentionForConditionalGeneration, optimize_for_inference
+from hf_attention import generation_hf_attention as generation
+from hf_attention.generation_hf_attention import AncestralCacheLayer, GrowingCacheLayer
+
+from .helpers import padded_batch, require_cpu_kernel
+
+B, H, DH = 6, 4, 8
+
+
+def reference_attention(query, keys, values, ancestors, length, scaling):
+    """What the operation computes, with torch: each row's positions gathered through `ancestors`, then softmax."""
+    positions = torch.arange(length)
+    gathered_keys = keys[positions, ancestors[:, :length]].float().transpose(1, 2)  # (B, H, L, Dh)
+    gathered_values = values[positions, ancestors[:, :length]].float().transpose(1, 2)
+    weights = torch.softmax(query.float()[:, :, None] @ gathered_keys.transpose(-1, -2) * scaling, dim=-1)
+    return (weights @ gathered_values)[:, :, 0].to(query.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_operation_attends_through_the_ancestors(dtype):
+    require_cpu_kernel("attention")
+    generator = torch.Generator().manual_seed(0)
+    capacity = 20
+    keys, values = (torch.randn(capacity, B, H, DH, generator=generator).to(dtype) for _ in range(2))
+    ancestors = torch.randint(0, B, (B, capacity), generator=generator)
+    query = torch.randn(B, H, DH, generator=generator).to(dtype)
+    for length in (1, 7, capacity):
+        got = torch.ops.hf_attention.cached_attention(query, keys, values, ancestors, length, 0.3)
+        expected = reference_attention(query, keys, values, ancestors, length, 0.3)
+        assert got.dtype == dtype and got.shape == (B, H, DH)
+        torch.testing.assert_close(got, expected, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
+
+
+def test_the_operation_names_what_is_wrong_with_its_operands():
+    require_cpu_kernel("attention")
+    keys, ancestors = torch.randn(5, B, H, DH), torch.zeros(B, 5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="length 6 outside 1..5"):
+        torch.ops.hf_attention.cached_attention(torch.randn(B, H, DH), keys, keys, ancestors, 6, 1.0)
+    with pytest.raises(RuntimeError, match="do not match the query"):
+        torch.ops.hf_attention.cached_attention(torch.randn(B, H + 1, DH), keys, keys, ancestors, 1, 1.0)
+
+
+def test_the_layer_holds_what_a_reordered_dynamic_layer_holds_and_attends_as_eager_attention():
+    """Updates, beam reorders and one-step attention, side by side with transformers' `DynamicLayer` (which moves
+    the cache) and softmax attention over its keys; the layer here uses the torch reference as its operation, so
+    this holds without the C++ build too."""
+    generator = torch.Generator().manual_seed(1)
+    layer, plain = AncestralCacheLayer(reference_attention), DynamicLayer()
+
+    def states(steps):
+        return [torch.randn(B, H, steps, DH, generator=generator) for _ in range(2)]
+
+    prompt = states(3)
+    assert [torch.equal(a, b) for a, b in zip(layer.update(*prompt), plain.update(*prompt), strict=True)] == [1, 1]
+    for step in range(20):  # past the first buffer's 16 positions: the buffers grow
+        beam_idx = torch.randint(0, B, (B,), generator=generator)
+        layer.reorder_cache(beam_idx)
+        plain.reorder_cache(beam_idx)
+        query, (key, value) = torch.randn(B, H, 1, DH, generator=generator), states(1)
+        output = layer.attend_step(query, key, value, 0.5)  # (B, 1, H, Dh)
+        keys, values = plain.update(key, value)
+        expected = torch.softmax(query @ keys.transpose(-1, -2) * 0.5, dim=-1) @ values  # (B, H, 1, Dh)
+        torch.testing.assert_close(output, expected.transpose(1, 2))
+        assert layer.get_seq_length() == plain.get_seq_length() == 4 + step
+    assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+
+    layer.batch_select_indices(torch.tensor([4, 1]))  # assigned from outside: a plain DynamicLayer from now on
+    plain.batch_select_indices(torch.tensor([4, 1]))
+    more = [torch.randn(2, H, 1, DH, generator=generator) for _ in range(2)]
+    assert layer.attend_step(torch.randn(2, H, 1, DH), *more, 0.5) is None  # declines: nothing stored
+    assert torch.equal(layer.update(*more)[0], plain.update(*more)[0]) and layer.get_seq_length() == 24
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(tiny_config).eval()
+    model.generation_config.forced_eos_token_id = None
+    return model
+
+
+def steps_through_the_operation(monkeypatch) -> list[bool]:
+    """Each decoder self-attention call of the cache layers: True where the operation attended."""
+    calls = []
+    attend_step = AncestralCacheLayer.attend_step
+
+    def counted(self, *args):
+        output = attend_step(self, *args)
+        calls.append(output is not None)
+        return output
+
+    monkeypatch.setattr(AncestralCacheLayer, "attend_step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 4},
+        {"num_beams": 3, "num_return_sequences": 2, "length_penalty": 0.6},
+        {"num_beams": 1},
+        {"num_beams": 4, "decoder_input_ids": torch.tensor([[2, 7, 9]] * 3)},  # a target prefix: 3 steps at once
+    ],
+    ids=["beam4", "beam3-n2", "greedy", "beam4-prefix"],
+)
+def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, quantization, options, monkeypatch):
+    require_cpu_kernel("attention")
+    optimize_for_inference(model, quantization, compile=False)
+    assert model.decode_with_cached_attention  # installed on a CPU where the operation builds
+    batch = padded_batch([9, 5, 7], 9)
+    arguments = dict(**batch, max_new_tokens=12, output_scores=True, return_dict_in_generate=True, **options)
+    with torch.inference_mode():
+        model.decode_with_cached_attention = False
+        moved = model.generate(**arguments)
+        model.decode_with_cached_attention = True
+        calls = steps_through_the_operation(monkeypatch)
+        kept = model.generate(**arguments)
+    assert torch.equal(moved.sequences, kept.sequences)
+    if options["num_beams"] > 1:
+        torch.testing.assert_close(moved.sequences_scores, kept.sequences_scores)
+    # the first step of each decoder layer fills the cache; every later one went through the operation
+    layers = model.config.decoder_layers
+    assert calls[:layers] == [False] * layers and len(calls) > 2 * layers and all(calls[layers:])
+
+
+def test_calls_the_operation_cannot_serve_keep_the_growing_cache(model, monkeypatch):
+    require_cpu_kernel("attention")
+    optimize_for_inference(model, None, compile=False)
+    model.set_attn_implementation("eager")  # whose attention weights generate(output_attentions=True) returns
+    batch = padded_batch([9, 5, 7], 9)
+    seen = []
+    prepare = generation.HfAttentionGenerationMixin._prepare_cache_for_generation
+
+    def recorded(self, generation_config, model_kwargs, *args):
+        prepare(self, generation_config, model_kwargs, *args)
+        seen.append({type(layer) for layer in model_kwargs["cache"].self_attention_cache.layers})
+
+    monkeypatch.setattr(generation.HfAttentionGenerationMixin, "_prepare_cache_for_generation", recorded)
+    prefix = torch.tensor([[2, 7, 9]] * 3)
+    with torch.inference_mode():
+        model.generate(**batch, num_beams=2, max_new_tokens=4)
+        with_weights = model.generate(**batch, num_beams=2, max_new_tokens=4, output_attentions=True,
+                                      return_dict_in_generate=True)  # fmt: skip
+        model.generate(**batch, num_beams=2, max_new_tokens=4, decoder_input_ids=prefix,
+                       decoder_attention_mask=torch.ones_like(prefix))  # fmt: skip
+    assert seen == [{AncestralCacheLayer}, {GrowingCacheLayer}, {GrowingCacheLayer}]
+    last_step_weights = with_weights.decoder_attentions[-1][0]  # (beams, H, 1, steps): every position attended
+    assert last_step_weights.shape[-1] == len(with_weights.decoder_attentions)
+
+
+def test_a_model_not_optimized_keeps_the_growing_cache(model):
+    assert not model.decode_with_cached_attention  # the class default: a model as loaded never builds anything
