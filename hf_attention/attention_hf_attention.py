@@ -125,6 +125,12 @@ class MultiHeadAttention(nn.Module):
             # The encoder output does not change while decoding: reuse its projections (§3.2.3).
             key_states = layer_cache.layers[self.layer_idx].keys  # (B, H, S, Dh)
             value_states = layer_cache.layers[self.layer_idx].values
+            attend_source = getattr(cache.self_attention_cache.layers[self.layer_idx], "attend_source", None)
+            attn_output = attend_source and attend_source(
+                query_states, key_states, value_states, attention_mask, self.scaling
+            )
+            if attn_output is not None:  # the step's attention by the cache layer's operation, as below
+                return self.out_proj(attn_output.reshape(*input_shape, -1)), None
         else:
             current_states = key_value_states if is_cross_attention else hidden_states
             kv_shape = (*current_states.shape[:-1], -1, self.head_dim)

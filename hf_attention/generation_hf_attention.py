@@ -131,11 +131,12 @@ class AncestralCacheLayer(DynamicLayer):
     """
 
     def __init__(self, attention: Callable):
-        self._attention = attention  # (query, keys, values, ancestors, length, scaling) -> (B, H, Dh)
+        self._attention = attention  # (query, keys, values, ancestors, length, scaling, bias) -> (B, H, Dh)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (capacity, B, H, Dh) each; None: plain
         self._ancestors: torch.Tensor | None = None  # (B, capacity) int64
         self._length = 0
         self._plain: list[torch.Tensor | None] = [None, None]
+        self._source_rows: tuple | None = None  # (mask, ancestors, bias) of `attend_source`
         super().__init__()
 
     def _gathered(self, which: int) -> torch.Tensor:
@@ -198,6 +199,32 @@ class AncestralCacheLayer(DynamicLayer):
         output = self._attention(query[:, :, 0], *self._buffers, self._ancestors, self._length, scaling)
         return output.unsqueeze(1)
 
+    def attend_source(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor | None:
+        """The same layer's cross-attention for one step with the operation: `query` (B, H, 1, Dh) of k hypotheses
+        per source, consecutive, to the cached `keys`/`values` (B/k, H, S, Dh) under the source padding `mask`
+        ((B/k, 1, 1, S): boolean, True where attended, or additive); (B, 1, H, Dh), or None where not for it."""
+        batch, sources, length = query.shape[0], keys.shape[0], keys.shape[2]
+        if self._buffers is None or query.shape[2] != 1 or batch % sources or keys.dtype != query.dtype:
+            return None
+        if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
+            return None
+        if (
+            self._source_rows is None
+            or self._source_rows[0] is not mask
+            or self._source_rows[1].shape != (batch, length)
+        ):
+            rows = (torch.arange(batch, device=query.device) // (batch // sources))[:, None].expand(batch, length)
+            bias = None if mask is None else mask[:, 0, 0]
+            if bias is not None and bias.dtype == torch.bool:
+                bias = torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
+            self._source_rows = (mask, rows, bias)  # the same for every step: kept for the next
+        _, rows, bias = self._source_rows
+        output = self._attention(query[:, :, 0], keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3), rows, length,
+                                 scaling, bias)  # fmt: skip
+        return output.unsqueeze(1)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self._buffers is None:
             super().reorder_cache(beam_idx)
@@ -206,7 +233,7 @@ class AncestralCacheLayer(DynamicLayer):
         filled.copy_(filled.index_select(0, beam_idx.to(filled.device)))
 
     def reset(self) -> None:
-        self._buffers = self._ancestors = None
+        self._buffers = self._ancestors = self._source_rows = None
         self._length = 0
         super().reset()
 

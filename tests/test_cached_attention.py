@@ -39,6 +39,29 @@ def test_the_operation_attends_through_the_ancestors(dtype):
         torch.testing.assert_close(got, expected, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
 
 
+def test_the_operation_attends_from_a_sources_hypotheses_to_its_one_copy_under_the_padding_bias():
+    """Cross-attention's use: keys in (sources, H, S, Dh) read through a permuted view, k queries per source, the
+    source padding as an additive bias; against softmax attention over keys repeated per hypothesis."""
+    require_cpu_kernel("attention")
+    generator = torch.Generator().manual_seed(2)
+    sources, per_source, length = 3, 2, 7
+    keys, values = (torch.randn(sources, H, length, DH, generator=generator) for _ in range(2))
+    query = torch.randn(sources * per_source, H, DH, generator=generator)
+    bias = torch.zeros(sources, length)
+    bias[1, 4:] = float("-inf")  # source 1 has 4 tokens
+    rows = (torch.arange(sources * per_source) // per_source)[:, None].expand(-1, length)
+    got = torch.ops.hf_attention.cached_attention(
+        query, keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3), rows, length, 0.4, bias
+    )
+    repeated_keys, repeated_values = (states.repeat_interleave(per_source, 0) for states in (keys, values))
+    scores = (
+        query[:, :, None] @ repeated_keys.transpose(-1, -2) * 0.4
+        + bias.repeat_interleave(per_source, 0)[:, None, None]
+    )
+    expected = (torch.softmax(scores, dim=-1) @ repeated_values)[:, :, 0]
+    torch.testing.assert_close(got, expected)
+
+
 def test_the_operation_names_what_is_wrong_with_its_operands():
     require_cpu_kernel("attention")
     keys, ancestors = torch.randn(5, B, H, DH), torch.zeros(B, 5, dtype=torch.long)
@@ -46,6 +69,10 @@ def test_the_operation_names_what_is_wrong_with_its_operands():
         torch.ops.hf_attention.cached_attention(torch.randn(B, H, DH), keys, keys, ancestors, 6, 1.0)
     with pytest.raises(RuntimeError, match="do not match the query"):
         torch.ops.hf_attention.cached_attention(torch.randn(B, H + 1, DH), keys, keys, ancestors, 1, 1.0)
+    with pytest.raises(RuntimeError, match=r"ancestors\[2, 0\] = 6 names no row of the keys \(0..5\)"):
+        torch.ops.hf_attention.cached_attention(
+            torch.randn(B, H, DH), keys, keys, ancestors.index_fill(0, torch.tensor([2]), 6), 1, 1.0
+        )
 
 
 def test_the_layer_holds_what_a_reordered_dynamic_layer_holds_and_attends_as_eager_attention():
@@ -87,17 +114,18 @@ def model(tiny_config):
     return model
 
 
-def steps_through_the_operation(monkeypatch) -> list[bool]:
-    """Each decoder self-attention call of the cache layers: True where the operation attended."""
+def steps_through_the_operation(monkeypatch, method: str = "attend_step") -> list[bool]:
+    """Each decoder self-attention (`attend_step`) or cross-attention (`attend_source`) call of the cache layers:
+    True where the operation attended."""
     calls = []
-    attend_step = AncestralCacheLayer.attend_step
+    attend = getattr(AncestralCacheLayer, method)
 
     def counted(self, *args):
-        output = attend_step(self, *args)
+        output = attend(self, *args)
         calls.append(output is not None)
         return output
 
-    monkeypatch.setattr(AncestralCacheLayer, "attend_step", counted)
+    monkeypatch.setattr(AncestralCacheLayer, method, counted)
     return calls
 
 
@@ -123,6 +151,7 @@ def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, q
         moved = model.generate(**arguments)
         model.decode_with_cached_attention = True
         calls = steps_through_the_operation(monkeypatch)
+        source_calls = steps_through_the_operation(monkeypatch, "attend_source")
         kept = model.generate(**arguments)
     assert torch.equal(moved.sequences, kept.sequences)
     if options["num_beams"] > 1:
@@ -130,6 +159,7 @@ def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, q
     # the first step of each decoder layer fills the cache; every later one went through the operation
     layers = model.config.decoder_layers
     assert calls[:layers] == [False] * layers and len(calls) > 2 * layers and all(calls[layers:])
+    assert source_calls == calls[layers:]  # cross-attention too, once its keys and values are cached
 
 
 def test_calls_the_operation_cannot_serve_keep_the_growing_cache(model, monkeypatch):

@@ -1,13 +1,16 @@
-// One decoding step's self-attention over a cache that beam search never reorders
-// (see hf_attention/inference/cached_attention.py and generation_hf_attention.AncestralCacheLayer).
+// One decoding step's attention over a cache that beam search never reorders
+// (see hf_attention/inference/int8_vnni.py and generation_hf_attention.AncestralCacheLayer).
 //
-// torch.ops.hf_attention.cached_attention(query, keys, values, ancestors, length, scaling):
-//   query      (B, H, Dh)             this step's queries, float32 or bf16
-//   keys       (capacity, B, H, Dh)   position j of the hypothesis in row b at step j, float32 or bf16 (as values)
-//   ancestors  (B, capacity) int64    ancestors[b, j]: the row whose position j hypothesis b continues
-//   -> (B, H, Dh) in the query's dtype: softmax(q kᵀ · scaling) v over positions 0..length-1 of each hypothesis.
-// Each hypothesis reads its keys and values once, through `ancestors`, so that a beam reorder moves B × length
-// integers instead of the cache, and nothing is copied to gather the keys before multiplying.
+// torch.ops.hf_attention.cached_attention(query, keys, values, ancestors, length, scaling, bias=None):
+//   query      (B, H, Dh)               this step's queries, float32 or bf16
+//   keys       (positions, rows, H, Dh) float32 or bf16 (as values), any strides but the last (1); self-attention:
+//                                       position j as the hypothesis in row b computed it at step j; cross-attention:
+//                                       the encoder output's projections, one row per source
+//   ancestors  (B, >= length) int64     ancestors[b, j]: the row whose position j query b reads
+//   bias       (rows, >= length) float  optional, added to the scores (the source padding mask: 0 or -inf)
+//   -> (B, H, Dh) in the query's dtype: softmax(q kᵀ · scaling + bias) v over positions 0..length-1.
+// Each query reads its keys and values once, through `ancestors`, so that a beam reorder moves B × length integers
+// instead of the cache, a source's beams read its one copy, and nothing is copied to gather the keys first.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -46,23 +50,26 @@ inline float dot_product(const float* query, const State* key, int64_t size) {
     return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 }
 
+struct Layout {  // element strides of the keys and values (positions, rows, heads) and of ancestors and bias
+    int64_t position, row, head, ancestor_row, ancestor_position, bias_row;
+};
+
 template <typename Query, typename State>
 void cached_attention_kernel(const Query* query, const State* keys, const State* values, const int64_t* ancestors,
-                             float* out, int64_t batch, int64_t heads, int64_t head_dim, int64_t length,
-                             int64_t ancestor_stride, float scaling) {
+                             const float* bias, float* out, int64_t batch, int64_t heads, int64_t head_dim,
+                             int64_t length, const Layout& layout, float scaling) {
     const int64_t row_size = heads * head_dim;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(heads * length), q(row_size), acc(row_size);
         for (int64_t b = begin; b < end; ++b) {
-            const int64_t* rows = ancestors + b * ancestor_stride;
+            const int64_t* rows = ancestors + b * layout.ancestor_row;
             for (int64_t i = 0; i < row_size; ++i) q[i] = as_float(query[b * row_size + i]) * scaling;
             for (int64_t j = 0; j < length; ++j) {
-                const State* key = keys + (j * batch + rows[j]) * row_size;
-                for (int64_t h = 0; h < heads; ++h) {
-                    const float* qh = q.data() + h * head_dim;
-                    const State* kh = key + h * head_dim;
-                    scores[h * length + j] = dot_product(qh, kh, head_dim);
-                }
+                const int64_t row = rows[j * layout.ancestor_position];
+                const State* key = keys + j * layout.position + row * layout.row;
+                const float added = bias == nullptr ? 0.f : bias[row * layout.bias_row + j];
+                for (int64_t h = 0; h < heads; ++h)
+                    scores[h * length + j] = dot_product(q.data() + h * head_dim, key + h * layout.head, head_dim) + added;
             }
             for (int64_t h = 0; h < heads; ++h) {  // softmax over each head's positions
                 float* sh = scores.data() + h * length;
@@ -74,11 +81,11 @@ void cached_attention_kernel(const Query* query, const State* keys, const State*
             }
             std::fill(acc.begin(), acc.end(), 0.f);
             for (int64_t j = 0; j < length; ++j) {
-                const State* value = values + (j * batch + rows[j]) * row_size;
+                const State* value = values + j * layout.position + rows[j * layout.ancestor_position] * layout.row;
                 for (int64_t h = 0; h < heads; ++h) {
                     const float weight = scores[h * length + j];
                     float* ah = acc.data() + h * head_dim;
-                    const State* vh = value + h * head_dim;
+                    const State* vh = value + h * layout.head;
 #pragma omp simd
                     for (int64_t d = 0; d < head_dim; ++d) ah[d] += weight * as_float(vh[d]);
                 }
@@ -93,51 +100,69 @@ void cached_attention_kernel(const Query* query, const State* keys, const State*
 
 template <typename Query>
 void dispatch_state(const Query* query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& ancestors,
-                    float* out, int64_t length, double scaling) {
-    const int64_t batch = keys.size(1), heads = keys.size(2), head_dim = keys.size(3);
+                    const float* bias, const Layout& layout, float* out, int64_t batch, int64_t length, double scaling) {
+    const int64_t heads = keys.size(2), head_dim = keys.size(3);
     const int64_t* rows = ancestors.data_ptr<int64_t>();
     if (keys.scalar_type() == at::kFloat)
-        cached_attention_kernel(query, keys.data_ptr<float>(), values.data_ptr<float>(), rows, out, batch, heads,
-                                head_dim, length, ancestors.stride(0), static_cast<float>(scaling));
+        cached_attention_kernel(query, keys.data_ptr<float>(), values.data_ptr<float>(), rows, bias, out, batch, heads,
+                                head_dim, length, layout, static_cast<float>(scaling));
     else
         cached_attention_kernel(query, reinterpret_cast<const uint16_t*>(keys.data_ptr()),
-                                reinterpret_cast<const uint16_t*>(values.data_ptr()), rows, out, batch, heads, head_dim,
-                                length, ancestors.stride(0), static_cast<float>(scaling));
+                                reinterpret_cast<const uint16_t*>(values.data_ptr()), rows, bias, out, batch, heads,
+                                head_dim, length, layout, static_cast<float>(scaling));
 }
 
 at::Tensor cached_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& ancestors, int64_t length, double scaling) {
-    TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && keys.sizes() == values.sizes(),
-                "cached_attention: query (B, H, Dh) and keys, values (capacity, B, H, Dh) expected, got ", query.sizes(),
-                ", ", keys.sizes(), ", ", values.sizes());
-    TORCH_CHECK(keys.size(1) == query.size(0) && keys.size(2) == query.size(1) && keys.size(3) == query.size(2),
-                "cached_attention: keys ", keys.sizes(), " do not match the query ", query.sizes());
-    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && ancestors.stride(1) == 1,
-                "cached_attention: keys, values and each row of ancestors must be contiguous");
+                            const at::Tensor& ancestors, int64_t length, double scaling,
+                            const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && keys.sizes() == values.sizes() && keys.strides() == values.strides(),
+                "cached_attention: query (B, H, Dh) and keys, values (positions, rows, H, Dh) alike expected, got ",
+                query.sizes(), ", ", keys.sizes(), ", ", values.sizes());
+    TORCH_CHECK(keys.size(2) == query.size(1) && keys.size(3) == query.size(2) && keys.stride(3) == 1,
+                "cached_attention: keys ", keys.sizes(), " do not match the query ", query.sizes(),
+                " (or their last dimension is not contiguous)");
     TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 2 && ancestors.size(0) == query.size(0),
-                "cached_attention: ancestors must be int64 (B, capacity), got ", ancestors.sizes());
+                "cached_attention: ancestors must be int64 (B, positions), got ", ancestors.sizes());
     TORCH_CHECK(length >= 1 && length <= keys.size(0) && length <= ancestors.size(1),
                 "cached_attention: length ", length, " outside 1..", std::min(keys.size(0), ancestors.size(1)));
+    const int64_t* named = ancestors.data_ptr<int64_t>();
+    for (int64_t b = 0; b < ancestors.size(0); ++b)
+        for (int64_t j = 0; j < length; ++j) {
+            const int64_t row = named[b * ancestors.stride(0) + j * ancestors.stride(1)];
+            TORCH_CHECK(row >= 0 && row < keys.size(1), "cached_attention: ancestors[", b, ", ", j, "] = ", row,
+                        " names no row of the keys (0..", keys.size(1) - 1, ")");
+        }
     const auto state_type = keys.scalar_type();
     TORCH_CHECK(values.scalar_type() == state_type && (state_type == at::kFloat || state_type == at::kBFloat16),
                 "cached_attention: keys and values must both be float32 or both bf16");
     TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
                 "cached_attention: the query must be float32 or bf16");
+    at::Tensor bias_rows;
+    if (bias.has_value()) {
+        bias_rows = bias->to(at::kFloat);
+        TORCH_CHECK(bias_rows.dim() == 2 && bias_rows.size(0) == keys.size(1) && bias_rows.size(1) >= length &&
+                        bias_rows.stride(1) == 1,
+                    "cached_attention: bias must be (rows, positions) with contiguous rows, got ", bias_rows.sizes());
+    }
+    const Layout layout{keys.stride(0), keys.stride(1), keys.stride(2), ancestors.stride(0), ancestors.stride(1),
+                        bias_rows.defined() ? bias_rows.stride(0) : 0};
+    const float* bias_data = bias_rows.defined() ? bias_rows.data_ptr<float>() : nullptr;
     const at::Tensor q = query.contiguous();
     at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
     if (q.scalar_type() == at::kFloat)
-        dispatch_state(q.data_ptr<float>(), keys, values, ancestors, out.data_ptr<float>(), length, scaling);
+        dispatch_state(q.data_ptr<float>(), keys, values, ancestors, bias_data, layout, out.data_ptr<float>(),
+                       q.size(0), length, scaling);
     else
-        dispatch_state(reinterpret_cast<const uint16_t*>(q.data_ptr()), keys, values, ancestors, out.data_ptr<float>(),
-                       length, scaling);
+        dispatch_state(reinterpret_cast<const uint16_t*>(q.data_ptr()), keys, values, ancestors, bias_data, layout,
+                       out.data_ptr<float>(), q.size(0), length, scaling);
     return out.to(query.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hf_attention, m) {
-    m.def("cached_attention(Tensor query, Tensor keys, Tensor values, Tensor ancestors, int length, float scaling) "
-          "-> Tensor");
+    m.def("cached_attention(Tensor query, Tensor keys, Tensor values, Tensor ancestors, int length, float scaling, "
+          "Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_attention, CPU, m) { m.impl("cached_attention", &cached_attention); }
