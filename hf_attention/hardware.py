@@ -99,6 +99,10 @@ class Capabilities:
         return self.avx2 and "avx_vnni" in self.cpu_flags
 
     @property
+    def amx(self) -> bool:
+        return self.avx512 and "amx_bf16" in self.cpu_flags
+
+    @property
     def arm_dotprod(self) -> bool:
         return self.is_arm and "asimddp" in self.cpu_flags
 
@@ -247,11 +251,12 @@ class InferenceChoice:
 
 
 # From this many rows per decoding step (sentences × beams) bf16 products beat int8 ones on CPUs that compute bf16
-# natively: beam 4 of 16 sentences 2.88x MarianMTModel with bf16, 2.55x with int8 + compile (Zen 5).
+# natively with AMX or without int8 dot products (on Zen 5, beam 4 of 16 sentences: 2.88x MarianMTModel with bf16,
+# 2.55x with int8 + compile, before the cached attention; AVX512-VNNI CPUs now take eager int8 there, below).
 BF16_FROM_ROWS = 64
-# On AVX2 CPUs greedy decoding of fewer sentences than this compiles its steps (measured: 1 sentence faster compiled,
-# 16 sentences faster eager).
-AVX2_COMPILE_BELOW_SENTENCES = 16
+# Greedy decoding of fewer sentences than this compiles its steps (measured: 1 sentence faster compiled, 16 faster
+# eager: on AVX2 and, with the cached attention, on a Zen 4 with AVX512-BF16).
+COMPILE_BELOW_SENTENCES = 16
 
 
 def inference_choice(
@@ -269,14 +274,20 @@ def inference_choice(
         return InferenceChoice(
             "bf16", num_beams == 1, "GPU: bf16 tensor cores" + (", compiled greedy steps" if num_beams == 1 else "")
         )
-    if machine.native_cpu_bf16 and rows >= BF16_FROM_ROWS:
+    greedy_few = num_beams == 1 and batch_size < COMPILE_BELOW_SENTENCES
+    if machine.native_cpu_bf16 and rows >= BF16_FROM_ROWS and (machine.amx or not machine.avx512_vnni):
         return InferenceChoice("bf16", False, f"native bf16 and {rows} rows per step")
     if machine.avx512_vnni and machine.native_cpu_bf16:
-        # our VNNI kernel in a compiled static-cache step: greedy b1 3.18x, beam4 b1 2.04x, greedy b16 2.70x (Zen 5).
-        # Without native bf16 that step's bf16 activations are emulated (a Xeon with AVX512-VNNI and no AVX512-BF16:
-        # greedy b16 0.89x, beam4 b16 0.84x): such CPUs take the AVX2 rules below.
-        return InferenceChoice("int8", True, "AVX512-VNNI int8 kernel in a compiled step")
-    if machine.avx2 and num_beams == 1 and batch_size < AVX2_COMPILE_BELOW_SENTENCES:
+        if greedy_few:
+            # our VNNI kernel in a compiled static-cache step: greedy b1 5.19x MarianMTModel against eager int8's
+            # 3.03x (Zen 4). Without native bf16 that step's bf16 activations are emulated (a Xeon with AVX512-VNNI
+            # and no AVX512-BF16: greedy b16 0.89x, beam4 b16 0.84x): such CPUs take the AVX2 rules below.
+            return InferenceChoice("int8", True, "AVX512-VNNI int8 kernel in a compiled step")
+        # Beam search (not compiled) and larger batches: fbgemm's int8 products with our cached attention, eagerly.
+        # Zen 4: beam4 b1 3.91x against 3.64x compiled, greedy b16 2.56x against 2.16x, beam4 b16 3.16x against
+        # bf16's 2.78x (benchmark_generate.py, one run; CTranslate2 int8: 1.96x, 2.25x, 2.67x).
+        return InferenceChoice("int8", False, "fbgemm's int8 products and the cached attention, eager")
+    if machine.avx2 and greedy_few:
         # our int8 kernel with float32 activations in a compiled step: on a Xeon with AVX512-VNNI and no AVX512-BF16
         # (the VNNI kernel) greedy b1 4.41x MarianMTModel against eager int8's 1.89x; limited to AVX2 (the AVX2
         # kernel) 2.67x against 1.70x. transformers does not compile beam search.

@@ -84,11 +84,13 @@ INFERENCE_CHOICES = [
     ("avx512-vnni", 1, 1, "int8", True),  # no native bf16: the VNNI kernel with float32 activations
     ("avx512-vnni", 16, 1, "int8", False),  # eager: the VNNI kernel below 24 rows, fbgemm above
     ("avx512-vnni", 16, 4, "int8", False),
-    ("avx512-bf16", 1, 1, "int8", True),
-    ("avx512-bf16", 1, 4, "int8", True),
-    ("avx512-bf16", 16, 1, "int8", True),
-    ("avx512-bf16", 16, 4, "bf16", False),
-    ("amx", 32, 4, "bf16", False),
+    ("avx512-bf16", 1, 1, "int8", True),  # greedy of few sentences: the VNNI kernel in a compiled step
+    ("avx512-bf16", 8, 1, "int8", True),
+    ("avx512-bf16", 1, 4, "int8", False),  # beam search and 16 sentences: fbgemm and the cached attention, eager
+    ("avx512-bf16", 16, 1, "int8", False),
+    ("avx512-bf16", 16, 4, "int8", False),
+    ("amx", 32, 4, "bf16", False),  # AMX's bf16 tiles from 64 rows per step
+    ("amx", 1, 1, "int8", True),
     ("arm", 1, 1, "int8", False),
     ("arm-dotprod", 16, 4, "int8", False),
     ("arm-bf16", 1, 1, "int8", False),
@@ -143,10 +145,17 @@ def test_auto_decodes_large_beams_with_eager_int8_our_vnni_operation_for_few_row
     assert model.lm_head.kernel == expected and not model_is_compiled(model)
 
 
-def test_auto_on_a_native_bf16_cpu_decodes_large_beams_in_bf16(monkeypatch):
-    with_capabilities(monkeypatch, "avx512-bf16")
+def test_auto_on_an_amx_cpu_decodes_large_beams_in_bf16(monkeypatch):
+    with_capabilities(monkeypatch, "amx")
     model = optimize_for_inference(tiny_model(), batch_size=16, num_beams=4)
     assert model.dtype == torch.bfloat16 and not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert not model_is_compiled(model)
+
+
+def test_auto_on_an_avx512_bf16_cpu_decodes_large_beams_with_eager_int8(monkeypatch):
+    with_capabilities(monkeypatch, "avx512-bf16")
+    model = optimize_for_inference(tiny_model(), batch_size=16, num_beams=4)
+    assert model.dtype == torch.float32 and model.lm_head.kernel == "dynamic"  # fbgemm's product, float32 activations
     assert not model_is_compiled(model)
 
 
