@@ -78,7 +78,8 @@ def test_the_ctranslate2_engine_translates_as_the_torch_engine(tmp_path, model_d
     "cpu_class, arguments, setting",
     [
         ("avx2", [], "int8"),
-        ("avx512-bf16", ["--batch_size", "16", "--num_beams", "4"], "bfloat16"),
+        ("amx", ["--batch_size", "16", "--num_beams", "4"], "bfloat16"),
+        ("avx512-bf16", ["--batch_size", "16", "--num_beams", "4"], "int8"),
         ("avx2", ["--quantization", "none"], "float32"),
         ("avx2", ["--dtype", "bfloat16"], "bfloat16"),  # a dtype asked for is the user's precision
     ],
