@@ -24,18 +24,20 @@ def reference_attention(query, keys, values, ancestors, length, scaling):
     return (weights @ gathered_values)[:, :, 0].to(query.dtype)
 
 
+# 8 and 64 (Table 3's) take the vectorised kernels, 12 the one for any head size
+@pytest.mark.parametrize("head_dim", [8, 64, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_operation_attends_through_the_ancestors(dtype):
+def test_the_operation_attends_through_the_ancestors(dtype, head_dim):
     require_cpu_kernel("attention")
     generator = torch.Generator().manual_seed(0)
     capacity = 20
-    keys, values = (torch.randn(capacity, B, H, DH, generator=generator).to(dtype) for _ in range(2))
+    keys, values = (torch.randn(capacity, B, H, head_dim, generator=generator).to(dtype) for _ in range(2))
     ancestors = torch.randint(0, B, (B, capacity), generator=generator)
-    query = torch.randn(B, H, DH, generator=generator).to(dtype)
+    query = torch.randn(B, H, head_dim, generator=generator).to(dtype)
     for length in (1, 7, capacity):
         got = torch.ops.hf_attention.cached_attention(query, keys, values, ancestors, length, 0.3)
         expected = reference_attention(query, keys, values, ancestors, length, 0.3)
-        assert got.dtype == dtype and got.shape == (B, H, DH)
+        assert got.dtype == dtype and got.shape == (B, H, head_dim)
         torch.testing.assert_close(got, expected, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
 
 
@@ -60,6 +62,28 @@ def test_the_operation_attends_from_a_sources_hypotheses_to_its_one_copy_under_t
     )
     expected = (torch.softmax(scores, dim=-1) @ repeated_values)[:, :, 0]
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("head_dim", [64, 12])
+def test_a_row_attends_alike_in_any_batch_and_under_any_padding(head_dim):
+    """A server's answers must not depend on the batch: a row's output is bit for bit the same alone, among other
+    rows, and with its source padded further (masked positions weigh exactly 0)."""
+    require_cpu_kernel("attention")
+    generator = torch.Generator().manual_seed(3)
+    length, padded = 11, 19
+    keys, values = (torch.randn(padded, B, H, head_dim, generator=generator) * 4 for _ in range(2))
+    query = torch.randn(B, H, head_dim, generator=generator) * 4
+    rows = torch.arange(B)[:, None].expand(-1, padded).contiguous()
+    bias = torch.zeros(B, padded)
+    bias[:, length:] = float("-inf")
+    operation = torch.ops.hf_attention.cached_attention
+    batched = operation(query, keys, values, rows, length, 0.125)
+    padded_out = operation(query, keys, values, rows, padded, 0.125, bias)
+    assert torch.equal(batched, padded_out)
+    for row in range(B):
+        alone = operation(query[row : row + 1], keys[:, row : row + 1], values[:, row : row + 1],
+                          torch.zeros(1, padded, dtype=torch.long), length, 0.125)  # fmt: skip
+        assert torch.equal(alone, batched[row : row + 1])
 
 
 def test_the_operation_names_what_is_wrong_with_its_operands():
