@@ -33,6 +33,8 @@ import torch
 from benchmark_harness import arguments_as_flags, interleaved_rounds, peak_rss_mb, print_worker_result, run_worker
 from transformers import HfArgumentParser
 
+from hf_attention.inference.allocator import reuse_freed_memory
+
 # workload -> (sentences per batch, beams)
 WORKLOADS = {"greedy_b1": (1, 1), "beam4_b1": (1, 4), "greedy_b16": (16, 1), "beam4_b16": (16, 4)}
 # engine name -> (quantization, compile); "marian" is MarianMTModel fp32, the baseline
@@ -173,6 +175,7 @@ def main() -> None:
     parser = HfArgumentParser(BenchmarkArguments, description=__doc__.splitlines()[0])
     (args,) = parser.parse_args_into_dataclasses()
     if args.worker:  # the parent process checked the arguments
+        reuse_freed_memory()  # every engine's process alike, as translate.py and the server set theirs
         print_worker_result(measure(args.worker, args))
         return
     engines = args.engines.split(",")

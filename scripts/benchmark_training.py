@@ -30,6 +30,8 @@ from benchmark_harness import arguments_as_flags, interleaved_rounds, median_of,
 from benchmark_harness import run_worker as run_script_worker
 from transformers import HfArgumentParser
 
+from hf_attention.inference.allocator import reuse_freed_memory
+
 ENGINES = ("hf_attention", "marian")
 
 
@@ -264,6 +266,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
+        reuse_freed_memory()  # every engine's process alike, as the training job sets its own
         worker = train_for_minutes if args.worker_task == "train" else measure_speed
         print_worker_result(worker(args.worker, args))
         return

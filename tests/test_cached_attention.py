@@ -78,12 +78,17 @@ def test_a_row_attends_alike_in_any_batch_and_under_any_padding(head_dim):
     bias[:, length:] = float("-inf")
     operation = torch.ops.hf_attention.cached_attention
     batched = operation(query, keys, values, rows, length, 0.125)
-    padded_out = operation(query, keys, values, rows, padded, 0.125, bias)
-    assert torch.equal(batched, padded_out)
+    assert torch.equal(batched, operation(query, keys, values, rows, padded, 0.125, bias))
+    additive = bias.clamp(min=torch.finfo(torch.float32).min)  # as transformers' additive masks have it
+    assert torch.equal(batched, operation(query, keys, values, rows, padded, 0.125, additive))
     for row in range(B):
         alone = operation(query[row : row + 1], keys[:, row : row + 1], values[:, row : row + 1],
                           torch.zeros(1, padded, dtype=torch.long), length, 0.125)  # fmt: skip
         assert torch.equal(alone, batched[row : row + 1])
+    bias[2, 3] = bias[4, length - 1] = float("-inf")  # masked positions before the last one attended
+    scores = torch.einsum("bhd,jbhd->bhj", query, keys) * 0.125 + bias[:, None]
+    expected = torch.einsum("bhj,jbhd->bhd", torch.softmax(scores, dim=-1), values)
+    torch.testing.assert_close(operation(query, keys, values, rows, padded, 0.125, bias), expected)
 
 
 def test_the_operation_names_what_is_wrong_with_its_operands():

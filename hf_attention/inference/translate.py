@@ -25,6 +25,7 @@ from ..configuration_hf_attention import require_positive_integers
 from ..constraints_hf_attention import LexicalConstraints
 from ..data.batching import cut_into_batches
 from .alignment import check_alignment_layer
+from .allocator import reuse_freed_memory
 from .engines import (  # noqa: F401 - the engines' names, also importable from here as before
     DTYPES,
     ENGINES,
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         if compile_step is None and len(sentences) < COMPILE_FROM_SENTENCES:
             compile_step = False
         print(hardware.describe(), file=sys.stderr)
+        reuse_freed_memory()
         engine = load_engine(args.engine, args.model, quantization, args.device, args.dtype,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                              compile=compile_step, batch_size=args.batch_size,

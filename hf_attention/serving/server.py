@@ -15,6 +15,7 @@ import uvicorn
 from transformers import HfArgumentParser
 
 from .. import hardware
+from ..inference.allocator import reuse_freed_memory
 from .app import create_app
 from .arguments import ServeArgumentError, ServeArguments
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:
         sys.exit(f"error: --host/--port: cannot listen there: {error.strerror or error}.")
     logging.basicConfig(level=arguments.log_level.upper(), format="%(levelname)s: %(message)s")
+    reuse_freed_memory()  # the server owns its process: its batches reuse freed memory (inference/allocator.py)
     failures = []
 
     def stop_on_load_failure(reason: str) -> None:

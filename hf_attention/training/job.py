@@ -34,6 +34,7 @@ from ..data.batching import PaddingCounter, PaddingFractionCallback
 from ..data.sources import DataSourceError
 from ..hub.model_card import ModelCardFacts, write_model_card
 from ..hub.publishing import PublishArguments, publish
+from ..inference.allocator import reuse_freed_memory
 from ..metrics.evaluation import build_compute_metrics, score_translations, translate
 from ..modeling_hf_attention import HfAttentionForConditionalGeneration
 from .arguments import (
@@ -451,6 +452,7 @@ def describe(summary: RunSummary) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_arguments(argv)
+    reuse_freed_memory()  # the job owns its process: each step reuses the last one's memory (inference/allocator.py)
     try:
         summary = run(model_args, data_args, training_args)
     except (

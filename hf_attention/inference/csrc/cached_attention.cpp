@@ -39,6 +39,8 @@ struct Layout {  // element strides of the keys and values (positions, rows, hea
 // Every sum below runs in an order that depends on nothing but the head size and the position: a row must score
 // the same wherever it sits in a batch and however far its source is padded (a server's answers must not change).
 
+constexpr float kMasked = -1e30f;  // a bias at or below this masks its position
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 inline __m256 load8(const uint16_t* p) {  // 8 bf16, widened: each is the upper half of a float32
@@ -133,9 +135,9 @@ template <int Blocks, typename Query, typename State>
 void attend_rows(const Query* query, const State* keys, const State* values, const int64_t* ancestors,
                  const float* bias, float* out, int64_t batch, int64_t heads, int64_t length, const Layout& layout,
                  float scaling) {
-    const int64_t row_size = heads * Blocks * 8, padded = (length + 7) / 8 * 8;
+    const int64_t row_size = heads * Blocks * 8;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(heads * padded), q(row_size);
+        std::vector<float> scores(heads * ((length + 7) / 8 * 8)), q(row_size);
         std::vector<int64_t> offsets(length), bias_rows(length);
         for (int64_t b = begin; b < end; ++b) {
             const int64_t* rows = ancestors + b * layout.ancestor_row;
@@ -144,8 +146,17 @@ void attend_rows(const Query* query, const State* keys, const State* values, con
                 offsets[j] = j * layout.position + row * layout.row;
                 bias_rows[j] = row * layout.bias_row;
             }
+            // A source padded on the right: its last masked positions (a bias of -inf, or of float32's lowest as
+            // additive masks have it) weigh exactly 0 beside any position not masked, so they are not read: a batch's
+            // short sources cost what they would alone. All masked: kept, to give softmax's NaN.
+            int64_t attended = length;
+            if (bias != nullptr) {
+                while (attended > 0 && bias[bias_rows[attended - 1] + attended - 1] <= kMasked) --attended;
+                if (attended == 0) attended = length;
+            }
             attend_row<Blocks>(query + b * row_size, keys, values, offsets.data(), bias, bias_rows.data(),
-                               out + b * row_size, heads, length, padded, layout.head, scaling, scores.data(), q.data());
+                               out + b * row_size, heads, attended, (attended + 7) / 8 * 8, layout.head, scaling,
+                               scores.data(), q.data());
         }
     });
 }
