@@ -142,6 +142,10 @@ def test_a_vnni_int8_layer_quantizes_each_row_to_int8_and_multiplies_exactly(sha
     with torch.no_grad():
         assert torch.equal(layer(hidden.float()), expected)
         assert torch.equal(torch.compile(layer, fullgraph=True)(hidden.float()), expected)
+        # the bias added by the operation itself, after the scales, as the reference adds it
+        fused = torch.ops.hf_attention.int8_vnni_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                        layer.weight_sums, layer.bias)  # fmt: skip
+        assert torch.equal(fused, expected)
 
 
 @needs_vnni
@@ -533,6 +537,9 @@ def test_an_avx2_int8_layer_quantizes_each_row_to_7_bits_and_multiplies_exactly(
         product = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
                                                           layer.weight_sums)  # fmt: skip
         assert torch.equal(product + layer.bias, expected)
+        fused = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                        layer.weight_sums, layer.bias)  # fmt: skip
+        assert torch.equal(fused, expected)  # the bias added by the operation, after the scales
         if rows < DEQUANTIZE_FROM_ROWS:  # eager decoding steps and compiled ones both use the operation
             assert torch.equal(layer(hidden), expected)
             assert torch.equal(torch.compile(layer, fullgraph=True)(hidden), expected)
@@ -555,6 +562,9 @@ def test_the_avx2_operation_gives_nan_for_a_row_with_nan_and_refuses_sizes_it_ca
     assert torch.isfinite(output[0]).all() and output[1:].isnan().all()
     with pytest.raises(RuntimeError, match="weight_scale and weight_sums need one value per output"):
         torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale[:3], layer.weight_sums)
+    with pytest.raises(RuntimeError, match=r"int8_avx2_matmul: bias must be float32 with one value per output \(6\)"):
+        torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale, layer.weight_sums,
+                                                layer.bias[:5])  # fmt: skip
     wide = torch.zeros(2, 1 << 17, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="could overflow the 32-bit sums"):
         torch.ops.hf_attention.int8_avx2_matmul(torch.zeros(1, 1 << 17), pack_weight(wide), torch.ones(2),

@@ -216,8 +216,6 @@ class Int8Linear(nn.Module):
                     output = rows @ self.dequantized_weight().t()
                 else:
                     return self._dynamic_product(hidden_states)
-                if self.bias is not None:
-                    output = output + self.bias.float()
                 return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
             return self._dynamic_product(hidden_states)
         if self.kernel in ("weight_only", "vnni"):
@@ -226,8 +224,6 @@ class Int8Linear(nn.Module):
             own_kernel = rows.shape[0] < self.rows_for_own_kernel
             if own_kernel and self.kernel == "vnni" and rows.device.type == "cpu" and int8_vnni_available():
                 output = self._own_product(torch.ops.hf_attention.int8_vnni_matmul, rows)
-                if self.bias is not None:
-                    output = output + self.bias
                 return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
             scale = self.weight_scale_bf16
             if few_rows and self.in_features % 16 == 0:  # torch's int8 kernel is wrong otherwise (see above)
@@ -240,8 +236,10 @@ class Int8Linear(nn.Module):
         return self._dynamic_product(hidden_states)
 
     def _own_product(self, operation, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, in_features) times the weights by one of our operations, without the bias: (M, out_features)."""
-        return operation(rows, self.weight_packed, self.weight_scale.float(), self.weight_sums)
+        """rows (M, in_features) times the weights by one of our operations, the bias added in the same pass (float32):
+        (M, out_features)."""
+        bias = None if self.bias is None else self.bias.float()
+        return operation(rows, self.weight_packed, self.weight_scale.float(), self.weight_sums, bias)
 
     def _dynamic_product(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """fbgemm's (or qnnpack's) dynamic int8 product: the input quantised per call, weights packed once."""

@@ -129,7 +129,7 @@ def _build_and_load() -> bool:
             cpp_extension.load(
                 name="hf_attention_int8_vnni",
                 sources=[str(source) for source in SOURCES],
-                extra_cflags=["-O3", "-fopenmp"],
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # products then bias, as the reference
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
                 is_python_module=False,
@@ -166,6 +166,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, 16, groups, 4).permute(0, 2, 1, 3).reshape(blocks, groups, 64).contiguous()
 
 
-def _output_like(rows: torch.Tensor, packed_weight: torch.Tensor, weight_scale, weight_sums=None) -> torch.Tensor:
+def _output_like(
+    rows: torch.Tensor, packed_weight: torch.Tensor, weight_scale, weight_sums=None, bias=None
+) -> torch.Tensor:
     """The operation's output without computing it, for torch.compile's tracing."""
     return rows.new_empty(rows.shape[0], weight_scale.shape[0], dtype=torch.float32)
