@@ -3,9 +3,10 @@
 glibc's malloc hands large freed blocks back to the kernel and maps fresh pages for the next ones, and a batch's
 decoding steps allocate many (activations of 32 sentences, the encoder's 2 MB products, the int8 kernels' buffers on
 their own threads): each page is faulted in again, which costs more than the arithmetic on it. Measured on a 2-core
-Zen 4 (avx512-bf16), Transformer-base int8, 32 sentences in one `generate()`: 11,000 page faults and 368-418 ms with
-glibc's defaults, 40 faults and 293-316 ms with freed memory kept (3 processes each, medians of 5); one sentence: no
-difference beyond noise (100-134 ms). Memory is reused, not grown: the peak stays the peak.
+Zen 4 (avx512-bf16), Transformer-base int8, 32 sentences in one `generate()`: 11,000 page faults with glibc's
+defaults, 40 with freed memory kept; in 5 pairs of alternating processes (medians of 5 each) 309-330 ms against
+289-296 ms in four, the fifth reversed (medians 321 and 296 ms); one sentence: no difference beyond noise. Memory is
+reused, not grown: the peak stays the peak.
 
 This changes the whole process's allocator, so only the programs that own their process call it, not the library.
 """
