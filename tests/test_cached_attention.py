@@ -104,12 +104,17 @@ def test_the_operation_names_what_is_wrong_with_its_operands():
         )
 
 
-def test_the_layer_holds_what_a_reordered_dynamic_layer_holds_and_attends_as_eager_attention():
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_the_layer_holds_what_a_reordered_dynamic_layer_holds_and_attends_as_eager_attention(state_dtype):
     """Updates, beam reorders and one-step attention, side by side with transformers' `DynamicLayer` (which moves
     the cache) and softmax attention over its keys; the layer here uses the torch reference as its operation, so
-    this holds without the C++ build too."""
+    this holds without the C++ build too. Stored in bf16, it holds and attends over the keys and values rounded to
+    bf16, and gives them back in float32."""
     generator = torch.Generator().manual_seed(1)
-    layer, plain = AncestralCacheLayer(reference_attention), DynamicLayer()
+    layer, plain = AncestralCacheLayer(reference_attention, state_dtype), DynamicLayer()
+
+    def stored(states):  # as the layer stores them
+        return states if state_dtype is None else states.to(state_dtype).float()
 
     def states(steps):
         return [torch.randn(B, H, steps, DH, generator=generator) for _ in range(2)]
@@ -122,17 +127,22 @@ def test_the_layer_holds_what_a_reordered_dynamic_layer_holds_and_attends_as_eag
         plain.reorder_cache(beam_idx)
         query, (key, value) = torch.randn(B, H, 1, DH, generator=generator), states(1)
         output = layer.attend_step(query, key, value, 0.5)  # (B, 1, H, Dh)
-        keys, values = plain.update(key, value)
+        keys, values = (stored(states) for states in plain.update(key, value))
         expected = torch.softmax(query @ keys.transpose(-1, -2) * 0.5, dim=-1) @ values  # (B, H, 1, Dh)
         torch.testing.assert_close(output, expected.transpose(1, 2))
         assert layer.get_seq_length() == plain.get_seq_length() == 4 + step
-    assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    assert layer.keys.dtype == layer.values.dtype == torch.float32
+    assert torch.equal(layer.keys, stored(plain.keys)) and torch.equal(layer.values, stored(plain.values))
+    if state_dtype is not None:  # rounded: different values, not the same ones
+        assert not torch.equal(layer.keys, plain.keys)
 
     layer.batch_select_indices(torch.tensor([4, 1]))  # assigned from outside: a plain DynamicLayer from now on
     plain.batch_select_indices(torch.tensor([4, 1]))
     more = [torch.randn(2, H, 1, DH, generator=generator) for _ in range(2)]
     assert layer.attend_step(torch.randn(2, H, 1, DH), *more, 0.5) is None  # declines: nothing stored
-    assert torch.equal(layer.update(*more)[0], plain.update(*more)[0]) and layer.get_seq_length() == 24
+    held, expected = layer.update(*more)[0], plain.update(*more)[0]  # the earlier positions as stored
+    assert torch.equal(held[:, :, :-1], stored(expected[:, :, :-1])) and torch.equal(held[:, :, -1], more[0][:, :, 0])
+    assert layer.get_seq_length() == 24
 
 
 @pytest.fixture
@@ -173,6 +183,7 @@ def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, q
     require_cpu_kernel("attention")
     optimize_for_inference(model, quantization, compile=False)
     assert model.decode_with_cached_attention  # installed on a CPU where the operation builds
+    model.cached_attention_state_dtype = None  # the keys and values as computed (bf16 storage: the next test)
     batch = padded_batch([9, 5, 7], 9)
     arguments = dict(**batch, max_new_tokens=12, output_scores=True, return_dict_in_generate=True, **options)
     with torch.inference_mode():
@@ -189,6 +200,44 @@ def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, q
     layers = model.config.decoder_layers
     assert calls[:layers] == [False] * layers and len(calls) > 2 * layers and all(calls[layers:])
     assert source_calls == calls[layers:]  # cross-attention too, once its keys and values are cached
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 4}, {"num_beams": 1}], ids=["beam4", "greedy"])
+def test_an_int8_model_stores_keys_and_values_in_bf16_and_decodes_as_with_float32_storage(model, options):
+    """int8 models store the cache in bf16 (self- and cross-attention): the same tokens as stored in float32 here,
+    scores within bf16's rounding; float32 models store float32."""
+    require_cpu_kernel("attention")
+    stored = []
+    original = torch.ops.hf_attention.cached_attention
+
+    def recorded(query, keys, values, *args):
+        stored.append(keys.dtype)
+        return original(query, keys, values, *args)
+
+    optimize_for_inference(model, "int8", compile=False)
+    assert model.cached_attention_state_dtype == torch.bfloat16
+    model.cached_attention_state_dtype = None
+    arguments = dict(**padded_batch([9, 5, 7], 9), max_new_tokens=12, output_scores=True, return_dict_in_generate=True,
+                     **options)  # fmt: skip
+    with torch.inference_mode():
+        as_computed = model.generate(**arguments)
+        model.cached_attention_state_dtype = torch.bfloat16
+        generation_operation = model.cached_attention_operation
+        model.cached_attention_operation = lambda *args: recorded
+        rounded = model.generate(**arguments)
+        model.cached_attention_operation = generation_operation
+    assert stored and set(stored) == {torch.bfloat16}  # every step's self- and cross-attention read bf16
+    assert torch.equal(as_computed.sequences, rounded.sequences)
+    if options["num_beams"] > 1:  # (a step's scores of beam search are of beams that may change places)
+        torch.testing.assert_close(as_computed.sequences_scores, rounded.sequences_scores, atol=0.05, rtol=0.0)
+    else:
+        for before, after in zip(as_computed.scores, rounded.scores, strict=True):
+            torch.testing.assert_close(before, after, atol=0.05, rtol=0.0)
+    # the first step attends to what it computed; later ones read rounded keys: not the float32 path renamed
+    assert torch.equal(as_computed.scores[0], rounded.scores[0]) and not torch.equal(as_computed.scores[1],
+                                                                                     rounded.scores[1])  # fmt: skip
+    assert optimize_for_inference(HfAttentionForConditionalGeneration(model.config), None, compile=False)\
+        .cached_attention_state_dtype is None  # fmt: skip
 
 
 def test_calls_the_operation_cannot_serve_keep_the_growing_cache(model, monkeypatch):
