@@ -396,6 +396,32 @@ class HfAttentionGenerationMixin(GenerationMixin):
         expand_size = max(generation_config.num_beams, generation_config.num_return_sequences)
         if not isinstance(cross_attention, DynamicCache) and expand_size > 1:
             self._expand_encoder_output(model_kwargs, expand_size)
+        if isinstance(cross_attention, DynamicCache) and not getattr(cache, "_is_user_defined", False):
+            self._project_source_without_padding(cache, model_kwargs)
+
+    def _project_source_without_padding(self, cache: EncoderDecoderCache, model_kwargs: dict) -> None:
+        """On a CPU, the cross-attention's keys and values of every decoder layer, projected from the source tokens
+        only and cached before the first step (which would project the padding too). The products cost per row, and
+        the tokens' rows are the same either way (the padding's are masked): 32 Multi30k sentences, 489 tokens padded
+        to 1,024, 14.0 -> 6.7 ms (int8, Zen 4). Done for every batch, padded or not, so that a sentence's first step
+        reads its source's keys the same way alone and in a batch (a server's answers must not change)."""
+        encoded, mask = model_kwargs.get("encoder_outputs"), model_kwargs.get("attention_mask")
+        if self.device.type != "cpu" or encoded is None or any(cache.is_updated.values()):
+            return
+        hidden_states, attended = encoded[0], None
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[0] != hidden_states.shape[0]:
+                return
+            attended = mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] == 0  # (B, S)
+            if attended.shape != hidden_states.shape[:2]:
+                return
+            attended = None if attended.all() else attended
+        elif mask is not None:
+            return  # a mask of another kind (flex attention's): the first step projects as usual
+        for layer in self.get_decoder().layers:
+            attention = layer.encoder_attn
+            cache.cross_attention_cache.update(*attention.project_source(hidden_states, attended), attention.layer_idx)
+            cache.is_updated[attention.layer_idx] = True
 
     @staticmethod
     def _expand_encoder_output(model_kwargs: dict, expand_size: int) -> None:

@@ -199,7 +199,9 @@ def test_generate_decodes_the_same_tokens_and_scores_with_the_operation(model, q
     # the first step of each decoder layer fills the cache; every later one went through the operation
     layers = model.config.decoder_layers
     assert calls[:layers] == [False] * layers and len(calls) > 2 * layers and all(calls[layers:])
-    assert source_calls == calls[layers:]  # cross-attention too, once its keys and values are cached
+    # cross-attention too, once its keys and values are cached: from the first step on, as the padded batch's are
+    # projected before it (`_project_source_without_padding`); a first step of 3 prefix tokens is not for it
+    assert source_calls == ["decoder_input_ids" not in options] * layers + calls[layers:]
 
 
 @pytest.mark.parametrize("options", [{"num_beams": 4}, {"num_beams": 1}], ids=["beam4", "greedy"])
@@ -233,9 +235,7 @@ def test_an_int8_model_stores_keys_and_values_in_bf16_and_decodes_as_with_float3
     else:
         for before, after in zip(as_computed.scores, rounded.scores, strict=True):
             torch.testing.assert_close(before, after, atol=0.05, rtol=0.0)
-    # the first step attends to what it computed; later ones read rounded keys: not the float32 path renamed
-    assert torch.equal(as_computed.scores[0], rounded.scores[0]) and not torch.equal(as_computed.scores[1],
-                                                                                     rounded.scores[1])  # fmt: skip
+    assert not torch.equal(as_computed.scores[1], rounded.scores[1])  # rounded: not the float32 path renamed
     assert optimize_for_inference(HfAttentionForConditionalGeneration(model.config), None, compile=False)\
         .cached_attention_state_dtype is None  # fmt: skip
 

@@ -201,6 +201,33 @@ def test_a_batch_encoded_in_length_groups_generates_what_one_encoding_generates(
     torch.testing.assert_close(torch.stack(grouped.scores), torch.stack(whole.scores), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam_search_several_returned"])
+def test_source_keys_projected_without_the_padding_generate_what_the_padded_projection_generates(
+    model, attention, strategy, monkeypatch
+):
+    """A padded batch's cross-attention keys and values come from its tokens only (109 rows, not 12 x 20), cached
+    before the first step; a batch without padding is projected whole, before the first step too."""
+    model.set_attn_implementation(attention)
+    rows = []
+    projection = model.model.decoder.layers[0].encoder_attn.k_proj
+    hook = projection.register_forward_hook(lambda module, args, output: rows.append(tuple(args[0].shape[:-1])))
+
+    def run(lengths):
+        settings = {"max_new_tokens": 8, "return_dict_in_generate": True, "output_scores": True}
+        return model.generate(**padded_batch(lengths, max_length=20), **settings, **STRATEGIES[strategy])
+
+    without_padding = run(GROUPED_LENGTHS)
+    run([20] * 3)
+    monkeypatch.setattr(generation_hf_attention.HfAttentionGenerationMixin, "_project_source_without_padding",
+                        lambda *args: None)  # fmt: skip
+    padded = run(GROUPED_LENGTHS)
+    hook.remove()
+    assert rows == [(sum(GROUPED_LENGTHS),), (3, 20), (12, 20)]
+    assert torch.equal(without_padding.sequences, padded.sequences)
+    torch.testing.assert_close(torch.stack(without_padding.scores), torch.stack(padded.scores), atol=1e-5, rtol=1e-5)
+
+
 def test_length_groups_encode_every_source_position_as_the_whole_batch_does(model):
     batch = padded_batch(GROUPED_LENGTHS, max_length=20)
     with torch.no_grad():
