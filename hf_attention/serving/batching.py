@@ -11,9 +11,7 @@ event loop, so `/health` and `/metrics` still answer) new requests queue up and 
 The wait restarts after each batch, not from the oldest sentence's arrival: clients answered by one batch send their
 next requests over some milliseconds (32 answers leave one by one), and a batch started on the first few of them
 splits the clients into batches that take turns, each waiting for the other. Measured, 32 clients of one sentence
-each on a 2-core Xeon: 8.5 sentences per batch on average with a deadline counted from the oldest arrival. Once as
-many sentences are queued as the last batch decoded, the clients it answered are back: the batch starts without the
-quiet wait (32 clients, Zen 4: 5-10 ms of each ~300 ms cycle).
+each on a 2-core Xeon: 8.5 sentences per batch on average with a deadline counted from the oldest arrival.
 
 Each row of a batch decodes as `generate()` decodes it alone (every row stops at its request's `max_new_tokens`), so
 a request gets the translations it would get alone. An exception while decoding fails the requests of that batch
@@ -85,7 +83,6 @@ class DynamicBatcher:
         self.metrics = metrics or ServingMetrics()
         self.queue: list[QueuedSentence] = []
         self._last_arrival = float("-inf")
-        self._last_batch_size = 0
         # requests whose batch is done and whose handlers have not yet taken the answer; `_answered` is set when none
         self._answering: set[int] = set()
         self._answered: asyncio.Event | None = None
@@ -159,7 +156,7 @@ class DynamicBatcher:
                     pass
             free_since = loop.time()  # the decoder's: at most LONGEST_WAIT_FACTOR * max_wait from here
             latest = free_since + LONGEST_WAIT_FACTOR * self.max_wait
-            while self.queue and not self.closing and not self._enough_queued():
+            while self.queue and not self.closing and not self._full_batch_queued():
                 deadline = min(max(free_since, self._last_arrival) + self.max_wait, latest)
                 if loop.time() >= deadline:
                     break
@@ -171,12 +168,9 @@ class DynamicBatcher:
             if self.queue:
                 await self._decode(self._next_batch())
 
-    def _enough_queued(self) -> bool:
-        """A full batch, or as many sentences as the last batch (of more than one) decoded."""
+    def _full_batch_queued(self) -> bool:
         options = self.queue[0].request.options
         lengths = [queued.length for queued in self.queue if queued.request.options == options]
-        if 1 < self._last_batch_size <= len(lengths):
-            return True
         return len(lengths) >= self.max_batch_sentences or max(lengths) * len(lengths) >= self.max_batch_tokens
 
     def _next_batch(self) -> list[QueuedSentence]:
@@ -211,7 +205,6 @@ class DynamicBatcher:
     async def _decode(self, batch: list[QueuedSentence]) -> None:
         sentences = [queued.request.sentences[queued.index] for queued in batch]
         options = batch[0].request.options
-        self._last_batch_size = len(batch)
         started = time.perf_counter()
         try:
             hypotheses = await asyncio.get_running_loop().run_in_executor(
