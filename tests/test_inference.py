@@ -2,6 +2,7 @@
 torch.compile(fullgraph=True) that generates the tokens of eager decoding."""
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from transformers import AutoModelForSeq2SeqLM, CompileConfig, StaticCache, pipe
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration, hardware, optimize_for_inference
 from hf_attention.generation_hf_attention import AncestralCacheLayer, GrowingCacheLayer
-from hf_attention.inference import int8_vnni
+from hf_attention.inference import int8_vnni, quantization
 from hf_attention.inference.int8_linear import (
     DEQUANTIZE_FROM_ROWS,
     INT8_KERNELS,
@@ -146,6 +147,9 @@ def test_a_vnni_int8_layer_quantizes_each_row_to_int8_and_multiplies_exactly(sha
         fused = torch.ops.hf_attention.int8_vnni_matmul(hidden, layer.weight_packed, layer.weight_scale,
                                                         layer.weight_sums, layer.bias)  # fmt: skip
         assert torch.equal(fused, expected)
+        activated = torch.ops.hf_attention.int8_vnni_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                            layer.weight_sums, layer.bias, True)  # fmt: skip
+        assert torch.equal(activated, torch.relu(expected)) and (expected < 0).any()  # then ReLU, in the same pass
 
 
 @needs_vnni
@@ -540,6 +544,9 @@ def test_an_avx2_int8_layer_quantizes_each_row_to_7_bits_and_multiplies_exactly(
         fused = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
                                                         layer.weight_sums, layer.bias)  # fmt: skip
         assert torch.equal(fused, expected)  # the bias added by the operation, after the scales
+        activated = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                            layer.weight_sums, layer.bias, True)  # fmt: skip
+        assert torch.equal(activated, torch.relu(expected)) and (expected < 0).any()  # then ReLU, in the same pass
         if rows < DEQUANTIZE_FROM_ROWS:  # eager decoding steps and compiled ones both use the operation
             assert torch.equal(layer(hidden), expected)
             assert torch.equal(torch.compile(layer, fullgraph=True)(hidden), expected)
@@ -560,6 +567,10 @@ def test_the_avx2_operation_gives_nan_for_a_row_with_nan_and_refuses_sizes_it_ca
         output = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
                                                          layer.weight_sums)  # fmt: skip
     assert torch.isfinite(output[0]).all() and output[1:].isnan().all()
+    with torch.no_grad():  # ReLU keeps NaN NaN, as torch.relu does
+        activated = torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale,
+                                                            layer.weight_sums, None, True)  # fmt: skip
+    assert activated[1:].isnan().all() and torch.equal(activated[0], torch.relu(output[0]))
     with pytest.raises(RuntimeError, match="weight_scale and weight_sums need one value per output"):
         torch.ops.hf_attention.int8_avx2_matmul(hidden, layer.weight_packed, layer.weight_scale[:3], layer.weight_sums)
     with pytest.raises(RuntimeError, match=r"int8_avx2_matmul: bias must be float32 with one value per output \(6\)"):
@@ -665,3 +676,26 @@ def test_a_build_held_by_another_process_is_waited_for_and_then_given_up(tmp_pat
     (tmp_path / "lock").write_text("")
     with int8_vnni.exclusive_build(tmp_path, wait_seconds=0.3) as building:  # released: ours, stale lock removed
         assert building is True and not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_an_int8_feed_forward_network_applies_its_relu_in_fc1_and_computes_as_before(kernel, tiny_config):
+    """`optimize_for_inference(quantization="int8")` gives each fc1 the ReLU (`fused_relu`) and the layer an identity
+    activation: every kernel's fc1 then returns ReLU of its own product, and the model's logits are unchanged."""
+    if kernel in OWN_KERNEL_OPERATION:
+        require_cpu_kernel(OWN_KERNEL_OPERATION[kernel])
+    torch.manual_seed(0)
+    model = HfAttentionForConditionalGeneration(tiny_config).eval()
+    batch = padded_batch([9, 5, 7], 9)
+    with torch.no_grad():
+        quantization.replace_linear_layers(model, functools.partial(Int8Linear.from_linear, kernel=kernel))
+        if kernel in ("weight_only", "vnni"):
+            model.to(torch.bfloat16)
+        layer = model.model.encoder.layers[0]
+        hidden = torch.randn(2, 4, tiny_config.d_model, dtype=model.dtype)
+        unfused_fc1, unfused = layer.fc1(hidden), model(**batch, decoder_input_ids=batch["input_ids"]).logits
+        quantization.fuse_feed_forward_activation(model)
+        assert layer.fc1.fused_relu and isinstance(layer.activation_fn, torch.nn.Identity)
+        assert (unfused_fc1 < 0).any() and torch.equal(layer.fc1(hidden), torch.relu(unfused_fc1))
+        torch.testing.assert_close(model(**batch, decoder_input_ids=batch["input_ids"]).logits, unfused, atol=0,
+                                   rtol=0)  # fmt: skip

@@ -58,6 +58,9 @@ class Int8Linear(nn.Module):
     """
 
     rows_for_own_kernel: int = DEQUANTIZE_FROM_ROWS  # a layer may raise its own
+    # ReLU applied to the output (`fuse_feed_forward_activation`: fc1 of a ReLU network), in the product's last pass
+    # where our operations multiply
+    fused_relu: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "dynamic", device=None):
         super().__init__()
@@ -214,6 +217,7 @@ class Int8Linear(nn.Module):
                     output = self._own_product(torch.ops.hf_attention.int8_avx2_matmul, rows)
                 elif compiling:
                     output = rows @ self.dequantized_weight().t()
+                    output = self._activated(output if self.bias is None else output + self.bias.float())
                 else:
                     return self._dynamic_product(hidden_states)
                 return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
@@ -232,14 +236,18 @@ class Int8Linear(nn.Module):
                 output = self._bf16_product(rows) * scale
             if self.bias is not None:
                 output = output + self.bias.to(torch.bfloat16)
+            output = self._activated(output)
             return output.reshape(*hidden_states.shape[:-1], self.out_features).to(hidden_states.dtype)
         return self._dynamic_product(hidden_states)
 
+    def _activated(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.relu(output) if self.fused_relu else output
+
     def _own_product(self, operation, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, in_features) times the weights by one of our operations, the bias added in the same pass (float32):
-        (M, out_features)."""
+        """rows (M, in_features) times the weights by one of our operations, the bias added and a fused ReLU applied
+        in the same pass (float32): (M, out_features)."""
         bias = None if self.bias is None else self.bias.float()
-        return operation(rows, self.weight_packed, self.weight_scale.float(), self.weight_sums, bias)
+        return operation(rows, self.weight_packed, self.weight_scale.float(), self.weight_sums, bias, self.fused_relu)
 
     def _dynamic_product(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """fbgemm's (or qnnpack's) dynamic int8 product: the input quantised per call, weights packed once."""
@@ -249,8 +257,8 @@ class Int8Linear(nn.Module):
         # Activations in 8 bits where the CPU accumulates in 32 (VNNI), else in 7 as torch's own dynamic linear does:
         # on the Multi30k model 8 bits halve the log-probability error of 7.
         reduce_range = not cpu_has_vnni()
-        output = torch.ops.quantized.linear_dynamic(hidden_states.float(), self._packed, reduce_range=reduce_range)
-        return output.to(dtype)
+        product = torch.ops.quantized.linear_relu_dynamic if self.fused_relu else torch.ops.quantized.linear_dynamic
+        return product(hidden_states.float(), self._packed, reduce_range=reduce_range).to(dtype)
 
     def extra_repr(self) -> str:
         return (

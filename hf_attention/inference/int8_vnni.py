@@ -167,7 +167,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _output_like(
-    rows: torch.Tensor, packed_weight: torch.Tensor, weight_scale, weight_sums=None, bias=None
+    rows: torch.Tensor, packed_weight: torch.Tensor, weight_scale, weight_sums=None, bias=None, relu=False
 ) -> torch.Tensor:
     """The operation's output without computing it, for torch.compile's tracing."""
     return rows.new_empty(rows.shape[0], weight_scale.shape[0], dtype=torch.float32)

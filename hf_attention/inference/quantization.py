@@ -105,6 +105,16 @@ def fuse_self_attention_projections(model: nn.Module) -> None:
                 module.register_load_state_dict_post_hook(refresh_fused_projections)
 
 
+def fuse_feed_forward_activation(model: nn.Module) -> None:
+    """The ReLU of each int8 feed-forward network (§3.3's max(0, x W1 + b1)) applied by `fc1`'s product in its last
+    pass: a pass of its own over 32 rows of 2048 outputs took 25 µs, a sixth of the product (Zen 4)."""
+    for module in model.modules():
+        fc1, activation = getattr(module, "fc1", None), getattr(module, "activation_fn", None)
+        if isinstance(fc1, Int8Linear) and type(activation) is nn.ReLU:
+            fc1.fused_relu = True
+            module.activation_fn = nn.Identity()
+
+
 def refresh_fused_projections(module: nn.Module, incompatible_keys) -> None:
     module.qkv_proj.refresh_from([module.q_proj, module.k_proj, module.v_proj])
 
@@ -156,6 +166,7 @@ class HfAttentionInt8Quantizer(HfQuantizer):
             if isinstance(module, Int8Linear):
                 module.after_loading()
         fuse_self_attention_projections(model)  # the three layers were saved; the fused copy is taken again
+        fuse_feed_forward_activation(model)
         return model
 
     def get_new_dtype(self, converter, param, dtype):
@@ -242,6 +253,7 @@ def optimize_for_inference(
         if kernel in ("weight_only", "vnni"):
             model.to(torch.bfloat16)  # embeddings, norms and activations
         fuse_self_attention_projections(model)
+        fuse_feed_forward_activation(model)
         if batch_invariant:
             for layer in model.modules():
                 if isinstance(layer, Int8Linear):
