@@ -109,6 +109,7 @@ class MultiHeadAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `hidden_states` to itself, or to `key_value_states` for cross-attention.
@@ -118,16 +119,29 @@ class MultiHeadAttention(nn.Module):
             key_value_states: encoder output (B, S, D) for cross-attention; None for self-attention.
             cache: the decoder's key/value cache (an `EncoderDecoderCache` while generating).
             attention_mask: mask from `transformers.masking_utils`, in the form the attention back-end expects.
+            tokens: self-attention without a cache over the rows of a padded (B, T) batch's tokens only,
+                `hidden_states` (tokens, D): where True (B, T), the positions those rows hold. Attention itself runs
+                padded (the padding's keys zero and masked); the projections run on the tokens' rows.
 
         Returns:
-            The attention output (B, T, D) and the weights (B, H, T, K), or None where the back-end gives none.
+            The attention output (B, T, D) (with `tokens`, (tokens, D)) and the weights (B, H, T, K), or None where
+            the back-end gives none.
         """
         is_cross_attention = key_value_states is not None
-        input_shape = hidden_states.shape[:-1]
+        input_shape = hidden_states.shape[:-1] if tokens is None else tokens.shape
         if self.qkv_proj is not None and not is_cross_attention:
             query, key, value = self.qkv_proj(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = self.q_proj(hidden_states), None, None
+        if tokens is not None:
+            if is_cross_attention or cache is not None:
+                raise ValueError("`tokens` is for self-attention without a cache (the encoder's).")
+            key = self.k_proj(hidden_states) if key is None else key
+            value = self.v_proj(hidden_states) if value is None else value
+            query, key, value = (
+                states.new_zeros(*tokens.shape, states.shape[-1]).index_put_((tokens,), states)
+                for states in (query, key, value)
+            )
         query_states = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
         layer_cache, cross_attention_is_cached = None, False
@@ -191,6 +205,8 @@ class MultiHeadAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # Concat(head_1..head_h): (B, T, D)
+        if tokens is not None:
+            attn_output = attn_output[tokens]  # (tokens, D)
         if targets_per_source > 1 and attn_weights is not None:  # (B', H, k·T, K) -> (B, H, T, K)
             attn_weights = attn_weights.unflatten(2, (targets_per_source, -1)).transpose(1, 2).flatten(0, 1)
         attn_output = self.out_proj(attn_output)  # W^O

@@ -167,38 +167,64 @@ def test_k_targets_per_source_give_the_outputs_of_a_repeated_encoder_output(mode
         model(encoder_outputs=encoded, attention_mask=batch["attention_mask"], decoder_input_ids=targets[:5])
 
 
-# 12 right-padded sources: in length order, a group of 8 cut to 8 tokens and one of 4 cut to 20 (144 tokens, not 240)
+# 12 right-padded sources of 20 positions: 109 tokens, 131 positions of padding
 GROUPED_LENGTHS = [3, 12, 4, 20, 5, 6, 19, 7, 3, 18, 8, 4]
 
 
-def encoder_input_shapes(model) -> list:
-    """The shape of every `input_ids` the model's encoder is called with, from now on."""
+def encoder_feed_forward_rows(model) -> list:
+    """The shape of every input of the first encoder layer's fc1 (all but its last dimension), from now on."""
     shapes = []
-
-    def record(module, args, kwargs):
-        shapes.append(tuple(kwargs["input_ids"].shape))
-
-    model.get_encoder().register_forward_pre_hook(record, with_kwargs=True)
+    model.model.encoder.layers[0].fc1.register_forward_hook(lambda module, args, output: shapes.append(
+        tuple(args[0].shape[:-1])))  # fmt: skip
     return shapes
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam_search_several_returned", "sampling"])
-def test_a_batch_encoded_in_length_groups_generates_what_one_encoding_generates(model, strategy, monkeypatch):
+def test_a_batch_encoded_without_padding_generates_what_the_padded_encoding_generates(model, strategy, monkeypatch):
     batch = padded_batch(GROUPED_LENGTHS, max_length=20)
-    shapes = encoder_input_shapes(model)
+    shapes = encoder_feed_forward_rows(model)
 
     def run():
         torch.manual_seed(1)
         settings = {"max_new_tokens": 8, "return_dict_in_generate": True, "output_scores": True}
         return model.generate(**batch, **settings, **STRATEGIES[strategy])
 
-    grouped = run()
-    assert shapes == [(8, 8), (4, 20)]
-    monkeypatch.setattr(generation_hf_attention, "ENCODER_GROUP_SIZE", len(GROUPED_LENGTHS))
-    whole = run()
-    assert shapes[2:] == [(12, 20)]
-    assert torch.equal(grouped.sequences, whole.sequences)
-    torch.testing.assert_close(torch.stack(grouped.scores), torch.stack(whole.scores), atol=1e-5, rtol=1e-5)
+    without_padding = run()
+    assert shapes == [(sum(GROUPED_LENGTHS),)]  # the tokens' rows only
+    monkeypatch.setattr(generation_hf_attention.HfAttentionGenerationMixin, "_encode_without_padding",
+                        lambda *args: None)  # fmt: skip
+    padded = run()
+    assert shapes[1:] == [(12, 20)]
+    assert torch.equal(without_padding.sequences, padded.sequences)
+    torch.testing.assert_close(torch.stack(without_padding.scores), torch.stack(padded.scores), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_the_encoder_without_padding_computes_every_token_as_the_padded_batch_does(model, attention, padding_side):
+    model.set_attn_implementation(attention)
+    batch = padded_batch(GROUPED_LENGTHS, max_length=20)
+    if padding_side == "left":  # the positions count from the left edge either way
+        batch = {name: tensor.flip(1) for name, tensor in batch.items()}
+    with torch.no_grad():
+        skipped = model.get_encoder()(**batch, skip_padding=True).last_hidden_state
+        whole = model.get_encoder()(**batch).last_hidden_state
+    tokens = batch["attention_mask"].bool()
+    torch.testing.assert_close(skipped[tokens], whole[tokens], atol=1e-6, rtol=1e-6)
+    assert not skipped[~tokens].any()  # the padding: zeros
+
+
+def test_batches_without_padding_or_asking_for_the_encoder_s_outputs_are_encoded_as_transformers_does(model):
+    def encoded(batch, **config):
+        configuration = copy.deepcopy(model.generation_config)
+        configuration.update(**config)
+        return model._encode_without_padding(batch["input_ids"], dict(batch), "input_ids", configuration)
+
+    padded = padded_batch(GROUPED_LENGTHS, max_length=20)
+    assert encoded(padded) is not None
+    assert encoded(padded_batch([20] * 3, max_length=20)) is None  # no padding to skip
+    assert encoded(padded, output_hidden_states=True) is None  # the encoder's own outputs were asked for
+    assert encoded(padded, output_attentions=True) is None
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -226,30 +252,6 @@ def test_source_keys_projected_without_the_padding_generate_what_the_padded_proj
     assert rows == [(sum(GROUPED_LENGTHS),), (3, 20), (12, 20)]
     assert torch.equal(without_padding.sequences, padded.sequences)
     torch.testing.assert_close(torch.stack(without_padding.scores), torch.stack(padded.scores), atol=1e-5, rtol=1e-5)
-
-
-def test_length_groups_encode_every_source_position_as_the_whole_batch_does(model):
-    batch = padded_batch(GROUPED_LENGTHS, max_length=20)
-    with torch.no_grad():
-        grouped = model._encode_in_length_groups(batch["input_ids"], dict(batch), None, model.generation_config)
-        whole = model.get_encoder()(**batch).last_hidden_state
-    tokens = batch["attention_mask"].bool()
-    torch.testing.assert_close(grouped.last_hidden_state[tokens], whole[tokens], atol=1e-5, rtol=1e-5)
-
-
-def test_batches_that_length_groups_would_not_shorten_are_encoded_whole(model):
-    def groups(batch, **config):
-        configuration = copy.deepcopy(model.generation_config)
-        configuration.update(**config)
-        return model._encode_in_length_groups(batch["input_ids"], dict(batch), "input_ids", configuration)
-
-    grouped = padded_batch(GROUPED_LENGTHS, max_length=20)
-    assert groups(grouped) is not None
-    left_padded = {name: tensor.flip(1) for name, tensor in grouped.items()}  # positions would move
-    assert groups(left_padded) is None
-    assert groups(padded_batch(GROUPED_LENGTHS[:8], max_length=20)) is None  # one group
-    assert groups(padded_batch([20, 19, 18, 20, 17, 20, 19, 18, 20, 3], max_length=20)) is None  # saves < 1/5
-    assert groups(grouped, output_hidden_states=True) is None  # the encoder's own outputs were asked for
 
 
 def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds():
