@@ -18,6 +18,12 @@ from .configuration_hf_attention import HfAttentionConfig
 from .dropout_hf_attention import apply_dropout
 
 
+def padded(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The rows of a batch's tokens only, (tokens, F), spread out to its padded shape (B, T, F) where `tokens` (B, T)
+    is True; zeros at the padding."""
+    return rows.new_zeros(*tokens.shape, rows.shape[-1]).index_put_((tokens,), rows)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -97,10 +103,7 @@ class MultiHeadAttention(nn.Module):
             projected = [self.k_proj(encoder_hidden_states), self.v_proj(encoder_hidden_states)]
         else:
             rows = encoder_hidden_states[attended]  # (tokens, D)
-            projected = []
-            for projection in (self.k_proj, self.v_proj):
-                states = projection(rows)
-                projected.append(states.new_zeros(*attended.shape, states.shape[-1]).index_put_((attended,), states))
+            projected = [padded(self.k_proj(rows), attended), padded(self.v_proj(rows), attended)]
         return tuple(states.reshape(shape).transpose(1, 2) for states in projected)
 
     def forward(
@@ -138,10 +141,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("`tokens` is for self-attention without a cache (the encoder's).")
             key = self.k_proj(hidden_states) if key is None else key
             value = self.v_proj(hidden_states) if value is None else value
-            query, key, value = (
-                states.new_zeros(*tokens.shape, states.shape[-1]).index_put_((tokens,), states)
-                for states in (query, key, value)
-            )
+            query, key, value = (padded(states, tokens) for states in (query, key, value))
         query_states = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
         layer_cache, cross_attention_is_cached = None, False

@@ -39,7 +39,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention_hf_attention import MultiHeadAttention, eager_attention_forward  # noqa: F401 (re-exported)
+from .attention_hf_attention import MultiHeadAttention, eager_attention_forward, padded  # noqa: F401 (re-exported)
 from .checkpoint_io_hf_attention import CheckpointIOMixin
 from .configuration_hf_attention import HfAttentionConfig
 from .dropout_hf_attention import apply_dropout
@@ -376,9 +376,7 @@ class HfAttentionEncoder(TransformerStack):
             hidden_states = encoder_layer(hidden_states, attention_mask, tokens=tokens, **kwargs)
         hidden_states = self.final_norm(hidden_states)
         if tokens is not None:
-            hidden_states = hidden_states.new_zeros(*tokens.shape, hidden_states.shape[-1]).index_put_(
-                (tokens,), hidden_states
-            )
+            hidden_states = padded(hidden_states, tokens)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
