@@ -383,13 +383,20 @@ class HfAttentionGenerationMixin(GenerationMixin):
             self._project_source_without_padding(cache, model_kwargs)
 
     def _project_source_without_padding(self, cache: EncoderDecoderCache, model_kwargs: dict) -> None:
-        """On a CPU, the cross-attention's keys and values of every decoder layer, projected from the source tokens
-        only and cached before the first step (which would project the padding too). The products cost per row, and
-        the tokens' rows are the same either way (the padding's are masked): 32 Multi30k sentences, 489 tokens padded
-        to 1,024, 14.0 -> 6.7 ms (int8, Zen 4). Done for every batch, padded or not, so that a sentence's first step
-        reads its source's keys the same way alone and in a batch (a server's answers must not change)."""
+        """For a CPU model set up by `optimize_for_inference`, the cross-attention's keys and values of every decoder
+        layer, projected from the source tokens only and cached before the first step (which would project the padding
+        too). The products cost per row, and the tokens' rows are the same either way (the padding's are masked): 32
+        Multi30k sentences, 489 tokens padded to 1,024, 14.0 -> 6.7 ms (int8, Zen 4). Done for every batch, padded or
+        not, so that a sentence's first step reads its source's keys the same way alone and in a batch (a server's
+        answers must not change). Other models are left to the first step: under FSDP, a decoder layer's weights are
+        whole only inside its own forward (calling its projections from here failed: sharded weights)."""
         encoded, mask = model_kwargs.get("encoder_outputs"), model_kwargs.get("attention_mask")
-        if self.device.type != "cpu" or encoded is None or any(cache.is_updated.values()):
+        if (
+            not self.decode_with_cached_attention
+            or self.device.type != "cpu"
+            or encoded is None
+            or any(cache.is_updated.values())
+        ):
             return
         hidden_states, attended = encoded[0], None
         if isinstance(mask, torch.Tensor):

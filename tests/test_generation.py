@@ -233,8 +233,10 @@ def test_source_keys_projected_without_the_padding_generate_what_the_padded_proj
     model, attention, strategy, monkeypatch
 ):
     """A padded batch's cross-attention keys and values come from its tokens only (109 rows, not 12 x 20), cached
-    before the first step; a batch without padding is projected whole, before the first step too."""
+    before the first step; a batch without padding is projected whole, before the first step too. (For a model set
+    up by `optimize_for_inference`, as here; a model as loaded projects in its first step.)"""
     model.set_attn_implementation(attention)
+    model.decode_with_cached_attention = True
     rows = []
     projection = model.model.decoder.layers[0].encoder_attn.k_proj
     hook = projection.register_forward_hook(lambda module, args, output: rows.append(tuple(args[0].shape[:-1])))
@@ -248,8 +250,11 @@ def test_source_keys_projected_without_the_padding_generate_what_the_padded_proj
     monkeypatch.setattr(generation_hf_attention.HfAttentionGenerationMixin, "_project_source_without_padding",
                         lambda *args: None)  # fmt: skip
     padded = run(GROUPED_LENGTHS)
+    monkeypatch.undo()
+    model.decode_with_cached_attention = False  # a model as loaded (or sharded by FSDP): the first step projects
+    run(GROUPED_LENGTHS)
     hook.remove()
-    assert rows == [(sum(GROUPED_LENGTHS),), (3, 20), (12, 20)]
+    assert rows == [(sum(GROUPED_LENGTHS),), (3, 20), (12, 20), (12, 20)]
     assert torch.equal(without_padding.sequences, padded.sequences)
     torch.testing.assert_close(torch.stack(without_padding.scores), torch.stack(padded.scores), atol=1e-5, rtol=1e-5)
 
