@@ -33,9 +33,11 @@ def page_faults(mode: str) -> str:
 
 
 def test_a_decoding_process_reuses_freed_memory_instead_of_faulting_pages_in():
-    reused = page_faults("reuse").strip()
-    if reused == "unsupported":
+    if page_faults("reuse").strip() == "unsupported":
         pytest.skip("this C library has no mallopt (glibc's)")
-    # glibc's defaults: the batch's larger blocks are mapped afresh on every step, each of their pages faulted in
-    assert int(page_faults("default")) > 5_000
-    assert int(reused) < 1_000
+    # The fewest of a few runs each: a busy machine only adds faults (measured here: 4,400 to 23,500 with glibc's
+    # defaults, 21 to 1,013 with the setting). glibc's defaults map the batch's larger blocks afresh on every step,
+    # each of their pages faulted in.
+    default = min(int(page_faults("default")) for _ in range(2))
+    reused = min(int(page_faults("reuse")) for _ in range(3))
+    assert default > 2_000 and reused < 1_000 and default > 4 * reused, (default, reused)
