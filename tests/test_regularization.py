@@ -2,20 +2,24 @@
 training job's checkpoints, final model, averaging and resume with them."""
 
 import copy
+import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn import functional
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention.data import tokenize_pairs, toy_translation_dataset
+from hf_attention.data.subword_regularization import SOURCE_TEXT, TARGET_TEXT, BpeDropoutCollator
 from hf_attention.training.arguments import PaperTrainingArguments, parse_arguments
 from hf_attention.training.job import main, run
 from hf_attention.training.regularization import EMA_WEIGHTS_NAME, WeightMovingAverage, doubled
 from hf_attention.training.trainer import CheckpointSafeSeq2SeqTrainer
 
-from .helpers import padded_batch
+from .helpers import padded_batch, toy_tokenizer
 from .test_train import QUICK
 
 
@@ -159,9 +163,62 @@ def test_without_averaging_the_final_model_is_the_last_moving_average_or_the_wei
     [
         (["--r_drop_alpha", "-1"], "--r_drop_alpha -1.0: must be 0 \\(off\\) or more"),
         (["--ema_decay", "1"], "--ema_decay 1.0: must be 0 \\(off\\), or above 0 and below 1"),
+        (["--bpe_dropout", "1"], "--bpe_dropout 1.0: must be 0 \\(off\\), or above 0 and below 1"),
+        (["--bpe_dropout", "0.1", "--pad_to_max_length"], "--bpe_dropout 0.1 with --pad_to_max_length"),
+        (["--bpe_dropout", "0.1", "--tokenizer_model", "unigram"], "--bpe_dropout 0.1: the tokenizer is Unigram, not"),
     ],
 )
 def test_bad_regularisation_flags_stop_the_run_before_anything_is_written(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         main([*QUICK, *flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def toy_rows(tokenizer, pairs: int = 40, **options):
+    corpus = toy_translation_dataset(pairs)
+    return tokenize_pairs(corpus, tokenizer, "en", "de", max_length=64, keep_text=True, **options)[0]
+
+
+def test_bpe_dropout_segments_each_batch_anew_into_the_same_text_and_leaves_the_tokenizer_alone():
+    tokenizer = toy_tokenizer()
+    rows = list(toy_rows(tokenizer))
+    padding = DataCollatorForSeq2Seq(tokenizer)
+    collate = BpeDropoutCollator(padding, tokenizer, 0.5, 64, 64)
+    torch.manual_seed(0)
+    first, second = collate(rows), collate(rows)
+    for batch in (first, second):
+        for side, text in (("input_ids", SOURCE_TEXT), ("labels", TARGET_TEXT)):
+            ids = [[i for i in row if i not in (-100, tokenizer.pad_token_id)] for row in batch[side].tolist()]
+            assert tokenizer.batch_decode(ids, skip_special_tokens=True) == [row[text] for row in rows]
+            assert all(row[-1] == tokenizer.eos_token_id for row in ids)
+        assert batch["attention_mask"].sum() == batch["input_ids"].ne(tokenizer.pad_token_id).sum()
+    usual = sum(len(row["input_ids"]) for row in rows)
+    assert first["attention_mask"].sum() > usual  # merges skipped: more, shorter subwords
+    assert not torch.equal(first["input_ids"], second["input_ids"])  # drawn anew for each batch
+    assert tokenizer(rows[0][SOURCE_TEXT])["input_ids"] == rows[0]["input_ids"]  # the run's tokenizer unchanged
+    without_text = [{k: v for k, v in row.items() if k not in (SOURCE_TEXT, TARGET_TEXT)} for row in rows]
+    assert all(torch.equal(collate(without_text)[k], padding(without_text)[k]) for k in first)  # validation rows
+    unchanged = BpeDropoutCollator(padding, tokenizer, 0.0, 64, 64)(rows)  # no merge skipped: the usual batch
+    assert all(torch.equal(unchanged[k], padding(without_text)[k]) for k in first)
+
+
+def test_bpe_dropout_cuts_a_resegmented_pair_to_the_maximum_lengths_keeping_its_end():
+    tokenizer = toy_tokenizer()
+    rows = list(toy_rows(tokenizer))
+    batch = BpeDropoutCollator(DataCollatorForSeq2Seq(tokenizer), tokenizer, 0.9, 6, 5)(rows)
+    assert batch["input_ids"].shape[1] == 6 and batch["labels"].shape[1] == 5
+    assert all(tokenizer.eos_token_id in row for row in batch["input_ids"].tolist())
+    assert all(row[-1] == tokenizer.eos_token_id for row in batch["labels"].tolist())
+
+
+def test_the_training_job_with_bpe_dropout_trains_on_resegmented_pairs_and_saves_the_usual_tokenizer(
+    tmp_path, recorded_batches
+):
+    run(*parse_arguments([*QUICK, "--max_steps", "3", "--toy_eval_size", "4", "--bpe_dropout", "0.3",
+                          "--test_before_training", "false", "--output_dir", str(tmp_path / "run")]))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["model"]["dropout"] is None
+    rows = [[i for i in row if i != tokenizer.pad_token_id] for batch in recorded_batches[:3] for row in batch]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    resegmented = [row != tokenizer(text)["input_ids"] for row, text in zip(rows, texts, strict=True)]
+    assert len(rows) == 96 and sum(resegmented) > 48, sum(resegmented)  # most pairs split otherwise than usual

@@ -6,6 +6,7 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from .alignments import subword_links
+from .subword_regularization import SOURCE_TEXT, TARGET_TEXT
 
 
 @dataclass
@@ -34,6 +35,7 @@ def tokenize_pairs(
     label_pad_token_id: int = -100,
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
+    keep_text: bool = False,
 ) -> tuple[Dataset, LengthReport]:
     """Source ids, mask and target `labels` (via `text_target`) for Seq2SeqTrainer, cached by `datasets`; with an
     `alignment` column (Moses word links, `--guided_alignment`), also the pairs' subword links.
@@ -47,6 +49,8 @@ def tokenize_pairs(
         pad_to_max_length: pad every row to the maximum lengths (labels with `label_pad_token_id`) instead of
             padding each batch to its longest row.
         num_proc: processes for `Dataset.map`; `load_from_cache_file=False` redoes cached work.
+        keep_text: keep each pair's text (prefixed source, target) as `SOURCE_TEXT` and `TARGET_TEXT`, for
+            `BpeDropoutCollator` to segment anew.
 
     Returns:
         The tokenized dataset and how many pairs were too long.
@@ -55,7 +59,7 @@ def tokenize_pairs(
         raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")
     tokenize = _tokenize_function(
         tokenizer, source_lang, target_lang, max_length, max_target_length, source_prefix, pad_to_max_length,
-        label_pad_token_id,
+        label_pad_token_id, keep_text,
     )  # fmt: skip
     tokenized = dataset.map(
         tokenize,
@@ -88,6 +92,7 @@ def _tokenize_function(
     source_prefix: str = "",
     pad_to_max_length: bool = False,
     label_pad_token_id: int = -100,
+    keep_text: bool = False,
 ):
     """The batched `map` function of `tokenize_pairs` and `tokenize_stream`; it marks over-long pairs `too_long`."""
     limits = {"input_ids": max_length, "attention_mask": max_length, "labels": max_target_length or max_length}
@@ -98,6 +103,8 @@ def _tokenize_function(
         targets = [pair[target_lang] for pair in batch["translation"]]
         encoding = tokenizer(sources, text_target=targets)
         encoded = dict(encoding)
+        if keep_text:
+            encoded[SOURCE_TEXT], encoded[TARGET_TEXT] = sources, targets
         if "alignment" in batch:  # word links -> subword links (`data.alignments`)
             target_encoding = tokenizer(text_target=targets)
             prefix_words = len(source_prefix.split())
@@ -138,8 +145,8 @@ def tokenize_stream(
     cached, so over-long pairs are dropped (or truncated) silently.
 
     Args:
-        options: `max_target_length`, `source_prefix`, `pad_to_max_length`, `label_pad_token_id`, as for
-            `tokenize_pairs`.
+        options: `max_target_length`, `source_prefix`, `pad_to_max_length`, `label_pad_token_id`, `keep_text`, as
+            for `tokenize_pairs`.
     """
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"`too_long` must be 'truncate' or 'drop', got {too_long!r}.")

@@ -144,6 +144,16 @@ class DataArguments:
             "--alignments aligns well."
         },
     )
+    bpe_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "BPE-dropout (Provilkov et al., 2020): each batch's training pairs are segmented anew, each merge "
+            "skipped with this probability (the paper: 0.1; 0: off), so the model sees words split in many ways. "
+            "A BPE tokenizer only; validation, the saved tokenizer and decoding stay deterministic. Batching "
+            "(--max_tokens) counts the usual segmentation, which dropout lengthens; tokenizers' draws cannot be "
+            "seeded, so such a run is not bit-reproducible."
+        },
+    )
     toy_train_size: int = field(default=20000, metadata={"help": "Toy corpus: training pairs."})
     toy_eval_size: int = field(default=200, metadata={"help": "Toy corpus: validation and test pairs each."})
     test_before_training: bool = field(

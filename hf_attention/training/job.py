@@ -32,6 +32,7 @@ from ..data import ParallelDataError
 from ..data.alignments import GuidedAlignmentCollator
 from ..data.batching import PaddingCounter, PaddingFractionCallback
 from ..data.sources import DataSourceError
+from ..data.subword_regularization import BpeDropoutCollator
 from ..hub.model_card import ModelCardFacts, write_model_card
 from ..hub.publishing import PublishArguments, publish
 from ..inference.allocator import reuse_freed_memory
@@ -137,12 +138,15 @@ def build_trainer(
     trainer_args = dataclasses.replace(training_args, **changes)
     collator = DataCollatorForSeq2Seq(data.tokenizer, model=model, label_pad_token_id=label_pad_token_id)
     padding = PaddingCounter(collator, data.tokenizer.pad_token_id, label_pad_token_id)
+    data_collator = GuidedAlignmentCollator(padding) if guided else padding
+    if data.bpe_dropout:  # the training pairs segmented anew in each batch, then padded (and counted)
+        data_collator = BpeDropoutCollator(padding, data.tokenizer, data.bpe_dropout, *data.max_lengths)
     return CheckpointSafeSeq2SeqTrainer(
         model=model,
         args=trainer_args,
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,
-        data_collator=GuidedAlignmentCollator(padding) if guided else padding,
+        data_collator=data_collator,
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
         callbacks=[

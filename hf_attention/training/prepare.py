@@ -20,6 +20,7 @@ from ..data import LengthReport, tokenize_pairs
 from ..data.batching import TokenBatchStream, token_lengths
 from ..data.preprocessing import tokenize_stream
 from ..data.sources import CorpusRequest, load_corpus
+from ..data.subword_regularization import check_bpe_dropout
 from ..data.tokenization import check_tokenizer_source, train_tokenizer
 from .arguments import DataArguments, ModelArguments, PaperTrainingArguments, Phases, TrainingArgumentError
 
@@ -103,6 +104,8 @@ class PreparedData:
     scored_split: str | None  # the held-out split scored at the end: test, else validation
     scored_sources: list[str]
     scored_references: list[str]
+    bpe_dropout: float = 0.0  # the training pairs keep their text, to be segmented anew in each batch
+    max_lengths: tuple[int, int] = (0, 0)  # the most source and target tokens per pair, </s> included
 
 
 def needed_splits(phases: Phases) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -123,6 +126,7 @@ def prepare_data(
     if data_args.streaming:
         return prepare_stream(corpus, model_args, data_args, training_args)
     tokenizer = load_tokenizer(model_args, corpus.get("train"), data_args, training_args)
+    check_subword_regularization(tokenizer, data_args)
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
     options = {"source_prefix": data_args.source_prefix, "pad_to_max_length": data_args.pad_to_max_length,
                "label_pad_token_id": label_pad, "num_proc": data_args.preprocessing_num_workers,
@@ -133,7 +137,8 @@ def prepare_data(
         if "train" in corpus:
             train_dataset, length_report = tokenize_pairs(
                 corpus["train"], tokenizer, *languages, max_length=data_args.max_source_length,
-                too_long=data_args.too_long, max_target_length=data_args.max_target_length, **options,
+                too_long=data_args.too_long, max_target_length=data_args.max_target_length,
+                keep_text=data_args.bpe_dropout > 0, **options,
             )  # fmt: skip
             if len(train_dataset) == 0:
                 raise TrainingArgumentError(
@@ -144,6 +149,14 @@ def prepare_data(
             logger.warning(f"Training data: {length_report}.")
             check_max_tokens(training_args.max_tokens, train_dataset)
         return held_out_data(corpus, tokenizer, train_dataset, length_report, data_args, options)
+
+
+def check_subword_regularization(tokenizer: PreTrainedTokenizerBase, data_args: DataArguments) -> None:
+    """--bpe_dropout needs a BPE tokenizer of the `tokenizers` library."""
+    try:
+        check_bpe_dropout(tokenizer, data_args.bpe_dropout)
+    except ValueError as error:
+        raise TrainingArgumentError(str(error)) from None
 
 
 def check_max_tokens(max_tokens: int | None, train_dataset: Dataset) -> None:
@@ -170,6 +183,7 @@ def prepare_stream(
         samples = data_args.tokenizer_train_samples or DEFAULT_STREAMING_TOKENIZER_SAMPLES
         tokenizer_sample = Dataset.from_list(list(corpus["train"].take(samples)))
     tokenizer = load_tokenizer(model_args, tokenizer_sample, data_args, training_args)
+    check_subword_regularization(tokenizer, data_args)
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
     options = {"source_prefix": data_args.source_prefix, "pad_to_max_length": data_args.pad_to_max_length,
                "label_pad_token_id": label_pad}  # fmt: skip
@@ -178,7 +192,7 @@ def prepare_stream(
         stream = corpus["train"].shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
         train_dataset = tokenize_stream(
             stream, tokenizer, *languages, max_length=data_args.max_source_length, too_long=data_args.too_long,
-            max_target_length=data_args.max_target_length, **options,
+            max_target_length=data_args.max_target_length, keep_text=data_args.bpe_dropout > 0, **options,
         )  # fmt: skip
         train_dataset = split_dataset_by_node(
             train_dataset, rank=training_args.process_index, world_size=training_args.world_size
@@ -212,6 +226,8 @@ def held_out_data(
         scored_split=scored_split,
         scored_sources=[data_args.source_prefix + pair[languages[0]] for pair in scored_pairs],
         scored_references=[pair[languages[1]] for pair in scored_pairs],
+        bpe_dropout=data_args.bpe_dropout,
+        max_lengths=(data_args.max_source_length, data_args.max_target_length or data_args.max_source_length),
     )
 
 

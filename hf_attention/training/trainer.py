@@ -39,6 +39,7 @@ from ..data.batching import (
     TokenBatchStream,
     token_lengths,
 )
+from ..data.subword_regularization import SOURCE_TEXT, TARGET_TEXT, BpeDropoutCollator
 from ..modeling_hf_attention import label_smoothed_cross_entropy
 from .checkpoint_averaging import average_into_model, average_state_dicts, missing_weights
 from .guided_alignment import capture_cross_attention_inputs, guided_alignment_loss, head_log_attention
@@ -230,11 +231,13 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _set_signature_columns_if_needed(self):
-        """The model's inputs, and the training pairs' subword links (`alignment`) that the collator turns into
-        `alignment_targets` for the guided-alignment loss."""
+        """The model's inputs, the training pairs' subword links (`alignment`) that the collator turns into
+        `alignment_targets` for the guided-alignment loss, and their text that `BpeDropoutCollator` segments."""
         super()._set_signature_columns_if_needed()
         if self.guided_alignment is not None and "alignment" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "alignment"]
+        if isinstance(self.data_collator, BpeDropoutCollator):
+            self._signature_columns = [*self._signature_columns, SOURCE_TEXT, TARGET_TEXT]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The translation loss, plus λ × the guided-alignment loss on batches that carry `alignment_targets`, or in

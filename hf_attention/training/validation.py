@@ -100,6 +100,15 @@ def validate_arguments(
     if training_args.r_drop_alpha and data_args.guided_alignment:
         raise TrainingArgumentError(f"--r_drop_alpha {training_args.r_drop_alpha} with --guided_alignment: the two "
                                     "losses are not combined yet; give one.")  # fmt: skip
+    if not 0 <= data_args.bpe_dropout < 1:
+        raise TrainingArgumentError(f"--bpe_dropout {data_args.bpe_dropout}: must be 0 (off), or above 0 and below 1 "
+                                    "(the paper: 0.1).")  # fmt: skip
+    if data_args.bpe_dropout and data_args.guided_alignment:
+        raise TrainingArgumentError(f"--bpe_dropout {data_args.bpe_dropout} with --guided_alignment: the word links "
+                                    "name the usual segmentation's subwords; give one.")  # fmt: skip
+    if data_args.bpe_dropout and data_args.pad_to_max_length:
+        raise TrainingArgumentError(f"--bpe_dropout {data_args.bpe_dropout} with --pad_to_max_length: each batch is "
+                                    "segmented anew and padded to its longest; give one.")  # fmt: skip
     if not requested_phases(training_args).train and not model_args.model_name_or_path:
         raise TrainingArgumentError(
             "--do_eval / --do_predict without --do_train evaluate a trained model: give --model_name_or_path."
