@@ -2,14 +2,17 @@
 output limit of source length + 50, saved as the trained model's decoding defaults."""
 
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState
 
 from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.training.checkpoint_averaging import main as average
 from hf_attention.training.job import main as train
+from hf_attention.training.trainer import WallClockCallback
 
 # A run of a few seconds on the toy corpus that saves a checkpoint every 2 steps.
 RUN = ["--toy_corpus", "--vocab_size", "120", "--per_device_train_batch_size", "8", "--generation_max_length", "8",
@@ -206,3 +209,56 @@ def test_averaging_checkpoints_that_lack_a_tensor_fails_loudly(run, tmp_path):
         damaged.append(copy)
     with pytest.raises(CheckpointAveragingError, match=rf"missing \['{removed}'\]"):
         average_into_model(model, damaged)
+
+
+def fake_clock(monkeypatch, seconds_per_reading: float) -> None:
+    """The job's wall clock advances `seconds_per_reading` each time it is read (from now, when the job starts)."""
+    now, readings = time.perf_counter(), iter(range(10**6))
+    monkeypatch.setattr(WallClockCallback, "clock", staticmethod(lambda: now + seconds_per_reading * next(readings)))
+
+
+def test_the_cool_down_scales_the_schedule_by_the_budget_left_and_reaches_zero_at_its_end(monkeypatch):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    callback = WallClockCallback(started=0.0, budget_minutes=10, cooldown_minutes=4)
+    callback.cool(scheduler)
+    callback.cool(scheduler)  # once only
+    args = type("Args", (), {"device": "cpu", "world_size": 1, "save_strategy": "steps"})()
+    control = TrainerControl()
+    monkeypatch.setattr(WallClockCallback, "clock", staticmethod(lambda: 0.0))
+    callback.on_train_begin(args, TrainerState(), control)
+    for minute, factor in ((0, 1.0), (6, 1.0), (8, 0.5), (9, 0.25), (10, 0.0)):
+        monkeypatch.setattr(WallClockCallback, "clock", staticmethod(lambda minute=minute: minute * 60.0))
+        callback.on_step_end(args, TrainerState(), control)
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.get_last_lr() == [pytest.approx(0.5 * factor)], minute
+    assert control.should_training_stop
+
+
+def test_a_run_with_a_cool_down_ends_its_budget_at_a_learning_rate_near_zero(tmp_path, monkeypatch):
+    fake_clock(monkeypatch, seconds_per_reading=2.0)  # ~2 readings a step: the 2-minute budget ends near step 30
+    output = tmp_path / "out"
+    train([*RUN, "--output_dir", str(output), "--max_steps", "100", "--save_steps", "100", "--logging_steps", "1",
+           "--warmup_steps", "2", "--max_train_minutes", "2", "--lr_cooldown_minutes", "1"])  # fmt: skip
+    state = json.loads(next(output.glob("checkpoint-*/trainer_state.json")).read_text())
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert 10 < state["global_step"] < 100
+    peak = max(rates)
+    assert rates[-1] < 0.1 * peak  # cooled to (nearly) nothing as the time ran out
+    assert all(rates[i + 1] <= rates[i] for i in range(len(rates) // 2, len(rates) - 1))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_cooldown_minutes", "5"], "--lr_cooldown_minutes 5: must be 0 \\(off\\), or above 0 and at most"),
+        (["--max_train_minutes", "3", "--lr_cooldown_minutes", "4"], "at most --max_train_minutes \\(3"),
+        (["--max_train_minutes", "3", "--lr_cooldown_minutes", "1", "--lr_scheduler_type", "reduce_lr_on_plateau",
+          "--eval_strategy", "steps", "--eval_steps", "2"], "--lr_cooldown_minutes 1 with --lr_scheduler_type reduce"),
+    ],
+)  # fmt: skip
+def test_a_cool_down_without_a_budget_to_end_is_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train([*RUN, "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()

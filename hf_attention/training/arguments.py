@@ -261,6 +261,14 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
             "run fits a wall-clock budget on any machine; --max_steps stays the upper bound. 0: no limit."
         },
     )
+    lr_cooldown_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --max_train_minutes: over the budget's last this many minutes the learning rate falls "
+            "linearly to 0 (a warmup-stable-decay schedule's decay, timed by the clock), so a run stopped by its "
+            "budget ends annealed on any machine. 0: off."
+        },
+    )
     max_tokens: int | None = field(
         default=None,
         metadata={

@@ -150,7 +150,7 @@ def build_trainer(
         processing_class=data.tokenizer,
         compute_metrics=build_compute_metrics(data.tokenizer),
         callbacks=[
-            WallClockCallback(started, training_args.max_train_minutes),
+            WallClockCallback(started, training_args.max_train_minutes, training_args.lr_cooldown_minutes),
             PaddingFractionCallback(padding),
             *(callbacks or []),
         ],

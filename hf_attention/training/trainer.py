@@ -68,30 +68,59 @@ class TokenLabelSmoother:
 
 class WallClockCallback(TrainerCallback):
     """Adds `wall_seconds` (since the job started, across resumes) to every logged entry, so that curves can be drawn
-    against time: what "time to a good model" is measured in; and with a budget, stops training when it is spent.
+    against time: what "time to a good model" is measured in; with a budget, stops training when it is spent, and
+    with a cool-down lets the learning rate fall linearly to 0 over the budget's last minutes.
+
+    The cool-down is the decay of a warmup-stable-decay schedule timed by the clock instead of a step count, so that
+    a run stopped by its budget ends annealed whatever the machine's speed: the schedule's learning rate (e.g. eq. 3)
+    is multiplied by (budget − elapsed) / cool-down once fewer than cool-down minutes are left.
 
     Args:
         started: `time.perf_counter()` when the job started (data and tokenizer included); default: training start.
         budget_minutes: stop at the first optimizer step after this many minutes, saving a checkpoint (0: never).
+        cooldown_minutes: the budget's last minutes over which the learning rate falls to 0 (0: none).
     """
 
-    def __init__(self, started: float | None = None, budget_minutes: float = 0.0):
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, started: float | None = None, budget_minutes: float = 0.0, cooldown_minutes: float = 0.0):
         self.job_started = started
         self.budget_seconds = budget_minutes * 60
+        self.cooldown_seconds = cooldown_minutes * 60
+        self.learning_rate_factor = 1.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         earlier = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
-        self.started = self.job_started if self.job_started is not None else time.perf_counter()
+        self.started = self.job_started if self.job_started is not None else self.clock()
         if earlier:  # a resumed run goes on from the time its last entry recorded
-            self.started = time.perf_counter() - earlier[-1]
+            self.started = self.clock() - earlier[-1]
+        if self.budget_seconds and self.cooldown_seconds:
+            self._read_clock(args)  # a resumed run's first steps are cooled as far as its time says
+
+    def cool(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        """Makes `scheduler`'s learning rate follow the cool-down (once; the trainer calls it on its scheduler)."""
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(f"--lr_cooldown_minutes scales a LambdaLR schedule, not {type(scheduler).__name__}.")
+        cooled = [getattr(schedule, "func", None) == self._cooled for schedule in scheduler.lr_lambdas]
+        if not any(cooled):
+            scheduler.lr_lambdas = [partial(self._cooled, schedule) for schedule in scheduler.lr_lambdas]
+
+    def _cooled(self, schedule, step: int) -> float:
+        return schedule(step) * self.learning_rate_factor
+
+    def _read_clock(self, args) -> bool:
+        """Whether the budget is spent; sets the cool-down's factor, used from the scheduler's next step on. The
+        main process's clock decides for all, so that each stops at the same step with the same learning rate."""
+        left = self.budget_seconds - (self.clock() - self.started)
+        factor = min(max(left / self.cooldown_seconds, 0.0), 1.0) if self.cooldown_seconds else 1.0
+        clock = torch.tensor([float(left <= 0), factor], dtype=torch.float64, device=args.device)
+        if args.world_size > 1:
+            torch.distributed.broadcast(clock, src=0)
+        self.learning_rate_factor = clock[1].item()
+        return bool(clock[0].item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.budget_seconds:
-            return
-        spent = torch.tensor(float(time.perf_counter() - self.started >= self.budget_seconds), device=args.device)
-        if args.world_size > 1:  # the main process's clock decides for all: each stops at the same step
-            torch.distributed.broadcast(spent, src=0)
-        if not spent.item():
+        if not self.budget_seconds or not self._read_clock(args):
             return
         if not control.should_training_stop:
             logger.warning(
@@ -103,7 +132,7 @@ class WallClockCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.log_history and hasattr(self, "started"):
-            state.log_history[-1]["wall_seconds"] = round(time.perf_counter() - self.started, 1)
+            state.log_history[-1]["wall_seconds"] = round(self.clock() - self.started, 1)
 
 
 def steps_per_epoch(dataset, args) -> int | None:
@@ -229,6 +258,14 @@ class CheckpointSafeSeq2SeqTrainer(Seq2SeqTrainer):
                 losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
                 return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """transformers' schedule, cooled down over the budget's last minutes with --lr_cooldown_minutes."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, WallClockCallback) and callback.budget_seconds and callback.cooldown_seconds:
+                callback.cool(scheduler)
+        return scheduler
 
     def _set_signature_columns_if_needed(self):
         """The model's inputs, the training pairs' subword links (`alignment`) that the collator turns into

@@ -93,6 +93,13 @@ def validate_arguments(
         raise TrainingArgumentError(
             f"--max_train_minutes {training_args.max_train_minutes:g}: must be 0 (no limit) or more."
         )
+    cooldown, budget = training_args.lr_cooldown_minutes, training_args.max_train_minutes
+    if cooldown and not 0 < cooldown <= budget:
+        raise TrainingArgumentError(f"--lr_cooldown_minutes {cooldown:g}: must be 0 (off), or above 0 and at most "
+                                    f"--max_train_minutes ({budget:g}; 0: no budget to cool down in).")  # fmt: skip
+    if cooldown and training_args.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise TrainingArgumentError(f"--lr_cooldown_minutes {cooldown:g} with --lr_scheduler_type "
+                                    "reduce_lr_on_plateau: the cool-down scales a step schedule.")  # fmt: skip
     if training_args.r_drop_alpha < 0:
         raise TrainingArgumentError(f"--r_drop_alpha {training_args.r_drop_alpha}: must be 0 (off) or more.")
     if not 0 <= training_args.ema_decay < 1:
