@@ -165,6 +165,7 @@ def test_without_averaging_the_final_model_is_the_last_moving_average_or_the_wei
         (["--ema_decay", "1"], "--ema_decay 1.0: must be 0 \\(off\\), or above 0 and below 1"),
         (["--bpe_dropout", "1"], "--bpe_dropout 1.0: must be 0 \\(off\\), or above 0 and below 1"),
         (["--bpe_dropout", "0.1", "--pad_to_max_length"], "--bpe_dropout 0.1 with --pad_to_max_length"),
+        (["--bpe_dropout", "0.1", "--guided_alignment", "links.txt"], "--bpe_dropout 0.1 with --guided_alignment"),
         (["--bpe_dropout", "0.1", "--tokenizer_model", "unigram"], "--bpe_dropout 0.1: the tokenizer is Unigram, not"),
     ],
 )
