@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed
 from accelerate import state
 from accelerate.utils import DistributedType
 from datasets import arrow_dataset
@@ -90,7 +91,33 @@ def clock_ahead_on_the_second_process(seconds: float) -> None:
     WallClockCallback.on_train_begin = ahead
 
 
+def record_the_last_collective_before_leaving(folder: Path) -> None:
+    """Writes left{N}.json as the process leaves its process group: the collective it called last before leaving
+    (a barrier, so that gloo's workers are idle when the group is torn down; see `job.run`)."""
+    last = {"collective": None}
+
+    def recording(name: str, collective):
+        def recorded(*args, **kwargs):
+            last["collective"] = name
+            return collective(*args, **kwargs)
+
+        return recorded
+
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+                 "broadcast_object_list", "barrier", "reduce_scatter_tensor"):  # fmt: skip
+        setattr(torch.distributed, name, recording(name, getattr(torch.distributed, name)))
+    destroy_process_group = torch.distributed.destroy_process_group
+
+    def leave(*args, **kwargs):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"left{torch.distributed.get_rank()}.json").write_text(json.dumps(last))
+        destroy_process_group(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = leave
+
+
 if __name__ == "__main__":
+    record_the_last_collective_before_leaving(Path(sys.argv[1]))
     if os.environ.get("HF_ATTENTION_FSDP_ON_CPU") == "1":
         fsdp_on_cpu_processes()
     if os.environ.get("HF_ATTENTION_SECOND_CLOCK_AHEAD"):

@@ -383,6 +383,11 @@ def run(
             logger.error(f"{averaging_failed}.")
     files = final_evaluation(trainer) if phases.evaluate else {}
     model = trainer.whole_model()
+    # The processes' last collective is a barrier: waiting in it (without the GIL), gloo's worker threads free what
+    # the collectives before it held. A process that tore its group down straight after the evaluation's gather
+    # could deadlock: torch's ~ProcessGroupGloo, run under the GIL, waited for a worker that waited for the GIL to
+    # free a gathered tensor (once in ~50 two-process runs here, as the process exited).
+    trainer.accelerator.wait_for_everyone()
     if model is None:  # not the main process: its part is done
         # Leaving the process group now, not at interpreter exit, where tearing gloo down can abort the process.
         trainer.accelerator.end_training()
