@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from hf_attention import HfAttentionForConditionalGeneration
+from hf_attention import HfAttentionConfig, HfAttentionForConditionalGeneration
 from hf_attention.data import toy_translation_corpus
 from hf_attention.training.arguments import parse_arguments
 from hf_attention.training.job import main, run
@@ -27,7 +27,7 @@ from hf_attention.training.trainer import (
     share_embedding_modules,
 )
 
-from .helpers import IN_CI, padded_batch
+from .helpers import IN_CI, padded_batch, toy_tokenizer
 
 # accelerate is a dependency: under CI a missing launcher is a broken install, and its tests fail rather than skip.
 needs_accelerate_launcher = pytest.mark.skipif(
@@ -351,6 +351,39 @@ def test_two_processes_end_every_epoch_together(tmp_path, batching):
     rank0, rank1 = (load_file(tmp_path / "out" / f"rank{rank}.safetensors") for rank in range(2))
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
+
+
+@needs_accelerate_launcher
+def test_two_processes_evaluate_a_saved_model_as_one_does(tmp_path):
+    """--do_eval / --do_predict without --do_train on two processes: the evaluation, split between them and gathered
+    (the copies that complete the last batches dropped),
+    equals one process's; the main process alone predicts and writes; both leave the group after a barrier (not
+    straight after the evaluation's gather, see the test above)."""
+    model_dir = tmp_path / "model"
+    tokenizer = toy_tokenizer()
+    config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)
+    torch.manual_seed(0)
+    HfAttentionForConditionalGeneration(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = toy_corpus_files(tmp_path, pairs=60, train=20, validation=21)  # 21: the parts differ (11 and 10)
+    files = corpus[corpus.index("--validation_file") : corpus.index("--vocab_size")]
+    # One sentence a batch: the evaluation loss, a mean over batches, does not depend on how they were cut.
+    arguments = ["--model_name_or_path", str(model_dir), *files, "--do_eval", "--do_predict",
+                 "--per_device_eval_batch_size", "1", "--generation_max_length", "6", "--generation_num_beams", "1",
+                 "--max_source_length", "64", "--max_target_length", "64"]  # fmt: skip
+    main([*arguments, "--output_dir", str(tmp_path / "one")])
+    log = tmp_path / "log.txt"
+    two = [*two_processes(29533, "--multi_gpu"), str(tmp_path / "out"), *arguments, "--output_dir", f"{tmp_path}/two"]
+    finish(launch(two, log), log)
+    for rank in range(2):
+        left = json.loads((tmp_path / "out" / f"left{rank}.json").read_text())
+        assert left == {"collective": "barrier"}, rank
+    one, both = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("one", "two"))
+    assert both["eval_samples"] == one["eval_samples"] == 21
+    assert both["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert both["eval_chrf"] == pytest.approx(one["eval_chrf"], rel=1e-9)  # the same 21 translations, no copies
+    predicted = [(tmp_path / run / "generated_predictions.txt").read_text() for run in ("one", "two")]
+    assert predicted[0] == predicted[1] and len(predicted[0].splitlines()) == 19
 
 
 @needs_accelerate_launcher

@@ -37,6 +37,8 @@ HOOKS = [
     (Seq2SeqTrainer, "_load_from_checkpoint", ["resume_from_checkpoint"], "training.trainer"),
     (Seq2SeqTrainer, "compute_loss", ["model", "inputs", "return_outputs", "num_items_in_batch"],
      "training.trainer (guided alignment)"),
+    (Seq2SeqTrainer, "evaluation_loop", ["dataloader", "description", "prediction_loss_only"],
+     "training.trainer (sentences counted once on several processes)"),
     (HfQuantizer, "_process_model_before_weight_loading", ["model"], "inference.quantization"),
     (HfQuantizer, "_process_model_after_weight_loading", ["model"], "inference.quantization"),
 ]  # fmt: skip
@@ -74,3 +76,7 @@ def test_loading_and_pipelines_still_work_as_we_assume():
     # training.trainer makes accelerate's shard a passthrough for our per-process token batches
     shard = BatchSamplerShard([[0], [1]], num_processes=2, process_index=1)
     assert (shard.num_processes, shard.process_index) == (2, 1) and hasattr(shard, "batch_sampler")
+    # training.trainer's evaluation_loop chooses how the loop gathers: Seq2SeqTrainer sets `gather` before the loop,
+    # the loop gathers through the attribute (test_train: two processes evaluate a saved model as one does)
+    assert "self.gather_function = self.accelerator.gather\n" in inspect.getsource(Seq2SeqTrainer.evaluate)
+    assert "self.gather_function(losses" in inspect.getsource(Seq2SeqTrainer.evaluation_loop)

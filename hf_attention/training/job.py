@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from accelerate import PartialState
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
@@ -284,17 +285,31 @@ def evaluate_only(
     files = {}
     if phases.evaluate:
         files |= final_evaluation(build_trainer(model, data, training_args, None, None, started))
-    if phases.predict and training_args.process_index == 0:
+    leave_process_group_together()  # the main process alone predicts and writes
+    if training_args.process_index != 0:
+        return
+    if phases.predict:
         began = time.perf_counter()
         scores, translations = held_out_scores(model, data, training_args)
         files |= prediction_files(scores, translations, time.perf_counter() - began)
-    if training_args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():  # each file appears whole, or not at all
-            staging = output_dir / f".{name}.writing"
-            staging.write_text(text, encoding="utf-8")
-            staging.replace(output_dir / name)
-            logger.warning(f"Wrote {output_dir / name}.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():  # each file appears whole, or not at all
+        staging = output_dir / f".{name}.writing"
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(output_dir / name)
+        logger.warning(f"Wrote {output_dir / name}.")
+
+
+def leave_process_group_together() -> None:
+    """Every process's last collective is a barrier; then it leaves the process group (now, not at interpreter exit).
+
+    Waiting in the barrier (without the GIL), gloo's worker threads free what the collectives before it held. A process
+    that tore its group down straight after an evaluation's gather could deadlock: torch's ~ProcessGroupGloo, run under
+    the GIL, waited for a worker that waited for the GIL to free a gathered tensor (once in ~50 two-process runs here).
+    """
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def run(
@@ -383,14 +398,8 @@ def run(
             logger.error(f"{averaging_failed}.")
     files = final_evaluation(trainer) if phases.evaluate else {}
     model = trainer.whole_model()
-    # The processes' last collective is a barrier: waiting in it (without the GIL), gloo's worker threads free what
-    # the collectives before it held. A process that tore its group down straight after the evaluation's gather
-    # could deadlock: torch's ~ProcessGroupGloo, run under the GIL, waited for a worker that waited for the GIL to
-    # free a gathered tensor (once in ~50 two-process runs here, as the process exited).
-    trainer.accelerator.wait_for_everyone()
+    leave_process_group_together()  # the main process alone saves, scores and writes
     if model is None:  # not the main process: its part is done
-        # Leaving the process group now, not at interpreter exit, where tearing gloo down can abort the process.
-        trainer.accelerator.end_training()
         return None
 
     # Saved as max_new_tokens, so callers that pass max_new_tokens (pipelines do) get no max_length clash.
@@ -425,7 +434,7 @@ def run(
         )
         examples = write_report(final_dir, summary, data, translations, trainer, model, model_args, data_args)
     folder.finish()
-    trainer.accelerator.end_training()
+    trainer.accelerator.end_training()  # its trackers finish
     if training_args.push_to_hub:  # what scripts/push_to_hub.py publishes: no checkpoints, no pickles, one commit
         repo_id = training_args.hub_model_id or folder.output_dir.name
         publish(
