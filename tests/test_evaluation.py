@@ -110,7 +110,8 @@ def test_evaluate_script_writes_a_json_report(tmp_path, capsys):
                    str(tmp_path / "out.de"), "--quantization", "none", *common])  # fmt: skip
         evaluated = (tmp_path / "report" / "scores.translations.txt").read_text()
         assert evaluated == (tmp_path / "out.de").read_text()  # the scored translations are translate.py's
-    assert json.loads(report_file.read_text())["mbr"] == "3 samples, chrf"
+    mbr_report = json.loads(report_file.read_text())
+    assert (mbr_report["mbr"], mbr_report["num_beams"]) == ("3 samples, chrf", 1)  # sampled, not beam-searched
 
 
 def test_translations_stop_at_twice_the_source_length_plus_ten():

@@ -79,7 +79,7 @@ def evaluate_saved_model(args: EvaluationArguments) -> dict:
         "pair": f"{args.source_lang}-{args.target_lang}",
         "engine": args.engine,
         "sentences": len(sources),
-        "num_beams": args.num_beams,
+        "num_beams": 1 if args.mbr else args.num_beams,  # MBR samples one token at a time
         "length_penalty_style": args.length_penalty_style or "the model's",
         "mbr": f"{args.mbr} samples, {args.mbr_metric}" if args.mbr else "off",
         **score_translations(translations, references),
