@@ -356,9 +356,8 @@ def test_two_processes_end_every_epoch_together(tmp_path, batching):
 @needs_accelerate_launcher
 def test_two_processes_evaluate_a_saved_model_as_one_does(tmp_path):
     """--do_eval / --do_predict without --do_train on two processes: the evaluation, split between them and gathered
-    (the copies that complete the last batches dropped),
-    equals one process's; the main process alone predicts and writes; both leave the group after a barrier (not
-    straight after the evaluation's gather, see the test above)."""
+    without the copies that complete the last batches, equals one process's; the main process alone predicts and
+    writes; both leave the group after a barrier (not straight after the evaluation's gather, see the test above)."""
     model_dir = tmp_path / "model"
     tokenizer = toy_tokenizer()
     config = HfAttentionConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=64)

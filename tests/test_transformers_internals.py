@@ -78,5 +78,6 @@ def test_loading_and_pipelines_still_work_as_we_assume():
     assert (shard.num_processes, shard.process_index) == (2, 1) and hasattr(shard, "batch_sampler")
     # training.trainer's evaluation_loop chooses how the loop gathers: Seq2SeqTrainer sets `gather` before the loop,
     # the loop gathers through the attribute (test_train: two processes evaluate a saved model as one does)
-    assert "self.gather_function = self.accelerator.gather\n" in inspect.getsource(Seq2SeqTrainer.evaluate)
+    evaluate = inspect.getsource(Seq2SeqTrainer.evaluate)  # its generation arguments kept where the override reads
+    assert "self.gather_function = self.accelerator.gather\n" in evaluate and "self._gen_kwargs = " in evaluate
     assert "self.gather_function(losses" in inspect.getsource(Seq2SeqTrainer.evaluation_loop)
