@@ -15,8 +15,8 @@ python "$root/scripts/train.py" \
   --train_file "$data/train" --validation_file "$data/val" --test_file "$data/test_2016_flickr" \
   --source_lang en --target_lang de --output_dir "$output" \
   --vocab_size 8000 --preset tiny \
-  --config_overrides "d_model=256,encoder_layers=3,decoder_layers=3,encoder_attention_heads=4,decoder_attention_heads=4,encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=512" \
-  --max_steps 100000 --max_train_minutes 57 --warmup_steps 300 --learning_rate 1e-3 --per_device_train_batch_size 64 \
+  --config_overrides "d_model=128,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,encoder_ffn_dim=256,decoder_ffn_dim=256,dropout=0.3,max_position_embeddings=512,normalize_before=true" \
+  --max_steps 100000 --max_train_minutes 57 --warmup_steps 2000 --learning_rate 5e-3 --max_tokens 4096 \
   --test_before_training false \
   --precision auto --logging_steps 100 --eval_strategy steps --eval_steps 1000 --max_eval_samples 200 \
   --per_device_eval_batch_size 64 --save_steps 250 --save_total_limit 5 --average_last_n_checkpoints 5 --seed 0 "$@"
